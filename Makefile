@@ -1,0 +1,54 @@
+# scistreamd — two commands on a fresh Debian 12 machine (as root):
+#   make demo    the APS guide's scenario on two emulated hosts, iperf3 through the tunnel
+#   make test    the whole test suite, real systemd/D-Bus/journald/stunnel test bed included
+# Both pull in `make setup`, which installs what they need.
+
+PYTHON ?= /usr/bin/python3
+PYTEST_ARGS ?=
+export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+# Runtime dependencies (the same Debian packages the .deb depends on) and what
+# the tests, demo and test bed use.
+RUNTIME_PACKAGES = systemd dbus stunnel4 openssl \
+	python3 python3-dbus-next python3-systemd python3-toml python3-cryptography python3-requests
+TEST_PACKAGES = iperf3 iproute2 iputils-ping util-linux procps psmisc \
+	python3-pytest python3-pytest-timeout python3-hypothesis
+SETUP_PACKAGES = $(RUNTIME_PACKAGES) $(TEST_PACKAGES)
+
+.PHONY: setup test unit integration demo testbed-up testbed-down lint clean
+
+setup:
+	@missing=$$(for p in $(SETUP_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "setup: all packages present"; fi
+
+test: setup
+	$(PYTHON) -m pytest -ra --timeout=600 $(PYTEST_ARGS) tests
+
+unit: setup
+	$(PYTHON) -m pytest -ra --timeout=120 $(PYTEST_ARGS) tests/unit
+
+integration: setup
+	$(PYTHON) -m pytest -ra --timeout=600 $(PYTEST_ARGS) tests/integration
+
+demo: setup
+	$(PYTHON) -m tests.demo
+
+testbed-up: setup
+	$(PYTHON) -m tests.testbed up
+
+testbed-down:
+	$(PYTHON) -m tests.testbed down
+
+lint:
+	ruff check scistreamd tests
+
+clean:
+	rm -rf build dist .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+-include packaging/packages.mk

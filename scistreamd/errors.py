@@ -1,0 +1,89 @@
+"""The named failures of scistreamd.
+
+Every failure a caller can see is one of these. The D-Bus layer sends them as
+``org.scistream.Tunnel1.Error.<Name>``; scistreamctl maps each name back to a
+plain-language line and a distinct exit code. Pure: imports nothing from D-Bus.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Dict, Type
+
+from . import ERROR_PREFIX
+
+
+class ScistreamError(Exception):
+    """Base of all named failures; ``str(err)`` is the message a user sees."""
+
+    name: ClassVar[str] = "Failed"
+    exit_code: ClassVar[int] = 1
+
+    @classmethod
+    def dbus_name(cls) -> str:
+        return f"{ERROR_PREFIX}.{cls.name}"
+
+
+class InvalidArgument(ScistreamError):
+    name = "InvalidArgument"
+    exit_code = 2
+
+
+class NotFound(ScistreamError):
+    name = "NotFound"
+    exit_code = 3
+
+
+class AlreadyExists(ScistreamError):
+    name = "AlreadyExists"
+    exit_code = 4
+
+
+class PortsExhausted(ScistreamError):
+    name = "PortsExhausted"
+    exit_code = 5
+
+
+class PeerUnreachable(ScistreamError):
+    name = "PeerUnreachable"
+    exit_code = 6
+
+
+class PeerRejected(ScistreamError):
+    name = "PeerRejected"
+    exit_code = 7
+
+
+class RelayFailed(ScistreamError):
+    name = "RelayFailed"
+    exit_code = 8
+
+
+class AccessDenied(ScistreamError):
+    name = "AccessDenied"
+    exit_code = 9
+
+
+class ConfigError(Exception):
+    """A bad configuration file: names the file, the key and the problem."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
+
+#: D-Bus error name -> class, for clients that turn a reply back into an exception.
+BY_DBUS_NAME: Dict[str, Type[ScistreamError]] = {
+    cls.dbus_name(): cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        PortsExhausted,
+        PeerUnreachable,
+        PeerRejected,
+        RelayFailed,
+        AccessDenied,
+    )
+}
