@@ -1,43 +1,215 @@
-"""scistreamd entry point (minimal: owns the bus name, answers Version)."""
+"""scistreamd: process entry — config, logging, bus, peer port, sd_notify, signals.
+
+Start-up order (READY=1 only when all of it holds):
+config loaded and valid -> system bus connected -> systemd subscription ->
+persisted endpoints re-adopted -> peer port listening -> bus name owned.
+Stopping the daemon never stops relays: they are units of their own.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import ipaddress
 import logging
+import os
+import signal
+import socket
 import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
-from . import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, __version__
+from . import BUS_NAME, __version__
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .errors import ConfigError, ScistreamError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("scistreamd")
+
+EX_CONFIG = 78  # sysexits: configuration error — systemd shows it as such
 
 
-async def _main() -> int:
-    from dbus_next import BusType
-    from dbus_next.aio import MessageBus
-    from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property
+def _setup_logging(level: str, to_journal: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler: logging.Handler
+    if to_journal:
+        from systemd.journal import JournalHandler
+
+        handler = JournalHandler(SYSLOG_IDENTIFIER="scistreamd")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("scistreamd: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def _journal_available() -> bool:
+    return bool(os.environ.get("JOURNAL_STREAM")) or os.path.exists("/run/systemd/journal/socket")
+
+
+class _PeerHandler:
+    """What the peer port may ask of the manager."""
+
+    def __init__(self, manager: Any) -> None:
+        self._m = manager
+
+    async def claim(self, uid: str, claimant: str) -> Dict[str, Any]:
+        return await self._m.claim(uid, claimant)
+
+    async def health(self) -> Dict[str, Any]:
+        return {"version": __version__, "endpoints": len(self._m.endpoints)}
+
+    async def endpoint_state(self, uid: str) -> Dict[str, Any]:
+        from .model import Role
+
+        (ep,) = self._m.get(uid, Role.INBOUND)
+        return {"uid": ep.uid, "state": ep.state.value}
+
+
+async def _notify(*lines: str) -> None:
     from systemd import daemon as sd
 
-    class Manager(ServiceInterface):
-        def __init__(self) -> None:
-            super().__init__(MANAGER_IFACE)
-
-        @dbus_property(access=PropertyAccess.READ)
-        def Version(self) -> "s":  # noqa: F821
-            return __version__
-
-    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-    bus.export(MANAGER_PATH, Manager())
-    await bus.request_name(BUS_NAME)
-    sd.notify("READY=1")
-    logger.info("scistreamd %s ready", __version__)
-    await bus.wait_for_disconnect()
-    return 0
+    sd.notify("\n".join(lines))
 
 
-def main() -> int:
-    from systemd.journal import JournalHandler
-    logging.basicConfig(level=logging.INFO, handlers=[JournalHandler(SYSLOG_IDENTIFIER="scistreamd")])
-    return asyncio.run(_main())
+def _quiet_dbus_errors(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+    """dbus-next re-raises a handler's DBusError after replying with it; that is no fault."""
+    from dbus_next import DBusError
+
+    if isinstance(context.get("exception"), DBusError):
+        return
+    loop.default_exception_handler(context)
+
+
+async def run(cfg: Config, *, user_bus: bool = False) -> int:
+    from dbus_next import BusType
+    from dbus_next.aio import MessageBus
+    from dbus_next.constants import NameFlag, RequestNameReply
+
+    from .dbus_api import TunnelApi
+    from .manager import Manager
+    from .systemd import Systemd
+
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_dbus_errors)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: logger.warning(
+        "SIGHUP: configuration changes take effect on 'systemctl restart scistreamd' "
+        "(tunnels keep running)"))
+
+    bus = await MessageBus(bus_type=BusType.SESSION if user_bus else BusType.SYSTEM).connect()
+    api = TunnelApi(bus)
+    systemd = Systemd(bus)
+    await systemd.setup()
+    manager = Manager(cfg, systemd, listener=api)
+    api.attach(manager)
+    await manager.adopt()
+
+    peer_server = None
+    if cfg.peer_enabled:
+        from .peer import PeerServer
+
+        peer_server = PeerServer(cfg.listen_address, cfg.peer_port, cfg.peer_cert, cfg.peer_key,
+                                 cfg.peer_client_ca, _PeerHandler(manager), loop,
+                                 timeout=cfg.peer_timeout)
+        await peer_server.start()
+
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        logger.error("%s is already owned by another process: is scistreamd running twice?",
+                     BUS_NAME)
+        if peer_server:
+            await peer_server.stop()
+        return 1
+
+    await _notify("READY=1", f"STATUS=serving {len(manager.endpoints)} endpoints")
+    logger.info("scistreamd %s ready on %s (peer port %s, ports %s), %d endpoints adopted",
+                __version__, cfg.listen_address, cfg.peer_port if cfg.peer_enabled else "off",
+                cfg.port_range_text, len(manager.endpoints))
+
+    watchdog = None
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if usec > 0:
+        async def pet() -> None:
+            # Proves the event loop still turns, not merely that the process lives.
+            while True:
+                await _notify("WATCHDOG=1")
+                await asyncio.sleep(usec / 2e6)
+        watchdog = asyncio.ensure_future(pet())
+
+    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([disconnected, stopped], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if disconnected.done():
+        logger.error("lost the system bus")
+        code = 1
+    await _notify("STOPPING=1")
+    logger.info("scistreamd stopping; %d relays keep running", len(manager.endpoints))
+    for task in (watchdog, stopped):
+        if task:
+            task.cancel()
+    if peer_server:
+        await peer_server.stop()
+    if not disconnected.done():
+        bus.disconnect()
+    return code
+
+
+def _addresses_for_cert(cfg: Config) -> List[Any]:
+    addrs = [cfg.listen_address]
+    if cfg.listen_address != ipaddress.ip_address("127.0.0.1"):
+        addrs.append(ipaddress.ip_address("127.0.0.1"))
+    return addrs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="scistreamd",
+                                description="SciStream tunnel manager (system daemon)")
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}; drop-ins in "
+                        "conf.d/ beside it)")
+    p.add_argument("--user", action="store_true",
+                   help="serve the session bus and manage units of the user's manager "
+                        "(development only)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration and exit")
+    p.add_argument("--generate-cert", action="store_true",
+                   help="create a self-signed host certificate at peer_cert/peer_key unless "
+                        "one exists, and exit")
+    p.add_argument("--version", action="version", version=f"scistreamd {__version__}")
+    args = p.parse_args(argv)
+
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG_PATH, required=args.config is not None)
+    except ConfigError as e:
+        print(f"scistreamd: configuration error: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        print("configuration OK")
+        return 0
+    if args.generate_cert:
+        from .certs import generate_host_cert_files
+
+        made = generate_host_cert_files(cfg.peer_cert, cfg.peer_key, socket.gethostname(),
+                                        _addresses_for_cert(cfg))
+        print(f"created {cfg.peer_cert}" if made else
+              f"{cfg.peer_cert} exists: left unchanged")
+        return 0
+
+    _setup_logging(cfg.log_level, _journal_available() and not sys.stderr.isatty())
+    try:
+        return asyncio.run(run(cfg, user_bus=args.user))
+    except ScistreamError as e:
+        logger.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        logger.error("start-up failed: %s", e)
+        return 1
 
 
 if __name__ == "__main__":

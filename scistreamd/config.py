@@ -1,0 +1,310 @@
+"""The daemon's configuration: ``scistreamd.toml`` plus ``conf.d/*.toml`` drop-ins.
+
+All keys are flat and optional. Drop-ins are read in lexical order after the
+main file; a later file overrides a key of an earlier one. Every value is
+parsed into a typed value as it is read, so an error names the file the bad
+value came from, the key, and what to write instead.
+
+Pure: imports nothing from D-Bus or systemd.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Tuple
+
+import toml
+
+from .errors import ConfigError, InvalidArgument
+from .model import IPAddress, parse_ip, parse_port
+from .ports import FIRST_UNPRIVILEGED_PORT
+from .relay import (
+    DEFAULT_CIPHERSUITES,
+    parse_ciphersuites,
+    parse_safe_path,
+    parse_stunnel_log_level,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = Path("/etc/scistream/scistreamd.toml")
+
+#: Python logging level names accepted for ``log_level``.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_MEMORY = re.compile(r"([0-9]{1,15})([KMGT]?)")
+_MEMORY_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# A relay (stunnel + OpenSSL) needs a few MiB; a smaller cap is a unit mistake ("256" for 256M).
+_MIN_MEMORY = 8 * 1024**2
+_PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
+_MAX_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Typed configuration; the defaults are those of the shipped scistreamd.toml."""
+
+    #: The host's facility address: relays listen here, the peer port too.
+    listen_address: IPAddress = IPv4Address("127.0.0.1")
+    peer_port: int = 5000
+    #: Relay ports to allocate from, low..high inclusive.
+    port_range: Tuple[int, int] = (5100, 5200)
+    peer_cert: Path = Path("/etc/scistream/server.crt")
+    peer_key: Path = Path("/etc/scistream/server.key")
+    #: CA bundle (or the peer's own certificate) that peer daemons' certificates must match.
+    peer_trust_file: Path = Path("/etc/scistream/peer-ca.crt")
+    #: None: no client certificates; a path: the peer server requires ones signed by it.
+    peer_client_ca: Path | None = None
+    peer_timeout: float = 10.0
+    peer_enabled: bool = True
+    stunnel: Path = Path("/usr/bin/stunnel4")
+    #: Bytes; 0 = no limit.
+    relay_memory_max: int = 256 * 1024**2
+    relay_tasks_max: int = 64
+    relay_start_timeout: float = 10.0
+    relay_ciphersuites: str = DEFAULT_CIPHERSUITES
+    relay_log_level: str = "notice"
+    state_dir: Path = Path("/var/lib/scistream")
+    key_dir: Path = Path("/var/lib/scistream/keys")
+    max_endpoints: int = 1024
+    log_level: str = "info"
+    #: Which file set each key (for messages); not part of equality.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def port_range_text(self) -> str:
+        return f"{self.port_range[0]}-{self.port_range[1]}"
+
+
+class _Bad(Exception):
+    """A value problem, turned into ConfigError by the caller who knows file and key."""
+
+
+def _type_name(value: object) -> str:
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a float"}
+    names.update({list: "an array", dict: "a table"})
+    return names.get(type(value), type(value).__name__)
+
+
+def _int(value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Bad(f"expected an integer in {low}..{high}, got {_type_name(value)}")
+    if not low <= value <= high:
+        raise _Bad(f"{value} is out of range: use {low}..{high}")
+    return value
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Bad(f"expected a port number (integer 1..65535), got {_type_name(value)}")
+    return parse_port(value, "port")
+
+
+def _port_range(value: object) -> Tuple[int, int]:
+    if isinstance(value, str):
+        m = _PORT_RANGE.fullmatch(value)
+        if not m:
+            raise _Bad(f'{value!r:.60} is not a range: write "LOW-HIGH", e.g. "5100-5200"')
+        low, high = int(m.group(1)), int(m.group(2))
+    elif isinstance(value, list) and len(value) == 2:
+        low, high = (_port(v) for v in value)
+    else:
+        raise _Bad(f'expected "LOW-HIGH" or [LOW, HIGH], got {_type_name(value)}')
+    low, high = parse_port(low, "low port"), parse_port(high, "high port")
+    if low > high:
+        raise _Bad(f"{low}-{high} is empty: write the lower port first")
+    if low < FIRST_UNPRIVILEGED_PORT:
+        raise _Bad(
+            f"{low}-{high} includes privileged ports and relays run without privileges: "
+            f"start the range at {FIRST_UNPRIVILEGED_PORT} or above"
+        )
+    return (low, high)
+
+
+def _ip(value: object) -> IPAddress:
+    if not isinstance(value, str):
+        raise _Bad(f"expected an IP address string, got {_type_name(value)}")
+    return parse_ip(value, "address")
+
+
+def _path(value: object) -> Path:
+    if not isinstance(value, str):
+        raise _Bad(f"expected an absolute path string, got {_type_name(value)}")
+    # Paths end up in unit properties and relay command lines: keep them plain.
+    return Path(parse_safe_path(value, "path"))
+
+
+def _optional_path(value: object) -> Path | None:
+    if value == "":
+        return None
+    return _path(value)
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(f"expected seconds (a number), got {_type_name(value)}")
+    # A range comparison rejects NaN and inf too, and does not overflow on huge ints.
+    if not 0 < value <= _MAX_SECONDS:
+        raise _Bad(f"{value} is out of range: use more than 0 and at most {_MAX_SECONDS:g} seconds")
+    return float(value)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def _memory(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _Bad(f'expected bytes or a size like "256M", got {_type_name(value)}')
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _MEMORY.fullmatch(value)
+        if not m:
+            raise _Bad(f"{value!r:.60} is not a size: write bytes or a number with K, M, G or T")
+        size = int(m.group(1)) * _MEMORY_UNITS[m.group(2)]
+    if size < 0:
+        raise _Bad(f'{size} is negative: use 0 for no limit, or a size like "256M"')
+    if 0 < size < _MIN_MEMORY:
+        raise _Bad(f'{size} bytes is too little for a relay: use at least "8M", or 0 for no limit')
+    return size
+
+
+def _choice(names: Tuple[str, ...]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if isinstance(value, str) and value in names:
+            return value
+        raise _Bad(f"{value!r:.60} is not a level: use one of {', '.join(names)}")
+
+    return parse
+
+
+_PARSERS: Dict[str, Callable[[object], Any]] = {
+    "listen_address": _ip,
+    "peer_port": _port,
+    "port_range": _port_range,
+    "peer_cert": _path,
+    "peer_key": _path,
+    "peer_trust_file": _path,
+    "peer_client_ca": _optional_path,
+    "peer_timeout": _seconds,
+    "peer_enabled": _bool,
+    "stunnel": _path,
+    "relay_memory_max": _memory,
+    "relay_tasks_max": lambda v: _int(v, 1, 1_000_000),
+    "relay_start_timeout": _seconds,
+    "relay_ciphersuites": parse_ciphersuites,
+    "relay_log_level": parse_stunnel_log_level,
+    "state_dir": _path,
+    "key_dir": _path,
+    "max_endpoints": lambda v: _int(v, 1, 100_000),
+    "log_level": _choice(LOG_LEVELS),
+}
+assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}
+
+
+def _parse_value(source: str, key: str, value: object) -> object:
+    if key not in _PARSERS:
+        close = difflib.get_close_matches(key, _PARSERS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            source, key, f"unknown key: {hint}known keys are {', '.join(sorted(_PARSERS))}"
+        )
+    try:
+        return _PARSERS[key](value)
+    except (_Bad, InvalidArgument) as err:
+        raise ConfigError(source, key, str(err)) from None
+
+
+def _check_consistency(
+    values: Mapping[str, Any], sources: Mapping[str, str], rank: Mapping[str, int]
+) -> None:
+    low, high = values["port_range"]
+    peer_port = values["peer_port"]
+    if low <= peer_port <= high:
+        # Blame whichever of the two was set later: that file introduced the clash.
+        later = max(
+            ("port_range", "peer_port"),
+            key=lambda k: rank[sources[k]] if k in sources else -1,
+        )
+        raise ConfigError(
+            sources.get(later, "<defaults>"),
+            later,
+            f"port_range {low}-{high} includes peer_port {peer_port}: "
+            "choose a port_range that excludes the peer port",
+        )
+
+
+def config_from_mapping(data: Mapping[str, object], source: str = "<config>") -> Config:
+    """A Config from raw (TOML-typed) values, validated like a file; for tools and tests."""
+    return _build([(source, data)])
+
+
+def _build(layers: List[Tuple[str, Mapping[str, object]]]) -> Config:
+    defaults = Config()
+    values: Dict[str, Any] = {name: getattr(defaults, name) for name in _PARSERS}
+    sources: Dict[str, str] = {}
+    for source, data in layers:
+        for key, raw in data.items():
+            values[key] = _parse_value(source, str(key), raw)
+            sources[key] = source
+    rank = {source: i for i, (source, _) in enumerate(layers)}
+    _check_consistency(values, sources, rank)
+    return Config(**values, sources=sources)
+
+
+def _read(path: Path) -> Mapping[str, object]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "", "not UTF-8 text: save the file as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(str(path), "", f"cannot read it: {err.strerror or err}") from None
+    try:
+        data = toml.loads(text)
+    # The toml package raises assorted exception types on malformed input.
+    except Exception as err:
+        raise ConfigError(str(path), "", f"not valid TOML: {err}") from None
+    return data
+
+
+def dropin_files(dropin_dir: Path) -> List[Path]:
+    """The ``*.toml`` files of a drop-in directory, in the order they apply."""
+    if not dropin_dir.is_dir():
+        return []
+    return sorted(
+        (p for p in dropin_dir.glob("*.toml") if not p.name.startswith(".") and p.is_file()),
+        key=lambda p: p.name,
+    )
+
+
+def load_config(path: Path, dropin_dir: Path | None = None, *, required: bool = True) -> Config:
+    """Read ``path`` and then its drop-ins (default ``<dir of path>/conf.d``).
+
+    A missing main file is an error if ``required``, else the defaults apply
+    (drop-ins are still read).
+    """
+    layers: List[Tuple[str, Mapping[str, object]]] = []
+    if path.exists():
+        layers.append((str(path), _read(path)))
+    elif required:
+        raise ConfigError(
+            str(path),
+            "",
+            "file not found: create it (an empty file means all defaults) "
+            "or give the right path with --config",
+        )
+    if dropin_dir is None:
+        dropin_dir = path.parent / "conf.d"
+    for dropin in dropin_files(dropin_dir):
+        layers.append((str(dropin), _read(dropin)))
+    config = _build(layers)
+    logger.debug("configuration from %s", [source for source, _ in layers] or "defaults")
+    return config

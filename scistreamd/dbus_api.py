@@ -1,0 +1,344 @@
+"""The D-Bus face of scistreamd: org.scistream.Tunnel1 (DESIGN.md §4).
+
+- one manager object, one object per endpoint (machined style);
+- every method is wrapped so a caller gets a named error, never a traceback
+  (dbus-next would otherwise send the Python traceback as the message);
+- authorization happens once per message in a bus message handler, before
+  dispatch: unprivileged callers may introspect, ping and read the
+  manager's own properties; everything else needs root or group scistream.
+  The D-Bus policy file enforces the same for methods; this also covers
+  Properties.Get on endpoint objects, which a policy cannot tell apart.
+"""
+
+
+import asyncio
+import functools
+import grp
+import logging
+import os
+import pwd
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set
+
+from dbus_next import DBusError, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method
+
+from . import (
+    ENDPOINT_IFACE,
+    ENDPOINT_PATH_PREFIX,
+    ERROR_PREFIX,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    __version__,
+)
+from .errors import AccessDenied, ScistreamError
+from .manager import Manager
+from .model import Endpoint, Role
+
+logger = logging.getLogger(__name__)
+
+GROUP = "scistream"
+INTERNAL_ERROR = f"{ERROR_PREFIX}.Failed"
+
+#: (interface, member) any local user may call on the manager object.
+PUBLIC_CALLS = {
+    ("org.freedesktop.DBus.Introspectable", "Introspect"),
+    ("org.freedesktop.DBus.Peer", "Ping"),
+    ("org.freedesktop.DBus.Peer", "GetMachineId"),
+}
+
+
+def _dbus_errors(fn: Callable) -> Callable:
+    """Turn every exception into a named D-Bus error; log the unexpected ones."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kw: Any) -> Any:
+        try:
+            return await fn(*args, **kw)
+        except ScistreamError as e:
+            raise DBusError(e.dbus_name(), str(e)) from None
+        except DBusError:
+            raise
+        except Exception:
+            logger.exception("internal error in %s", fn.__name__)
+            raise DBusError(INTERNAL_ERROR, "internal error in scistreamd; the details are in "
+                            "'journalctl -u scistreamd'") from None
+
+    return wrapper
+
+
+def _unwrap(options: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: (v.value if isinstance(v, Variant) else v) for k, v in options.items()}
+
+
+def _usec(t: float) -> int:
+    return int(t * 1_000_000) if t > 0 else 0
+
+
+class EndpointObject(ServiceInterface):
+    """org.scistream.Tunnel1.Endpoint of one endpoint."""
+
+    def __init__(self, api: "TunnelApi", ep: Endpoint) -> None:
+        super().__init__(ENDPOINT_IFACE)
+        self._api = api
+        self.ep = ep
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Uid(self) -> "s":  # noqa: F821
+        return self.ep.uid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Role(self) -> "s":  # noqa: F821
+        return self.ep.role.value
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":  # noqa: F821
+        return self.ep.state.value
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StateDetail(self) -> "s":  # noqa: F821
+        return self.ep.detail
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Listeners(self) -> "as":  # noqa: F821
+        return [str(h) for h in self.ep.listeners]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Targets(self) -> "as":  # noqa: F821
+        return [str(h) for h in self.ep.targets]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NumConn(self) -> "u":  # noqa: F821
+        return self.ep.num_conn
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Unit(self) -> "s":  # noqa: F821
+        return self.ep.unit
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedAt(self) -> "t":  # noqa: F821
+        return _usec(self.ep.created_at)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NRestarts(self) -> "u":  # noqa: F821
+        return self.ep.n_restarts
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ClaimedBy(self) -> "s":  # noqa: F821
+        return self.ep.claimed_by
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ClaimedAt(self) -> "t":  # noqa: F821
+        return _usec(self.ep.claimed_at)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Peer(self) -> "s":  # noqa: F821
+        return str(self.ep.peer) if self.ep.peer else ""
+
+    @method()
+    @_dbus_errors
+    async def Release(self):
+        await self._api.manager.release(self.ep.uid, self.ep.role)
+
+    @method()
+    @_dbus_errors
+    async def Rearm(self):
+        if self.ep.role is not Role.INBOUND:
+            raise DBusError(f"{ERROR_PREFIX}.InvalidArgument",
+                            "only an inbound endpoint can be re-armed")
+        await self._api.manager.rearm(self.ep.uid)
+
+
+#: Endpoint property name -> attribute of Endpoint it reflects.
+_PROP_OF_FIELD = {"state": ["State"], "detail": ["StateDetail"], "n_restarts": ["NRestarts"],
+                  "claimed_by": ["ClaimedBy"], "claimed_at": ["ClaimedAt"]}
+
+
+class ManagerObject(ServiceInterface):
+    """org.scistream.Tunnel1.Manager at /org/scistream/Tunnel1."""
+
+    def __init__(self, api: "TunnelApi") -> None:
+        super().__init__(MANAGER_IFACE)
+        self._api = api
+
+    @property
+    def _m(self) -> Manager:
+        return self._api.manager
+
+    @method()
+    @_dbus_errors
+    async def InboundRequest(self, remote_ip: "s", receiver_ports: "aq",  # noqa: F821
+                             num_conn: "u", options: "a{sv}") -> "soas":  # noqa: F821
+        ep = await self._m.inbound_request(remote_ip, list(receiver_ports), num_conn,
+                                           _unwrap(options))
+        return [ep.uid, ep.object_path, [str(h) for h in ep.listeners]]
+
+    @method()
+    @_dbus_errors
+    async def OutboundRequest(self, uid: "s", remote_listeners: "as",  # noqa: F821
+                              local_ports: "aq", num_conn: "u",  # noqa: F821
+                              options: "a{sv}") -> "oas":  # noqa: F821
+        ep = await self._m.outbound_request(uid, list(remote_listeners), list(local_ports),
+                                            num_conn, _unwrap(options))
+        return [ep.object_path, [str(h) for h in ep.listeners]]
+
+    @method()
+    @_dbus_errors
+    async def Release(self, uid: "s"):  # noqa: F821
+        await self._m.release(uid)
+
+    @method()
+    @_dbus_errors
+    async def ReleaseAll(self) -> "u":  # noqa: F821
+        return await self._m.release_all()
+
+    @method()
+    @_dbus_errors
+    async def RearmEndpoint(self, uid: "s"):  # noqa: F821
+        await self._m.rearm(uid)
+
+    @method()
+    @_dbus_errors
+    async def ListEndpoints(self) -> "a(sssas)":  # noqa: F821
+        return [[ep.uid, ep.role.value, ep.state.value, [str(h) for h in ep.listeners]]
+                for ep in self._m.list()]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":  # noqa: F821
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def PeerPort(self) -> "q":  # noqa: F821
+        return self._m.cfg.peer_port
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ListenAddress(self) -> "s":  # noqa: F821
+        return str(self._m.cfg.listen_address)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def PortRange(self) -> "(qq)":  # noqa: F821
+        return list(self._m.cfg.port_range)
+
+
+class Authorizer:
+    """Who may do what; resolves a sender's credentials once per connection."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+        self._allowed: Dict[str, bool] = {}
+        self._pending: Dict[str, List[Message]] = {}
+        try:
+            self._gid: Optional[int] = grp.getgrnam(GROUP).gr_gid
+        except KeyError:
+            self._gid = None  # no such group here: root only
+
+    def needs_check(self, msg: Message) -> bool:
+        if msg.message_type != MessageType.METHOD_CALL:
+            return False
+        if not (msg.path == MANAGER_PATH or (msg.path or "").startswith(ENDPOINT_PATH_PREFIX)):
+            return False
+        if (msg.interface, msg.member) in PUBLIC_CALLS:
+            return False
+        if (msg.path == MANAGER_PATH and msg.interface == "org.freedesktop.DBus.Properties"
+                and msg.member in ("Get", "GetAll") and msg.body
+                and msg.body[0] == MANAGER_IFACE):
+            return False  # the daemon's own properties: Version, PeerPort, ...
+        return True
+
+    def handle(self, msg: Message) -> Any:
+        """Bus message handler: None lets dispatch go on, a Message/True stops it."""
+        if msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged":
+            name, _old, new = msg.body
+            if not new:
+                self._allowed.pop(name, None)
+            return None
+        if not self.needs_check(msg):
+            return None
+        allowed = self._allowed.get(msg.sender)
+        if allowed is True:
+            return None
+        if allowed is False:
+            return Message.new_error(msg, AccessDenied.dbus_name(), _denied_text())
+        # Unknown caller: hold the message, look it up, then dispatch again.
+        queue = self._pending.setdefault(msg.sender, [])
+        queue.append(msg)
+        if len(queue) == 1:
+            asyncio.ensure_future(self._resolve(msg.sender))
+        return True
+
+    async def _resolve(self, sender: str) -> None:
+        try:
+            reply = await self._bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus", member="GetConnectionCredentials",
+                signature="s", body=[sender]))
+            ok = False
+            if reply.message_type == MessageType.METHOD_RETURN:
+                creds = reply.body[0]
+                ok = self._is_allowed(creds.get("UnixUserID"), creds.get("UnixGroupIDs"))
+        except Exception:
+            logger.exception("looking up the credentials of %s failed", sender)
+            ok = False
+        self._allowed[sender] = ok
+        for msg in self._pending.pop(sender, []):
+            # Dispatch again now that the verdict is cached.
+            self._bus._process_message(msg)
+
+    def _is_allowed(self, uid_v: Optional[Variant], gids_v: Optional[Variant]) -> bool:
+        if uid_v is None:
+            return False
+        uid = uid_v.value
+        if uid == 0:
+            return True
+        if self._gid is None:
+            return False
+        if gids_v is not None:
+            return self._gid in gids_v.value
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return self._gid in os.getgrouplist(pw.pw_name, pw.pw_gid)
+
+
+def _denied_text() -> str:
+    return ("permission denied: inspecting and managing tunnels needs root or membership "
+            f"of group '{GROUP}'")
+
+
+class TunnelApi:
+    """Exports the manager object and keeps one object per endpoint in step."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self.manager: Manager  # set by attach()
+        self._objects: Dict[str, EndpointObject] = {}
+        self.authorizer = Authorizer(bus)
+        bus.add_message_handler(self.authorizer.handle)
+
+    def attach(self, manager: Manager) -> None:
+        self.manager = manager
+        self.bus.export(MANAGER_PATH, ManagerObject(self))
+
+    # EndpointListener
+    def endpoint_added(self, ep: Endpoint) -> None:
+        obj = EndpointObject(self, ep)
+        self._objects[ep.object_path] = obj
+        self.bus.export(ep.object_path, obj)
+
+    def endpoint_changed(self, ep: Endpoint, changed: Iterable[str]) -> None:
+        obj = self._objects.get(ep.object_path)
+        if obj is None:
+            return
+        props: Set[str] = set()
+        for f in changed:
+            props.update(_PROP_OF_FIELD.get(f, []))
+        values = {"State": ep.state.value, "StateDetail": ep.detail,
+                  "NRestarts": ep.n_restarts, "ClaimedBy": ep.claimed_by,
+                  "ClaimedAt": _usec(ep.claimed_at)}
+        if props:
+            obj.emit_properties_changed({p: values[p] for p in props})
+
+    def endpoint_removed(self, ep: Endpoint) -> None:
+        if self._objects.pop(ep.object_path, None) is not None:
+            self.bus.unexport(ep.object_path)

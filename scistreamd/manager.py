@@ -1,0 +1,502 @@
+"""Orchestration: inbound, outbound, release, claim, re-arm and adoption of endpoints.
+
+The one module that combines validation, ports, keys, state and systemd.
+Every request either completes or is rolled back: ports, unit, key files,
+state and the D-Bus object are returned on every failure path.
+
+Ordering that makes a crash at any point recoverable (see ``adopt``):
+1. ports held, keys written, state saved as ``starting``;
+2. the unit is started and its listeners checked;
+3. state saved as ``active``, reply sent.
+Release runs the other way: state ``releasing``, unit stopped, keys and
+state removed, ports freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple
+
+from .config import Config
+from .errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PeerRejected,
+    PortsExhausted,
+    RelayFailed,
+    ScistreamError,
+)
+from .model import (
+    Endpoint,
+    HostPort,
+    Role,
+    State,
+    new_uid,
+    parse_hostport,
+    parse_hostport_list,
+    parse_ip,
+    parse_num_conn,
+    parse_options,
+    parse_port_list,
+    parse_uid,
+)
+from .ports import PortAllocator
+from .relay import credential_path, new_psk, render_psk_file, render_stunnel_config
+from .relay_unit import relay_unit_properties
+from .store import CONF_FILE, PSK_FILE, KeyStore, StateStore, parse_name
+from .systemd import ABSENT, Systemd, SystemdError, unit_object_path
+
+logger = logging.getLogger(__name__)
+
+#: journald MESSAGE_IDs of the daemon's tunnel events (journalctl MESSAGE_ID=...).
+MSG_REQUEST = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a71")
+MSG_RELEASE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a72")
+MSG_FAILURE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a73")
+MSG_CLAIM = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a74")
+
+MAX_TRUST_PEM = 1024 * 1024
+RELAY_PATTERN = "scistream-*-*.service"
+
+
+def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> None:
+    """A journal line carrying the endpoint's fields, so journalctl SCISTREAM_UID=x finds it."""
+    logger.log(level, text, *args, extra={
+        "MESSAGE_ID": msg_id.hex, "SCISTREAM_UID": ep.uid, "SCISTREAM_ROLE": ep.role.value})
+
+
+class EndpointListener(Protocol):
+    def endpoint_added(self, ep: Endpoint) -> None: ...
+    def endpoint_changed(self, ep: Endpoint, changed: Iterable[str]) -> None: ...
+    def endpoint_removed(self, ep: Endpoint) -> None: ...
+
+
+class _NoListener:
+    def endpoint_added(self, ep: Endpoint) -> None:
+        pass
+
+    def endpoint_changed(self, ep: Endpoint, changed: Iterable[str]) -> None:
+        pass
+
+    def endpoint_removed(self, ep: Endpoint) -> None:
+        pass
+
+
+def _listening(listeners: Iterable[HostPort]) -> bool:
+    """Whether every listener has a socket in LISTEN state (kernel table, no probe traffic)."""
+    wanted = {(h.host.packed, h.port) for h in listeners}
+    found = set()
+    for table, size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] != "0A":  # TCP_LISTEN
+                continue
+            addr_hex, port_hex = f[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            # /proc prints the address as 32-bit words in host (little-endian) order.
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            port = int(port_hex, 16)
+            if size == 16 and packed[:12] == b"\0" * 10 + b"\xff\xff":
+                packed = packed[12:]  # v4-mapped
+            found.add((packed, port))
+    return all(w in found for w in wanted)
+
+
+class Manager:
+    def __init__(self, cfg: Config, systemd: Systemd, *,
+                 listener: Optional[EndpointListener] = None) -> None:
+        self.cfg = cfg
+        self.systemd = systemd
+        self.store = StateStore(cfg.state_dir)
+        self.keys = KeyStore(cfg.key_dir)
+        self.ports = PortAllocator(cfg.listen_address, *cfg.port_range)
+        self.endpoints: Dict[Tuple[str, Role], Endpoint] = {}
+        self.listener: EndpointListener = listener or _NoListener()
+        self._by_unit_path: Dict[str, Tuple[str, Role]] = {}
+        self._uid_locks: Dict[str, asyncio.Lock] = {}
+        self._refreshing: Dict[Tuple[str, Role], asyncio.Task] = {}
+        systemd.on_unit_change(self._on_unit_change)
+
+    # ------------------------------------------------------------- helpers
+    def _lock(self, uid: str) -> asyncio.Lock:
+        lock = self._uid_locks.get(uid)
+        if lock is None:
+            lock = self._uid_locks[uid] = asyncio.Lock()
+        return lock
+
+    def _track(self, ep: Endpoint) -> None:
+        self.endpoints[ep.key] = ep
+        self._by_unit_path[unit_object_path(ep.unit)] = ep.key
+        self.listener.endpoint_added(ep)
+
+    def _untrack(self, ep: Endpoint) -> None:
+        if self.endpoints.pop(ep.key, None) is not None:
+            self.listener.endpoint_removed(ep)
+        self._by_unit_path.pop(unit_object_path(ep.unit), None)
+        if not any(k[0] == ep.uid for k in self.endpoints):
+            self._uid_locks.pop(ep.uid, None)
+
+    def _set(self, ep: Endpoint, persist: bool = True, **changes: Any) -> None:
+        changed = [k for k, v in changes.items() if getattr(ep, k) != v]
+        for k, v in changes.items():
+            setattr(ep, k, v)
+        if changed:
+            if persist:
+                self.store.save(ep)
+            self.listener.endpoint_changed(ep, changed)
+
+    def _check_capacity(self) -> None:
+        if len(self.endpoints) >= self.cfg.max_endpoints:
+            raise PortsExhausted(
+                f"this host already holds {len(self.endpoints)} endpoints (max_endpoints = "
+                f"{self.cfg.max_endpoints}): release unused tunnels or raise max_endpoints")
+
+    def get(self, uid: object, role: Optional[Role] = None) -> List[Endpoint]:
+        uid = parse_uid(uid)
+        eps = [ep for (u, r), ep in self.endpoints.items()
+               if u == uid and (role is None or r is role)]
+        if not eps:
+            raise NotFound(f"no endpoint with uid {uid} on this host: "
+                           "see 'scistreamctl list' for the existing ones")
+        return eps
+
+    def list(self) -> List[Endpoint]:
+        return sorted(self.endpoints.values(), key=lambda e: (e.created_at, e.uid, e.role.value))
+
+    # ------------------------------------------------------------- inbound
+    async def inbound_request(self, remote_ip: object, receiver_ports: object,
+                              num_conn: object, options: object) -> Endpoint:
+        ip = parse_ip(remote_ip, "remote_ip")
+        ports = parse_port_list(receiver_ports, "receiver_ports")
+        n = parse_num_conn(num_conn, self.cfg.port_range[1] - self.cfg.port_range[0] + 1)
+        parse_options(options, {})
+        self._check_capacity()
+        uid = new_uid()
+        async with self._lock(uid):
+            listen = self.ports.allocate(n)
+            try:
+                ep = Endpoint(
+                    uid=uid, role=Role.INBOUND,
+                    listeners=tuple(HostPort(self.cfg.listen_address, p) for p in listen),
+                    targets=tuple(HostPort(ip, p) for p in ports),
+                    num_conn=n, created_at=time.time())
+            except BaseException:
+                self.ports.release(listen)
+                raise
+            await self._create(ep, new_psk())
+            return ep
+
+    # ------------------------------------------------------------ outbound
+    async def outbound_request(self, uid: object, remote_listeners: object, local_ports: object,
+                               num_conn: object, options: object) -> Endpoint:
+        from . import peer  # requests is heavy: only the outbound path needs it
+
+        uid = parse_uid(uid)
+        remote = parse_hostport_list(remote_listeners, "remote_listeners")
+        local = parse_port_list(local_ports, "local_ports", min_len=0)
+        n = parse_num_conn(num_conn, 1024)
+        opts = parse_options(options, {
+            "peer": lambda v: parse_hostport(v, "peer"),
+            "trust_pem": _parse_trust_pem,
+        })
+        if local and len(local) != n:
+            raise InvalidArgument(
+                f"{len(local)} local ports given for num_conn {n}: give one local port per "
+                "connection, or none to allocate them from port_range")
+        self._check_capacity()
+        peer_addr: HostPort = opts.get("peer") or HostPort(remote[0].host, self.cfg.peer_port)
+        async with self._lock(uid):
+            if (uid, Role.OUTBOUND) in self.endpoints:
+                raise AlreadyExists(
+                    f"this host already has an outbound endpoint for {uid}: "
+                    f"release it first with 'scistreamctl release {uid}'")
+            if local:
+                self.ports.reserve(local)
+                held = list(local)
+            else:
+                held = self.ports.allocate(n)
+            try:
+                info = await asyncio.to_thread(
+                    peer.claim_endpoint, peer_addr, uid,
+                    trust_file=self.cfg.peer_trust_file, trust_pem=opts.get("trust_pem"),
+                    client_cert=self.cfg.peer_cert, client_key=self.cfg.peer_key,
+                    timeout=self.cfg.peer_timeout)
+                unknown = [str(r) for r in remote if r not in info.listeners]
+                if unknown:
+                    raise PeerRejected(
+                        f"{', '.join(unknown)} is not a listener of tunnel {uid} at the peer "
+                        f"(it has {', '.join(str(x) for x in info.listeners)}): pass the "
+                        "listeners the inbound request printed")
+                ep = Endpoint(
+                    uid=uid, role=Role.OUTBOUND,
+                    listeners=tuple(HostPort(self.cfg.listen_address, p) for p in held),
+                    targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr)
+            except BaseException:
+                self.ports.release(held)
+                raise
+            await self._create(ep, info.psk)
+            return ep
+
+    # ---------------------------------------------------------- create/teardown
+    async def _create(self, ep: Endpoint, psk: str) -> None:
+        """Start the relay of a new endpoint whose ports are held; roll back on failure."""
+        try:
+            self._write_keys(ep, psk)
+            self.store.save(ep)
+            self._track(ep)
+            await self._start_unit(ep)
+            self._set(ep, state=State.ACTIVE)
+        except BaseException as e:
+            reason = str(e) if isinstance(e, ScistreamError) else f"{type(e).__name__}: {e}"
+            _log(logging.ERROR, MSG_FAILURE, ep, "%s request for %s failed, rolled back: %s",
+                 ep.role.value, ep.uid, reason)
+            await asyncio.shield(self._teardown(ep))
+            if isinstance(e, (ScistreamError, asyncio.CancelledError)):
+                raise
+            raise RelayFailed(f"starting the relay of {ep.uid} failed: {reason}; "
+                              "see 'journalctl -u scistreamd'") from e
+        _log(logging.INFO, MSG_REQUEST, ep, "%s endpoint %s active: %s", ep.role.value, ep.uid,
+             ", ".join(f"{a} -> {b}" for a, b in ep.mappings()))
+
+    def _write_keys(self, ep: Endpoint, psk: str) -> Tuple[Path, Path]:
+        conf = render_stunnel_config(ep, psk_path=credential_path(ep.unit, PSK_FILE),
+                                     ciphersuites=self.cfg.relay_ciphersuites,
+                                     log_level=self.cfg.relay_log_level)
+        return self.keys.write(ep.uid, ep.role, render_psk_file(ep.uid, psk), conf)
+
+    async def _start_unit(self, ep: Endpoint) -> None:
+        d = self.keys.endpoint_dir(ep.uid, ep.role)
+        props = relay_unit_properties(ep, self.cfg, d / PSK_FILE, d / CONF_FILE)
+        # A failed unit of the same name (an earlier crash) would block the start.
+        await self.systemd.reset_failed(ep.unit)
+        try:
+            result = await self.systemd.start_transient(ep.unit, props,
+                                                        timeout=self.cfg.relay_start_timeout)
+        except SystemdError as e:
+            raise RelayFailed(f"systemd refused to start {ep.unit}: {e.message}") from e
+        except asyncio.TimeoutError as e:
+            raise RelayFailed(f"{ep.unit} did not start within "
+                              f"{self.cfg.relay_start_timeout:g}s") from e
+        if result != "done":
+            raise RelayFailed(f"{ep.unit} failed to start (job {result}): "
+                              f"see 'scistreamctl logs {ep.uid}'")
+        await self._wait_listening(ep)
+
+    async def _wait_listening(self, ep: Endpoint) -> None:
+        deadline = time.monotonic() + self.cfg.relay_start_timeout
+        delay = 0.002
+        while not _listening(ep.listeners):
+            st = await self.systemd.status(ep.unit)
+            if st.active_state not in ("active", "activating", "reloading"):
+                raise RelayFailed(
+                    f"relay {ep.unit} exited ({st.active_state}/{st.result or st.sub_state}) "
+                    f"before listening on {', '.join(map(str, ep.listeners))}: a port may be "
+                    f"taken; see 'scistreamctl logs {ep.uid}'")
+            if time.monotonic() > deadline:
+                raise RelayFailed(
+                    f"relay {ep.unit} is not listening on {', '.join(map(str, ep.listeners))} "
+                    f"after {self.cfg.relay_start_timeout:g}s: see 'scistreamctl logs {ep.uid}'")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _teardown(self, ep: Endpoint) -> None:
+        """Stop the unit, remove keys and state, free ports, drop the object. Idempotent."""
+        try:
+            await self.systemd.stop(ep.unit)
+        except Exception as e:  # keep going: everything else must still be returned
+            logger.error("stopping %s failed: %s", ep.unit, e)
+        try:
+            await self.systemd.reset_failed(ep.unit)
+        except Exception as e:
+            logger.debug("reset-failed of %s: %s", ep.unit, e)
+        self.keys.remove(ep.uid, ep.role)
+        self.store.delete(ep.uid, ep.role)
+        self.ports.release(h.port for h in ep.listeners)
+        self._untrack(ep)
+
+    # ------------------------------------------------------------- release
+    async def release(self, uid: object, role: Optional[Role] = None) -> List[Endpoint]:
+        eps = self.get(uid, role)
+        async with self._lock(eps[0].uid):
+            eps = [e for e in eps if self.endpoints.get(e.key) is e]
+            for ep in eps:
+                self._set(ep, state=State.RELEASING)
+                await self._teardown(ep)
+                _log(logging.INFO, MSG_RELEASE, ep, "%s endpoint %s released",
+                     ep.role.value, ep.uid)
+        if not eps:
+            raise NotFound(f"endpoint {uid} was released meanwhile")
+        return eps
+
+    async def release_all(self) -> int:
+        count = 0
+        for uid in sorted({k[0] for k in self.endpoints}):
+            try:
+                count += len(await self.release(uid))
+            except NotFound:
+                pass
+        return count
+
+    # ---------------------------------------------------------- peer side
+    async def claim(self, uid: str, claimant: str) -> Dict[str, Any]:
+        """Hand the key of an inbound endpoint to the first peer that asks."""
+        uid = parse_uid(uid)
+        async with self._lock(uid):
+            ep = self.endpoints.get((uid, Role.INBOUND))
+            if ep is None:
+                raise NotFound(f"no inbound endpoint {uid} here")
+            if ep.claimed_by:
+                raise PeerRejected(
+                    f"the key of {uid} was already claimed by {ep.claimed_by}: ask the inbound "
+                    f"side to re-arm it ('scistreamctl rearm {uid}') or make a new request")
+            if ep.state is not State.ACTIVE:
+                raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
+            psk = self.keys.read_psk(uid, Role.INBOUND)
+            self._set(ep, claimed_by=claimant[:200], claimed_at=time.time())
+            _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
+            return {"uid": uid, "listeners": [str(h) for h in ep.listeners], "psk": psk,
+                    "cipher_suites": self.cfg.relay_ciphersuites}
+
+    async def rearm(self, uid: object) -> Endpoint:
+        """New key for an inbound endpoint and a fresh claim; the old key stops working."""
+        (ep,) = self.get(uid, Role.INBOUND)
+        async with self._lock(ep.uid):
+            self._write_keys(ep, new_psk())
+            try:
+                result = await self.systemd.restart(ep.unit, timeout=self.cfg.relay_start_timeout)
+                if result != "done":
+                    raise RelayFailed(f"restarting {ep.unit} failed ({result})")
+                await self._wait_listening(ep)
+            except (SystemdError, asyncio.TimeoutError) as e:
+                raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
+            self._set(ep, claimed_by="", claimed_at=0.0, state=State.ACTIVE, detail="")
+            _log(logging.INFO, MSG_REQUEST, ep, "inbound endpoint %s re-armed with a new key",
+                 ep.uid)
+            return ep
+
+    # ------------------------------------------------------ unit monitoring
+    def _on_unit_change(self, path: str) -> None:
+        key = self._by_unit_path.get(path)
+        if key is None or key in self._refreshing:
+            return
+        self._refreshing[key] = asyncio.ensure_future(self._refresh(key))
+
+    async def _refresh(self, key: Tuple[str, Role]) -> None:
+        try:
+            await asyncio.sleep(0.01)  # coalesce a burst of PropertiesChanged
+            ep = self.endpoints.get(key)
+            if ep is None or ep.state in (State.STARTING, State.RELEASING):
+                return
+            st = await self.systemd.status(ep.unit)
+            self._apply_status(ep, st)
+        except Exception:
+            logger.exception("refreshing endpoint state failed")
+        finally:
+            self._refreshing.pop(key, None)
+
+    def _apply_status(self, ep: Endpoint, st) -> None:
+        if st.active_state in ("active", "activating", "reloading"):
+            self._set(ep, state=State.ACTIVE, detail="", n_restarts=st.n_restarts)
+        elif st.active_state == "deactivating":
+            self._set(ep, n_restarts=st.n_restarts)
+        else:
+            why = ("the relay unit is gone" if st.active_state == ABSENT else
+                   f"relay {st.active_state} ({st.result or st.sub_state})")
+            if ep.state is not State.FAILED:
+                _log(logging.ERROR, MSG_FAILURE, ep, "%s endpoint %s failed: %s",
+                     ep.role.value, ep.uid, why)
+            self._set(ep, state=State.FAILED,
+                      detail=f"{why}; see 'scistreamctl logs {ep.uid}', then release it",
+                      n_restarts=st.n_restarts)
+
+    # ------------------------------------------------------------ adoption
+    async def adopt(self) -> None:
+        """Reconcile persisted state with the relay units systemd runs (start-up).
+
+        - state + running unit: adopted as is (ports held, object exported);
+        - state ``active`` + no running unit (e.g. after a reboot): the unit is
+          recreated from the persisted root-only key; if that fails the
+          endpoint stays, ``failed``, until released;
+        - state ``starting``/``releasing`` (the daemon died mid-request): the
+          request never completed, so it is rolled back;
+        - a relay unit or key directory without state: an orphan, stopped and
+          removed.
+        """
+        eps, _bad = self.store.load_all()
+        units = {name: (active, sub) for name, active, sub
+                 in await self.systemd.list_units([RELAY_PATTERN])}
+        known_units = set()
+        for ep in eps:
+            known_units.add(ep.unit)
+            running = units.get(ep.unit, ("inactive", ""))[0] in ("active", "activating",
+                                                                   "reloading")
+            if ep.state in (State.STARTING, State.RELEASING):
+                logger.warning("rolling back interrupted %s of %s %s", ep.state.value,
+                               ep.role.value, ep.uid)
+                await self._teardown(ep)
+                continue
+            self.ports.adopt(h.port for h in ep.listeners)
+            self._track(ep)
+            if running:
+                st = await self.systemd.status(ep.unit)
+                self._apply_status(ep, st)
+                continue
+            if ep.state is State.FAILED:
+                continue
+            try:
+                logger.info("recreating relay %s from persisted state", ep.unit)
+                await self.systemd.stop(ep.unit)
+                await self._start_unit(ep)
+                self._set(ep, state=State.ACTIVE, detail="")
+            except Exception as e:
+                _log(logging.ERROR, MSG_FAILURE, ep, "recreating %s failed: %s", ep.unit, e)
+                self._set(ep, state=State.FAILED,
+                          detail=f"could not recreate the relay at start-up: {e}")
+        for name in units:
+            if name not in known_units:
+                logger.warning("stopping orphan relay %s (no state for it)", name)
+                await self.systemd.stop(name)
+                await self.systemd.reset_failed(name)
+        known_keys = {f"{ep.uid}-{ep.role.value}" for ep in self.endpoints.values()}
+        for name in self.keys.names():
+            if name not in known_keys:
+                try:
+                    uid, role = parse_name(name)
+                except InvalidArgument:
+                    continue
+                logger.warning("removing orphan key directory %s", name)
+                self.keys.remove(uid, role)
+        logger.info("adopted %d endpoints", len(self.endpoints))
+
+
+def _parse_trust_pem(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgument("option trust_pem must be PEM text")
+    if len(value) > MAX_TRUST_PEM:
+        raise InvalidArgument(f"option trust_pem is over {MAX_TRUST_PEM} bytes")
+    from cryptography import x509
+
+    blocks = value.split("-----END CERTIFICATE-----")
+    certs = 0
+    for block in blocks:
+        if "-----BEGIN CERTIFICATE-----" not in block:
+            continue
+        pem = block[block.index("-----BEGIN CERTIFICATE-----"):] + "-----END CERTIFICATE-----\n"
+        try:
+            x509.load_pem_x509_certificate(pem.encode())
+        except ValueError as e:
+            raise InvalidArgument(f"option trust_pem holds an unreadable certificate: {e}") from e
+        certs += 1
+    if not certs:
+        raise InvalidArgument("option trust_pem holds no PEM certificate "
+                              "(-----BEGIN CERTIFICATE-----): pass a CA bundle or the peer's "
+                              "certificate with --server_cert")
+    return value

@@ -1,0 +1,543 @@
+"""Endpoint types and the parsing of every external value into them.
+
+Anything that arrives from outside (D-Bus arguments, CLI strings, the peer
+port, state files) goes through a parser here and comes out as a typed value
+(``IPv4Address``, ``int``, a canonical uid ...). Later stages, notably the
+stunnel config renderer, only ever see those typed values, so no user string
+can reach a config file. Parsers never sanitise: a bad value is rejected with
+an :class:`InvalidArgument` that names the argument and says what to do.
+
+Pure: imports nothing from D-Bus or systemd.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
+
+from . import ENDPOINT_PATH_PREFIX
+from .errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+IPAddress = Union[IPv4Address, IPv6Address]
+
+#: Upper bound of any list argument (ports, listeners); also bounds num_conn in state files.
+MAX_LIST_LEN = 1024
+#: Longest free-text field (detail, claimed_by) accepted from a state file.
+MAX_TEXT_LEN = 4096
+# The longest textual IPv6 address ("ffff:...:255.255.255.255") is 45 characters.
+_MAX_IP_LEN = 45
+_IP_CHARS = re.compile(r"[0-9A-Fa-f.:]+")
+_PORT_STR = re.compile(r"[1-9][0-9]{0,4}")
+_COUNT_STR = re.compile(r"[1-9][0-9]{0,9}")
+_UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_HOSTPORT_V6 = re.compile(r"\[([^\[\]]*)\]:([^:]*)")
+# Any float of unix seconds is exact below 2**53; later than that is corruption.
+_MAX_TIME = float(2**53)
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """repr() of a rejected value, cut short: error messages must stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int, but True is not a port number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Role(str, Enum):
+    """Which half of a tunnel an endpoint is."""
+
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+    @property
+    def upstream(self) -> str:
+        """Upstream SciStream's name of the role, printed in the guide's output lines."""
+        return "PROD" if self is Role.INBOUND else "CONS"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class State(str, Enum):
+    """Life cycle of an endpoint as seen over D-Bus."""
+
+    STARTING = "starting"
+    ACTIVE = "active"
+    FAILED = "failed"
+    RELEASING = "releasing"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A literal IP address and a TCP port; never a host name."""
+
+    host: IPAddress
+    port: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, (IPv4Address, IPv6Address)):
+            raise InvalidArgument(
+                f"HostPort host must be an IP address object, not {_show(self.host)}"
+            )
+        if not _is_int(self.port) or not 1 <= self.port <= 65535:
+            raise InvalidArgument(
+                f"HostPort port must be an int in 1..65535, not {_show(self.port)}"
+            )
+
+    def __str__(self) -> str:
+        if self.host.version == 6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+# ---------------------------------------------------------------------------
+# Scalar parsers
+
+
+def parse_ip(value: object, what: str, *, unicast: bool = True) -> IPAddress:
+    """Parse a literal IPv4/IPv6 address (no host names, no zone ids).
+
+    With ``unicast`` (the default) the unspecified (0.0.0.0, ::) and multicast
+    addresses are refused: every address here is either connected to or
+    advertised to a peer, and neither makes sense for that.
+    """
+    if isinstance(value, (IPv4Address, IPv6Address)):
+        addr: IPAddress = value
+    else:
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{what} must be an IP address string, not {_show(value)}")
+        # The character check comes first: ip_address() would accept a zone id
+        # ("fe80::1%<anything>"), and we want no free text inside an address.
+        if not value or len(value) > _MAX_IP_LEN or not _IP_CHARS.fullmatch(value):
+            raise InvalidArgument(
+                f"{what} {_show(value)} is not an IP address: give a literal IPv4 or IPv6 "
+                "address such as 192.168.150.1 (host names are not accepted)"
+            )
+        try:
+            addr = ip_address(value)
+        except ValueError:
+            raise InvalidArgument(
+                f"{what} {_show(value)} is not an IP address: give a literal IPv4 or IPv6 "
+                "address such as 192.168.150.1"
+            ) from None
+    if unicast and (addr.is_unspecified or addr.is_multicast):
+        raise InvalidArgument(
+            f"{what} {addr} is not a unicast address: give the host's own address "
+            "(for example 192.168.150.1), not a wildcard or multicast address"
+        )
+    return addr
+
+
+def parse_port(value: object, what: str) -> int:
+    """Parse a TCP port: an int (not a bool) or a plain decimal string, 1..65535."""
+    if _is_int(value):
+        port = int(value)  # type: ignore[call-overload]
+    elif isinstance(value, str) and _PORT_STR.fullmatch(value):
+        port = int(value)
+    else:
+        raise InvalidArgument(f"{what} {_show(value)} is not a port number: give 1..65535")
+    if not 1 <= port <= 65535:
+        raise InvalidArgument(f"{what} {port} is out of range: give a port in 1..65535")
+    return port
+
+
+def parse_hostport(value: object, what: str) -> HostPort:
+    """Parse ``"1.2.3.4:5100"`` or ``"[::1]:5100"``."""
+    if isinstance(value, HostPort):
+        return value
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be an 'ip:port' string, not {_show(value)}")
+    if len(value) > _MAX_IP_LEN + 8:
+        raise InvalidArgument(f"{what} {_show(value)} is too long to be an 'ip:port' address")
+    if value.startswith("["):
+        m = _HOSTPORT_V6.fullmatch(value)
+        if not m:
+            raise InvalidArgument(
+                f"{what} {_show(value)} is not an address: write IPv6 as '[addr]:port'"
+            )
+        host_text, port_text = m.group(1), m.group(2)
+        host = parse_ip(host_text, what)
+        if host.version != 6:
+            raise InvalidArgument(
+                f"{what} {_show(value)}: only IPv6 addresses go in brackets; write '{host}:port'"
+            )
+    else:
+        host_text, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise InvalidArgument(
+                f"{what} {_show(value)} has no port: write 'ip:port', e.g. 192.168.150.1:5100"
+            )
+        if ":" in host_text:
+            raise InvalidArgument(
+                f"{what} {_show(value)} is ambiguous: write IPv6 addresses as '[addr]:port'"
+            )
+        host = parse_ip(host_text, what)
+    return HostPort(host, parse_port(port_text, f"{what} port"))
+
+
+def parse_uid(value: object) -> str:
+    """Parse a tunnel uid: a hyphenated hex UUID of any version; returned lower-case."""
+    if isinstance(value, str) and len(value) == 36:
+        lowered = value.lower()
+        if _UID.fullmatch(lowered):
+            return lowered
+    raise InvalidArgument(
+        f"uid {_show(value)} is not a tunnel uid: give the 36-character uid printed by "
+        "inbound-request, e.g. bd9f1a7e-04d7-11f0-b44c-946dae415862"
+    )
+
+
+def new_uid() -> str:
+    """A fresh random tunnel uid (UUID4; unguessable, since a uid is a capability)."""
+    return str(uuid.uuid4())
+
+
+def parse_num_conn(value: object, limit: int) -> int:
+    """Parse num_conn: an int (or decimal string) in 1..limit."""
+    if _is_int(value):
+        n = int(value)  # type: ignore[call-overload]
+    elif isinstance(value, str) and _COUNT_STR.fullmatch(value):
+        n = int(value)
+    else:
+        raise InvalidArgument(f"num_conn {_show(value)} is not a number: give 1..{limit}")
+    if not 1 <= n <= limit:
+        raise InvalidArgument(f"num_conn {n} is out of range: give 1..{limit}")
+    return n
+
+
+def parse_role(value: object) -> Role:
+    if isinstance(value, Role):
+        return value
+    if isinstance(value, str):
+        for role in Role:
+            if value == role.value:
+                return role
+    raise InvalidArgument(f"role {_show(value)} is unknown: give 'inbound' or 'outbound'")
+
+
+def parse_state(value: object) -> State:
+    if isinstance(value, State):
+        return value
+    if isinstance(value, str):
+        for state in State:
+            if value == state.value:
+                return state
+    names = ", ".join(s.value for s in State)
+    raise InvalidArgument(f"state {_show(value)} is unknown: expected one of {names}")
+
+
+# ---------------------------------------------------------------------------
+# Lists
+
+
+def split_list(text: str) -> List[str]:
+    """Split a CLI list into items.
+
+    Accepts ``"5300,5301"``, ``"5300 5301"`` and the Python list syntax that
+    upstream s2uc prints (``"['192.168.150.1:5100']"``), so output of one
+    tool can be pasted into the next. Items are not validated here.
+    """
+    if not isinstance(text, str):
+        raise InvalidArgument(f"expected a list as text, not {_show(text)}")
+    body = text.strip()
+    # A python list literal; an item itself never ends in "]" (IPv6 is "[addr]:port").
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    items = []
+    for raw in re.split(r"[,\s]+", body):
+        item = raw
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            item = item[1:-1]
+        if item:
+            items.append(item)
+    return items
+
+
+def _as_items(values: object, what: str) -> List[object]:
+    if isinstance(values, str):
+        return list(split_list(values))
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    raise InvalidArgument(f"{what} must be a list, not {_show(values)}")
+
+
+def _check_len(items: List[object], what: str, min_len: int, max_len: int) -> None:
+    if len(items) < min_len:
+        raise InvalidArgument(f"{what} is empty: give at least {min_len} item(s)")
+    if len(items) > max_len:
+        raise InvalidArgument(f"{what} has {len(items)} items: give at most {max_len}")
+
+
+def parse_port_list(
+    values: object, what: str, max_len: int = MAX_LIST_LEN, *, min_len: int = 1
+) -> Tuple[int, ...]:
+    """Parse a list of ports (list/tuple of ints or strings, or one CLI string).
+
+    ``min_len=0`` allows an empty list (e.g. outbound ``local_ports``: allocate).
+    """
+    items = _as_items(values, what)
+    _check_len(items, what, min_len, max_len)
+    return tuple(parse_port(item, what) for item in items)
+
+
+def parse_hostport_list(
+    values: object, what: str, max_len: int = MAX_LIST_LEN, *, min_len: int = 1
+) -> Tuple[HostPort, ...]:
+    """Parse a list of ``ip:port`` strings (a list/tuple, or one CLI string)."""
+    items = _as_items(values, what)
+    _check_len(items, what, min_len, max_len)
+    return tuple(parse_hostport(item, what) for item in items)
+
+
+def parse_options(
+    opts: object, allowed: Mapping[str, Callable[[object], object]]
+) -> Dict[str, object]:
+    """Parse an ``a{sv}`` options dict (Variants already unwrapped).
+
+    Each allowed key maps to the parser of its value; keys that are absent
+    are absent from the result, so callers apply their own defaults.
+    """
+    if not isinstance(opts, dict):
+        raise InvalidArgument(f"options must be a dictionary, not {_show(opts)}")
+    result: Dict[str, object] = {}
+    for key, value in opts.items():
+        if not isinstance(key, str) or key not in allowed:
+            known = ", ".join(sorted(allowed)) or "(none)"
+            raise InvalidArgument(f"option {_show(key)} is unknown: allowed options are {known}")
+        result[key] = allowed[key](value)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Endpoint
+
+
+def _parse_time(value: object, what: str) -> float:
+    # Range comparison, not math.isfinite(): it also rejects NaN/inf, and huge
+    # ints from a JSON file compare fine where float() would overflow.
+    if (_is_int(value) or isinstance(value, float)) and 0 <= value <= _MAX_TIME:  # type: ignore[operator]
+        return float(value)  # type: ignore[arg-type]
+    raise InvalidArgument(f"{what} {_show(value)} is not a time: expected unix seconds >= 0")
+
+
+def _parse_text(value: object, what: str) -> str:
+    if isinstance(value, str) and len(value) <= MAX_TEXT_LEN:
+        return value
+    raise InvalidArgument(f"{what} must be a string of at most {MAX_TEXT_LEN} characters")
+
+
+@dataclass
+class Endpoint:
+    """One host's half of a tunnel; keyed by (uid, role)."""
+
+    uid: str
+    role: Role
+    listeners: Tuple[HostPort, ...]
+    targets: Tuple[HostPort, ...]
+    num_conn: int
+    created_at: float
+    state: State = State.STARTING
+    #: outbound: the peer daemon's control address (where the key came from).
+    peer: HostPort | None = None
+    #: inbound: who claimed the key over the peer port, and when.
+    claimed_by: str = ""
+    claimed_at: float = 0.0
+    #: why the endpoint failed, for status output.
+    detail: str = ""
+    n_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the invariants; raises InvalidArgument."""
+        if parse_uid(self.uid) != self.uid:
+            raise InvalidArgument(f"endpoint uid {_show(self.uid)} is not canonical (lower-case)")
+        if not isinstance(self.role, Role):
+            raise InvalidArgument(f"endpoint role {_show(self.role)} is not a Role")
+        if not isinstance(self.state, State):
+            raise InvalidArgument(f"endpoint state {_show(self.state)} is not a State")
+        for name in ("listeners", "targets"):
+            seq = getattr(self, name)
+            if not isinstance(seq, tuple) or not all(isinstance(h, HostPort) for h in seq):
+                raise InvalidArgument(f"endpoint {name} must be a tuple of HostPort")
+        if not _is_int(self.num_conn) or not 1 <= self.num_conn <= MAX_LIST_LEN:
+            raise InvalidArgument(
+                f"endpoint num_conn {_show(self.num_conn)} is not in 1..{MAX_LIST_LEN}"
+            )
+        if len(self.listeners) != self.num_conn:
+            raise InvalidArgument(
+                f"endpoint has {len(self.listeners)} listeners but num_conn {self.num_conn}"
+            )
+        if len(set(self.listeners)) != len(self.listeners):
+            raise InvalidArgument("endpoint listeners must be distinct")
+        if not self.targets:
+            raise InvalidArgument("endpoint has no targets")
+        if self.peer is not None and not isinstance(self.peer, HostPort):
+            raise InvalidArgument(f"endpoint peer {_show(self.peer)} is not a HostPort")
+        if not _is_int(self.n_restarts) or self.n_restarts < 0:
+            raise InvalidArgument(f"endpoint n_restarts {_show(self.n_restarts)} is not >= 0")
+        _parse_time(self.created_at, "endpoint created_at")
+        _parse_time(self.claimed_at, "endpoint claimed_at")
+        _parse_text(self.claimed_by, "endpoint claimed_by")
+        _parse_text(self.detail, "endpoint detail")
+
+    @property
+    def unit(self) -> str:
+        return f"scistream-{self.role.value}-{self.uid}.service"
+
+    @property
+    def key(self) -> Tuple[str, Role]:
+        return (self.uid, self.role)
+
+    @property
+    def object_path(self) -> str:
+        return endpoint_object_path(self.uid, self.role)
+
+    def mappings(self) -> List[Tuple[HostPort, HostPort]]:
+        """listener i forwards to target i % len(targets) (round robin over targets)."""
+        n = len(self.targets)
+        return [(lst, self.targets[i % n]) for i, lst in enumerate(self.listeners)]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe form; :meth:`from_dict` reverses it."""
+        return {
+            "uid": self.uid,
+            "role": self.role.value,
+            "listeners": [str(h) for h in self.listeners],
+            "targets": [str(h) for h in self.targets],
+            "num_conn": self.num_conn,
+            "created_at": self.created_at,
+            "state": self.state.value,
+            "peer": str(self.peer) if self.peer is not None else None,
+            "claimed_by": self.claimed_by,
+            "claimed_at": self.claimed_at,
+            "detail": self.detail,
+            "n_restarts": self.n_restarts,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> Endpoint:
+        """Rebuild an endpoint from :meth:`to_dict` output, validating every field.
+
+        State files may be corrupt or edited by hand: anything unexpected raises
+        InvalidArgument, including unknown keys.
+        """
+        if not isinstance(d, dict):
+            raise InvalidArgument(f"endpoint record must be an object, not {_show(d)}")
+        required = {"uid", "role", "listeners", "targets", "num_conn", "created_at"}
+        optional = {"state", "peer", "claimed_by", "claimed_at", "detail", "n_restarts"}
+        unknown = [k for k in d if k not in required | optional]
+        if unknown:
+            raise InvalidArgument(
+                f"endpoint record has unknown keys {_show(sorted(map(str, unknown)))}"
+            )
+        missing = sorted(required - set(d))
+        if missing:
+            raise InvalidArgument(f"endpoint record lacks {', '.join(missing)}")
+        if not _is_int(d["num_conn"]):
+            raise InvalidArgument(f"num_conn {_show(d['num_conn'])} is not an integer")
+        num_conn = parse_num_conn(d["num_conn"], MAX_LIST_LEN)
+        peer_raw = d.get("peer")
+        n_restarts = d.get("n_restarts", 0)
+        if not _is_int(n_restarts) or n_restarts < 0:
+            raise InvalidArgument(f"n_restarts {_show(n_restarts)} is not an integer >= 0")
+        return cls(
+            uid=parse_uid(d["uid"]),
+            role=parse_role(d["role"]),
+            listeners=_parse_stored_hostports(d["listeners"], "listeners"),
+            targets=_parse_stored_hostports(d["targets"], "targets"),
+            num_conn=num_conn,
+            created_at=_parse_time(d["created_at"], "created_at"),
+            state=parse_state(d.get("state", State.STARTING.value)),
+            peer=None if peer_raw is None else parse_hostport(peer_raw, "peer"),
+            claimed_by=_parse_text(d.get("claimed_by", ""), "claimed_by"),
+            claimed_at=_parse_time(d.get("claimed_at", 0.0), "claimed_at"),
+            detail=_parse_text(d.get("detail", ""), "detail"),
+            n_restarts=n_restarts,
+        )
+
+
+def _parse_stored_hostports(values: object, what: str) -> Tuple[HostPort, ...]:
+    # Stored lists are JSON arrays; a string here means corruption, not CLI input.
+    if not isinstance(values, list):
+        raise InvalidArgument(f"{what} must be a list, not {_show(values)}")
+    return parse_hostport_list(values, what)
+
+
+# ---------------------------------------------------------------------------
+# D-Bus object paths
+
+
+def escape_object_path_component(s: str) -> str:
+    """Escape like systemd's bus_label_escape().
+
+    ASCII letters are kept, digits too except in the first position; every
+    other byte of the UTF-8 form becomes ``_`` plus two lower-case hex digits.
+    The empty string becomes ``_``.
+    """
+    if s == "":
+        return "_"
+    out = []
+    for i, b in enumerate(s.encode("utf-8")):
+        c = chr(b)
+        if ("a" <= c <= "z") or ("A" <= c <= "Z") or (i > 0 and "0" <= c <= "9"):
+            out.append(c)
+        else:
+            out.append(f"_{b:02x}")
+    return "".join(out)
+
+
+def unescape_object_path_component(s: str) -> str:
+    """Reverse :func:`escape_object_path_component`; InvalidArgument if malformed."""
+    if s == "_":
+        return ""
+    raw = bytearray()
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == "_":
+            pair = s[i + 1 : i + 3]
+            if len(pair) != 2 or not re.fullmatch(r"[0-9a-f]{2}", pair):
+                raise InvalidArgument(f"object path component {_show(s)} is malformed")
+            raw.append(int(pair, 16))
+            i += 3
+        elif c.isascii() and c.isalnum():
+            raw.append(ord(c))
+            i += 1
+        else:
+            raise InvalidArgument(f"object path component {_show(s)} is malformed")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"object path component {_show(s)} is malformed") from None
+
+
+def endpoint_object_path(uid: str, role: Role) -> str:
+    """The D-Bus object path of endpoint (uid, role)."""
+    return f"{ENDPOINT_PATH_PREFIX}/{escape_object_path_component(uid)}_{role.value}"
+
+
+def parse_endpoint_object_path(path: object) -> Tuple[str, Role]:
+    """(uid, role) of an endpoint object path; InvalidArgument if it is not one."""
+    if isinstance(path, str) and path.startswith(ENDPOINT_PATH_PREFIX + "/"):
+        last = path[len(ENDPOINT_PATH_PREFIX) + 1 :]
+        for role in Role:
+            suffix = "_" + role.value
+            if last.endswith(suffix):
+                uid = unescape_object_path_component(last[: -len(suffix)])
+                return parse_uid(uid), role
+    raise InvalidArgument(f"{_show(path)} is not a scistream endpoint object path")

@@ -1,0 +1,200 @@
+"""Rendering the stunnel configuration of one endpoint.
+
+Upstream SciStream pasted request strings into stunnel configs (command
+execution), derived the PSK from the uid and disabled encryption. Here the
+renderer accepts only typed, validated values (an :class:`Endpoint`, a
+checked suite list, a checked path), refuses any value that could break a
+line, and always renders TLS 1.3 with a random per-endpoint PSK.
+
+Pure: imports nothing from D-Bus or systemd.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from pathlib import Path
+from typing import List, Tuple
+
+from .errors import InvalidArgument
+from .model import Endpoint, HostPort, Role, parse_uid
+
+logger = logging.getLogger(__name__)
+
+#: The TLS 1.3 cipher suites OpenSSL knows (RFC 8446 names).
+TLS13_CIPHERSUITES: Tuple[str, ...] = (
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+    "TLS_AES_128_CCM_SHA256",
+    "TLS_AES_128_CCM_8_SHA256",
+)
+DEFAULT_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+#: stunnel's ``debug`` levels (syslog names), least to most verbose.
+STUNNEL_LOG_LEVELS: Tuple[str, ...] = (
+    "emerg",
+    "alert",
+    "crit",
+    "err",
+    "warning",
+    "notice",
+    "info",
+    "debug",
+)
+
+#: Name of the PSK credential the relay unit gets with LoadCredential=.
+PSK_CREDENTIAL = "psk"
+
+_PSK = re.compile(r"[0-9a-f]{64}")
+# systemd unit names: letters, digits and ":-_.\@"; we need no backslash escapes.
+_UNIT_NAME = re.compile(r"[A-Za-z0-9:_.@-]{1,255}")
+# Credential names must be valid file names; keep them boring.
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+# Paths written into a config: absolute, no spaces, no control characters, no "..".
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9/_.:@+-]*")
+# What may appear in a rendered value: printable ASCII, no line breaks.
+_SAFE_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+def new_psk() -> str:
+    """A fresh 256-bit pre-shared key as 64 hex characters; random, never derived."""
+    return secrets.token_hex(32)
+
+
+def parse_psk(value: object) -> str:
+    if isinstance(value, str) and _PSK.fullmatch(value):
+        return value
+    raise InvalidArgument("the tunnel key is malformed: expected 64 lower-case hex characters")
+
+
+def parse_ciphersuites(value: object) -> str:
+    """Check a colon-separated list of TLS 1.3 suites; returns it unchanged."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(
+            f"ciphersuites must be a non-empty string of TLS 1.3 suites, not {value!r:.60}"
+        )
+    items = value.split(":")
+    for item in items:
+        if item not in TLS13_CIPHERSUITES:
+            raise InvalidArgument(
+                f"{item!r:.60} is not a TLS 1.3 cipher suite: use a colon-separated list of "
+                + ", ".join(TLS13_CIPHERSUITES)
+            )
+    if len(set(items)) != len(items):
+        raise InvalidArgument(f"ciphersuites {value!r} lists a suite twice: list each once")
+    # stunnel's PSK callbacks make OpenSSL bind the key to SHA-256: with only
+    # SHA-384 suites every handshake fails ("no suitable signature algorithm").
+    if not any(item.endswith("_SHA256") for item in items):
+        raise InvalidArgument(
+            f"ciphersuites {value!r} has no SHA-256 suite, which relays keyed with a "
+            "pre-shared key need: include TLS_AES_128_GCM_SHA256 or TLS_CHACHA20_POLY1305_SHA256"
+        )
+    return value
+
+
+def parse_stunnel_log_level(value: object) -> str:
+    if isinstance(value, str) and value in STUNNEL_LOG_LEVELS:
+        return value
+    raise InvalidArgument(
+        f"stunnel log level {value!r:.60} is unknown: use one of " + ", ".join(STUNNEL_LOG_LEVELS)
+    )
+
+
+def parse_safe_path(value: object, what: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not _SAFE_PATH.fullmatch(value)
+        or ".." in value.split("/")
+        or len(value) > 4096
+    ):
+        raise InvalidArgument(
+            f"{what} {value!r:.60} is not a plain absolute path (letters, digits and /_.:@+- only)"
+        )
+    return value
+
+
+def credential_path(unit: str, name: str) -> str:
+    """Where systemd puts credential ``name`` of ``unit`` (stunnel expands no env vars)."""
+    if not isinstance(unit, str) or not _UNIT_NAME.fullmatch(unit) or unit in (".", ".."):
+        raise InvalidArgument(f"{unit!r:.60} is not a unit name")
+    if not isinstance(name, str) or not _CREDENTIAL_NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidArgument(f"{name!r:.60} is not a credential name")
+    return f"/run/credentials/{unit}/{name}"
+
+
+def render_psk_file(uid: str, psk: str) -> str:
+    """The PSKsecrets file: one ``identity:key`` line; the identity is the uid."""
+    return f"{parse_uid(uid)}:{parse_psk(psk)}\n"
+
+
+def stunnel_address(hp: HostPort) -> str:
+    """stunnel's form of an address: it splits at the last ':' and takes no brackets."""
+    if not isinstance(hp, HostPort):
+        raise InvalidArgument(f"{hp!r:.60} is not a HostPort")
+    # str(IPv6Address) is the compressed numeric form, e.g. "::1" -> "::1:5100".
+    return f"{hp.host}:{hp.port}"
+
+
+def _line(key: str, value: object) -> str:
+    # Last line of defence: every value was typed or checked already, but a
+    # value containing a line break would be a new directive, so refuse it.
+    text = str(value)
+    if not _SAFE_VALUE.fullmatch(text):
+        raise InvalidArgument(f"refusing to render {key} = {text!r:.60}: not a plain value")
+    return f"{key} = {text}"
+
+
+def render_stunnel_config(
+    ep: Endpoint, *, psk_path: str, ciphersuites: str, log_level: str = "notice"
+) -> str:
+    """The complete stunnel configuration of endpoint ``ep``.
+
+    One service section per mapping; inbound sections are PSK servers that
+    forward plain TCP to the application, outbound sections are PSK clients
+    that the local application connects to.
+    """
+    if not isinstance(ep, Endpoint):
+        raise InvalidArgument(f"{ep!r:.60} is not an Endpoint")
+    ep.validate()
+    psk_path = parse_safe_path(psk_path, "PSK file path")
+    ciphersuites = parse_ciphersuites(ciphersuites)
+    log_level = parse_stunnel_log_level(log_level)
+
+    lines: List[str] = [
+        f"; stunnel relay of scistream tunnel {ep.uid} ({ep.role.value}), written by scistreamd",
+        _line("foreground", "yes"),
+        # No pid file: systemd tracks the main process.
+        "pid =",
+        # Log to stderr, which the unit sends to journald.
+        _line("syslog", "no"),
+        _line("debug", log_level),
+    ]
+    for i, (listener, target) in enumerate(ep.mappings()):
+        lines.append("")
+        lines.append(f"[{ep.role.value}-{i}]")
+        if ep.role is Role.OUTBOUND:
+            lines.append(_line("client", "yes"))
+        lines.append(_line("accept", stunnel_address(listener)))
+        lines.append(_line("connect", stunnel_address(target)))
+        lines.append(_line("sslVersionMin", "TLSv1.3"))
+        lines.append(_line("sslVersionMax", "TLSv1.3"))
+        lines.append(_line("ciphersuites", ciphersuites))
+        lines.append(_line("PSKsecrets", psk_path))
+        if ep.role is Role.OUTBOUND:
+            lines.append(_line("PSKidentity", ep.uid))
+        # Interactive and streaming traffic alike: do not wait to coalesce segments.
+        lines.append(_line("socket", "l:TCP_NODELAY=1"))
+        lines.append(_line("socket", "r:TCP_NODELAY=1"))
+    return "\n".join(lines) + "\n"
+
+
+def stunnel_command(stunnel: Path, conf_path: str) -> List[str]:
+    """The relay's ExecStart argv: stunnel and its config file, nothing else."""
+    if not isinstance(stunnel, Path) or not stunnel.is_absolute():
+        raise InvalidArgument(f"stunnel {stunnel!r:.60} must be an absolute Path")
+    return [
+        parse_safe_path(str(stunnel), "stunnel path"),
+        parse_safe_path(conf_path, "config path"),
+    ]

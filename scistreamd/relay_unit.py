@@ -1,0 +1,77 @@
+"""The transient unit of one relay: its systemd properties.
+
+Sandbox first: the relay is stunnel running as a dynamic user with no
+capabilities, a read-only system, no devices, only IP and Unix sockets. It
+gets its config and key with LoadCredential= from root-only files, so the
+key is never on a command line, never in the unit's (world-readable)
+properties and never in a world-readable file. No PartOf=/BindsTo= on
+scistreamd: relays outlive a daemon restart or upgrade.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Tuple
+
+from dbus_next import Variant
+
+from . import SLICE
+from .config import Config
+from .model import Endpoint
+from .relay import credential_path, stunnel_command
+from .store import CONF_FILE, PSK_FILE
+
+USEC = 1_000_000
+LIMIT_NOFILE = 65536  # two descriptors per relayed connection
+
+
+def relay_unit_properties(ep: Endpoint, cfg: Config, psk_src: Path,
+                          conf_src: Path) -> List[List[Any]]:
+    """(name, Variant) pairs for StartTransientUnit (D-Bus structs are lists here)."""
+    unit = ep.unit
+    argv = stunnel_command(cfg.stunnel, credential_path(unit, CONF_FILE))
+    props: List[Tuple[str, Variant]] = [
+        ("Description", Variant("s", f"SciStream {ep.role.value} relay {ep.uid}")),
+        ("Slice", Variant("s", SLICE)),
+        ("Type", Variant("s", "exec")),
+        ("ExecStart", Variant("a(sasb)", [[argv[0], argv, False]])),
+        ("Restart", Variant("s", "on-failure")),
+        ("RestartUSec", Variant("t", 1 * USEC)),
+        # A relay that cannot start (its port taken meanwhile) ends as failed
+        # instead of restarting forever.
+        ("StartLimitIntervalUSec", Variant("t", 30 * USEC)),
+        ("StartLimitBurst", Variant("u", 5)),
+        ("TimeoutStopUSec", Variant("t", 5 * USEC)),
+        ("LoadCredential", Variant("a(ss)", [[PSK_FILE, str(psk_src)],
+                                             [CONF_FILE, str(conf_src)]])),
+        ("LogExtraFields", Variant("aay", [f"SCISTREAM_UID={ep.uid}".encode(),
+                                           f"SCISTREAM_ROLE={ep.role.value}".encode()])),
+        ("SyslogIdentifier", Variant("s", "scistream-relay")),
+        ("DynamicUser", Variant("b", True)),
+        ("NoNewPrivileges", Variant("b", True)),
+        ("ProtectSystem", Variant("s", "strict")),
+        ("ProtectHome", Variant("s", "yes")),
+        ("PrivateTmp", Variant("b", True)),
+        ("PrivateDevices", Variant("b", True)),
+        ("ProtectKernelTunables", Variant("b", True)),
+        ("ProtectKernelModules", Variant("b", True)),
+        ("ProtectKernelLogs", Variant("b", True)),
+        ("ProtectControlGroups", Variant("b", True)),
+        ("ProtectClock", Variant("b", True)),
+        ("ProtectHostname", Variant("b", True)),
+        ("RestrictNamespaces", Variant("t", 0)),  # the mask of namespaces allowed: none
+        ("RestrictRealtime", Variant("b", True)),
+        ("RestrictSUIDSGID", Variant("b", True)),
+        ("LockPersonality", Variant("b", True)),
+        ("MemoryDenyWriteExecute", Variant("b", True)),
+        ("CapabilityBoundingSet", Variant("t", 0)),
+        ("AmbientCapabilities", Variant("t", 0)),
+        ("RestrictAddressFamilies", Variant("(bas)", [True, ["AF_INET", "AF_INET6", "AF_UNIX"]])),
+        ("UMask", Variant("u", 0o077)),
+        ("LimitNOFILE", Variant("t", LIMIT_NOFILE)),
+        ("LimitNOFILESoft", Variant("t", LIMIT_NOFILE)),
+        ("TasksMax", Variant("t", cfg.relay_tasks_max)),
+    ]
+    if cfg.relay_memory_max:
+        props.append(("MemoryMax", Variant("t", cfg.relay_memory_max)))
+    return [list(p) for p in props]

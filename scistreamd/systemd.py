@@ -1,0 +1,207 @@
+"""A small client of systemd's D-Bus API (org.freedesktop.systemd1).
+
+Starts, stops and inspects the transient relay units and waits for their
+jobs. Calls are built as raw messages with known signatures: no
+introspection round trip, so a request costs one bus round trip per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from dbus_next import Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+logger = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPS = "org.freedesktop.DBus.Properties"
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+
+NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"
+
+
+class SystemdError(Exception):
+    """A systemd call failed; ``name`` is the D-Bus error name."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    name: str
+    active_state: str  # active, activating, deactivating, inactive, failed, (absent)
+    sub_state: str
+    result: str
+    n_restarts: int
+    main_pid: int
+    load_state: str = "loaded"
+
+    @property
+    def exists(self) -> bool:
+        return self.load_state != "not-found"
+
+
+ABSENT = "absent"
+
+
+def unit_object_path(name: str) -> str:
+    """systemd's bus_label_escape of a unit name."""
+    out = []
+    for ch in name.encode():
+        c = chr(ch)
+        if c.isalnum() and c.isascii():
+            out.append(c)
+        else:
+            out.append(f"_{ch:02x}")
+    return UNIT_PATH_PREFIX + "".join(out)
+
+
+class Systemd:
+    """systemd1 manager over an already connected (system) bus."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+        self._jobs: Dict[str, asyncio.Future] = {}
+        self._finished_jobs: Dict[str, str] = {}
+        self._unit_listeners: List[Callable[[str], None]] = []
+
+    async def setup(self) -> None:
+        # Match rules before anything is started: JobRemoved can arrive
+        # before the StartTransientUnit reply is processed.
+        self._bus.add_message_handler(self._on_message)
+        for rule in (
+            f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='JobRemoved'",
+            f"type='signal',sender='{SYSTEMD}',interface='{PROPS}',member='PropertiesChanged',"
+            f"path_namespace='{UNIT_PATH_PREFIX.rstrip('/')}'",
+        ):
+            await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                             "org.freedesktop.DBus", "AddMatch", "s", [rule])
+        await self._manager_call("Subscribe", "", [])
+
+    def on_unit_change(self, callback: Callable[[str], None]) -> None:
+        """``callback(unit_object_path)`` whenever a unit's properties change."""
+        self._unit_listeners.append(callback)
+
+    # ---------------------------------------------------------------- signals
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL:
+            return None
+        if msg.member == "JobRemoved" and msg.interface == MANAGER:
+            _id, job, _unit, result = msg.body
+            fut = self._jobs.pop(job, None)
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+            else:
+                self._finished_jobs[job] = result
+                if len(self._finished_jobs) > 4096:  # jobs nobody waits for
+                    self._finished_jobs.pop(next(iter(self._finished_jobs)))
+        elif msg.member == "PropertiesChanged" and msg.path.startswith(UNIT_PATH_PREFIX):
+            for cb in self._unit_listeners:
+                try:
+                    cb(msg.path)
+                except Exception:  # a listener bug must not break the bus
+                    logger.exception("unit change listener failed")
+        return None
+
+    # ------------------------------------------------------------------ calls
+    async def _call(self, dest: str, path: str, iface: str, member: str, signature: str,
+                    body: Sequence[Any]) -> List[Any]:
+        reply = await self._bus.call(Message(destination=dest, path=path, interface=iface,
+                                             member=member, signature=signature,
+                                             body=list(body)))
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else ""
+            raise SystemdError(reply.error_name or "unknown", str(text))
+        return reply.body
+
+    async def _manager_call(self, member: str, signature: str, body: Sequence[Any]) -> List[Any]:
+        return await self._call(SYSTEMD, SYSTEMD_PATH, MANAGER, member, signature, body)
+
+    async def _wait_job(self, job: str, timeout: float) -> str:
+        if job in self._finished_jobs:
+            return self._finished_jobs.pop(job)
+        fut = asyncio.get_running_loop().create_future()
+        self._jobs[job] = fut
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._jobs.pop(job, None)
+
+    async def start_transient(self, name: str, properties: List[List[Any]],
+                              timeout: float = 30) -> str:
+        """Start a transient unit, wait for its job; returns the job result ("done", ...)."""
+        (job,) = await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                          [name, "fail", properties, []])
+        return await self._wait_job(job, timeout)
+
+    async def stop(self, name: str, timeout: float = 30) -> Optional[str]:
+        """Stop a unit and wait; None if there was no such unit loaded."""
+        try:
+            (job,) = await self._manager_call("StopUnit", "ss", [name, "replace"])
+        except SystemdError as e:
+            if e.name == NO_SUCH_UNIT:
+                return None
+            raise
+        return await self._wait_job(job, timeout)
+
+    async def restart(self, name: str, timeout: float = 30) -> str:
+        (job,) = await self._manager_call("RestartUnit", "ss", [name, "replace"])
+        return await self._wait_job(job, timeout)
+
+    async def reset_failed(self, name: str) -> None:
+        try:
+            await self._manager_call("ResetFailedUnit", "s", [name])
+        except SystemdError as e:
+            if e.name != NO_SUCH_UNIT:
+                raise
+
+    async def kill(self, name: str, who: str, signal: int) -> None:
+        await self._manager_call("KillUnit", "ssi", [name, who, signal])
+
+    async def list_units(self, patterns: Sequence[str]) -> List[Tuple[str, str, str]]:
+        """(name, active_state, sub_state) of loaded units matching the glob patterns."""
+        (units,) = await self._manager_call("ListUnitsByPatterns", "asas", [[], list(patterns)])
+        return [(u[0], u[3], u[4]) for u in units]
+
+    async def status(self, name: str) -> UnitStatus:
+        path = unit_object_path(name)
+        try:
+            (unit,) = await self._call(SYSTEMD, path, PROPS, "GetAll", "s", [UNIT_IFACE])
+        except SystemdError as e:
+            if e.name in (NO_SUCH_UNIT, "org.freedesktop.DBus.Error.UnknownObject",
+                          "org.freedesktop.DBus.Error.UnknownMethod"):
+                return UnitStatus(name, ABSENT, ABSENT, "", 0, 0, "not-found")
+            raise
+        load_state = unit["LoadState"].value
+        if load_state == "not-found":
+            return UnitStatus(name, ABSENT, ABSENT, "", 0, 0, load_state)
+        try:
+            (svc,) = await self._call(SYSTEMD, path, PROPS, "GetAll", "s", [SERVICE_IFACE])
+        except SystemdError:
+            svc = {}
+        return UnitStatus(
+            name=name,
+            active_state=unit["ActiveState"].value,
+            sub_state=unit["SubState"].value,
+            result=svc["Result"].value if "Result" in svc else "",
+            n_restarts=svc["NRestarts"].value if "NRestarts" in svc else 0,
+            main_pid=svc["MainPID"].value if "MainPID" in svc else 0,
+            load_state=load_state,
+        )
+
+    async def get_properties(self, name: str, iface: str = SERVICE_IFACE) -> Dict[str, Any]:
+        (props,) = await self._call(SYSTEMD, unit_object_path(name), PROPS, "GetAll", "s",
+                                    [iface])
+        return {k: v.value for k, v in props.items()}
