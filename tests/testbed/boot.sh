@@ -7,7 +7,7 @@
 #   stage2: private /proc /sys /dev /run /tmp, per-host /etc overlay and
 #          /var/lib, /var/log, then wait for the network and exec systemd.
 # Inputs (environment): TB_NAME, TB_STATE (per-host state dir), TB_SRC
-# (the working tree), TB_CGROUPS (space-separated cgroup dirs to join).
+# (the working tree), TB_CONTAINER (marker), TB_CGROUPS (space-separated cgroup dirs to join).
 set -eu
 
 if [ "${1:-}" = stage1 ]; then
@@ -78,7 +78,7 @@ hostname "$TB_NAME"
 : > /run/testbed/stage2-ready
 while [ ! -e /run/testbed/go ]; do sleep 0.02; done
 
-exec env -i container=scistream-testbed \
+exec env -i container="$TB_CONTAINER" \
     PATH=/run/testbed/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     SYSTEMD_UNIT_PATH=/run/testbed/units:/run/systemd/system.control:/run/systemd/transient:/run/systemd/system \
     /lib/systemd/systemd --system --unit=testbed.target --show-status=no

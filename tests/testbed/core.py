@@ -34,10 +34,13 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 SRC = Path(__file__).resolve().parents[2]
 BOOT_SH = Path(__file__).with_name("boot.sh")
-DEFAULT_ROOT = Path(os.environ.get("SCISTREAM_TESTBED_DIR", "/var/tmp/scistream-testbed"))
+# SCISTREAM_TESTBED_NAME lets several test beds run side by side (e.g. two
+# engineers' test runs): it names the state dir, the cgroups and the marker.
+NAME = os.environ.get("SCISTREAM_TESTBED_NAME", "scistream-testbed")
+DEFAULT_ROOT = Path(os.environ.get("SCISTREAM_TESTBED_DIR", f"/var/tmp/{NAME}"))
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_LEAF = "scistream-testbed"
-MARKER = "container=scistream-testbed"
+CGROUP_LEAF = NAME
+MARKER = f"container={NAME}"
 HOST_PATH = "/run/testbed/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SYSTEMD_UNITS = Path("/usr/lib/systemd/system")
 
@@ -442,7 +445,7 @@ class Testbed:
             _make_cgroup(path / host.name)
             host.cgroups.append(path / host.name)
         v1 = [n for n in base if n not in ("unified", "name=systemd")]
-        env = dict(os.environ, TB_NAME=host.name, TB_STATE=str(host.state), TB_SRC=str(self.src),
+        env = dict(os.environ, TB_NAME=host.name, TB_CONTAINER=NAME, TB_STATE=str(host.state), TB_SRC=str(self.src),
                    TB_CGROUPS=" ".join(str(c) for c in host.cgroups),
                    TB_V1_CONTROLLERS=" ".join(v1))
         log = open(host.state / "boot.log", "wb")
@@ -597,7 +600,7 @@ def leftovers() -> List[str]:
         if b.exists():
             found.append(f"cgroup {b}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        if "scistream-testbed" in line:
+        if NAME in line:
             found.append(f"mount {line}")
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
