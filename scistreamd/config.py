@@ -61,6 +61,9 @@ class Config:
     #: None: no client certificates; a path: the peer server requires ones signed by it.
     peer_client_ca: Path | None = None
     peer_timeout: float = 10.0
+    #: Seconds between checks that the peer still holds each outbound endpoint's
+    #: inbound half; 0 = never check.
+    peer_check_interval: float = 30.0
     peer_enabled: bool = True
     stunnel: Path = Path("/usr/bin/stunnel4")
     #: Bytes; 0 = no limit.
@@ -195,6 +198,7 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "peer_trust_file": _path,
     "peer_client_ca": _optional_path,
     "peer_timeout": _seconds,
+    "peer_check_interval": lambda v: 0.0 if v == 0 and not isinstance(v, bool) else _seconds(v),
     "peer_enabled": _bool,
     "stunnel": _path,
     "relay_memory_max": _memory,

@@ -53,17 +53,14 @@ class _PeerHandler:
     def __init__(self, manager: Any) -> None:
         self._m = manager
 
-    async def claim(self, uid: str, claimant: str) -> Dict[str, Any]:
-        return await self._m.claim(uid, claimant)
+    async def claim(self, uid: str, claimant: str, listeners: Any = ()) -> Dict[str, Any]:
+        return await self._m.claim(uid, claimant, listeners)
 
     async def health(self) -> Dict[str, Any]:
         return {"version": __version__, "endpoints": len(self._m.endpoints)}
 
     async def endpoint_state(self, uid: str) -> Dict[str, Any]:
-        from .model import Role
-
-        (ep,) = self._m.get(uid, Role.INBOUND)
-        return {"uid": ep.uid, "state": ep.state.value}
+        return await self._m.endpoint_state(uid)
 
 
 async def _notify(*lines: str) -> None:
@@ -139,6 +136,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
                 await asyncio.sleep(usec / 2e6)
         watchdog = asyncio.ensure_future(pet())
 
+    checks = asyncio.ensure_future(manager.run_peer_checks())
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([disconnected, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -148,7 +146,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
         code = 1
     await _notify("STOPPING=1")
     logger.info("scistreamd stopping; %d relays keep running", len(manager.endpoints))
-    for task in (watchdog, stopped):
+    for task in (watchdog, stopped, checks):
         if task:
             task.cancel()
     if peer_server:
@@ -202,6 +200,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(cfg.log_level, _journal_available() and not sys.stderr.isatty())
     try:
         return asyncio.run(run(cfg, user_bus=args.user))
+    except ConfigError as e:
+        logger.error("configuration error: %s", e)
+        return EX_CONFIG
     except ScistreamError as e:
         logger.error("%s", e)
         return 1

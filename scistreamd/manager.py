@@ -225,10 +225,11 @@ class Manager:
                 held = self.ports.allocate(n)
             try:
                 info = await asyncio.to_thread(
-                    peer.claim_endpoint, peer_addr, uid,
+                    peer.claim_endpoint, peer_addr, uid, listeners=remote,
                     trust_file=self.cfg.peer_trust_file, trust_pem=opts.get("trust_pem"),
                     client_cert=self.cfg.peer_cert, client_key=self.cfg.peer_key,
                     timeout=self.cfg.peer_timeout)
+                # The peer checked them too; an answer is still untrusted input.
                 unknown = [str(r) for r in remote if r not in info.listeners]
                 if unknown:
                     raise PeerRejected(
@@ -346,16 +347,28 @@ class Manager:
         return count
 
     # ---------------------------------------------------------- peer side
-    async def claim(self, uid: str, claimant: str) -> Dict[str, Any]:
-        """Hand the key of an inbound endpoint to the first peer that asks."""
+    async def claim(self, uid: str, claimant: str,
+                    listeners: Iterable[HostPort] = ()) -> Dict[str, Any]:
+        """Hand the key of an inbound endpoint to the first peer that asks.
+
+        ``listeners`` are the ones the claimant means to connect to: a wrong
+        one is refused before the key leaves, so a typo does not use up the
+        single claim. Messages go to the peer verbatim: they name no claimant.
+        """
         uid = parse_uid(uid)
         async with self._lock(uid):
             ep = self.endpoints.get((uid, Role.INBOUND))
             if ep is None:
                 raise NotFound(f"no inbound endpoint {uid} here")
+            unknown = [str(h) for h in listeners if h not in ep.listeners]
+            if unknown:
+                raise PeerRejected(
+                    f"{', '.join(unknown)} is not a listener of tunnel {uid} (it has "
+                    f"{', '.join(map(str, ep.listeners))}): pass the listeners the inbound "
+                    "request printed")
             if ep.claimed_by:
                 raise PeerRejected(
-                    f"the key of {uid} was already claimed by {ep.claimed_by}: ask the inbound "
+                    f"the key of {uid} was already claimed by another peer: ask the inbound "
                     f"side to re-arm it ('scistreamctl rearm {uid}') or make a new request")
             if ep.state is not State.ACTIVE:
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
@@ -364,6 +377,48 @@ class Manager:
             _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
             return {"uid": uid, "listeners": [str(h) for h in ep.listeners], "psk": psk,
                     "cipher_suites": self.cfg.relay_ciphersuites}
+
+    async def endpoint_state(self, uid: str) -> Dict[str, Any]:
+        """For the peer's liveness check: does the inbound half still exist? No secrets."""
+        ep = self.endpoints.get((parse_uid(uid), Role.INBOUND))
+        if ep is None:
+            raise NotFound(f"no inbound endpoint {uid} here")
+        return {"uid": ep.uid, "state": ep.state.value}
+
+    async def check_peers(self) -> None:
+        """Mark outbound endpoints whose inbound half is gone at the peer as failed.
+
+        Without this a survivor looks healthy while every connection through
+        it is refused by the peer. An unreachable peer daemon proves nothing
+        (it may be restarting), so only a definite "no such endpoint" counts.
+        """
+        from . import peer
+
+        for ep in [e for e in self.endpoints.values()
+                   if e.role is Role.OUTBOUND and e.state is State.ACTIVE and e.peer]:
+            try:
+                await asyncio.to_thread(
+                    peer.endpoint_state, ep.peer, ep.uid, trust_file=self.cfg.peer_trust_file,
+                    client_cert=self.cfg.peer_cert, client_key=self.cfg.peer_key,
+                    timeout=self.cfg.peer_timeout)
+            except NotFound:
+                if self.endpoints.get(ep.key) is ep and ep.state is State.ACTIVE:
+                    _log(logging.WARNING, MSG_FAILURE, ep, "peer %s no longer has tunnel %s",
+                         ep.peer, ep.uid)
+                    self._set(ep, state=State.FAILED, detail=(
+                        f"the peer {ep.peer} released tunnel {ep.uid}: connections through it "
+                        f"are refused; release it here too with 'scistreamctl release {ep.uid}'"))
+            except ScistreamError as e:
+                logger.debug("peer check of %s: %s", ep.uid, e)
+
+    async def run_peer_checks(self) -> None:
+        interval = self.cfg.peer_check_interval
+        while interval > 0:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_peers()
+            except Exception:
+                logger.exception("peer check failed")
 
     async def rearm(self, uid: object) -> Endpoint:
         """New key for an inbound endpoint and a fresh claim; the old key stops working."""

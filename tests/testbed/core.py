@@ -421,7 +421,9 @@ class Testbed:
         certs.write_pair(pair, etc / "scistream/server.crt", etc / "scistream/server.key")
         shutil.copy(self.ca_cert, etc / "scistream/peer-ca.crt")
         (etc / "scistream/scistreamd.toml").write_text(
-            "# test bed host %s\nlisten_address = \"%s\"\n" % (host.name, host.ip))
+            "# test bed host %s\nlisten_address = \"%s\"\n"
+            "# quick enough for tests to see a released peer\npeer_check_interval = 2\n"
+            % (host.name, host.ip))
         self._add_group(host, "scistream")
 
     def _add_group(self, host: Host, group: str) -> None:
