@@ -3,11 +3,12 @@
 - one manager object, one object per endpoint (machined style);
 - every method is wrapped so a caller gets a named error, never a traceback
   (dbus-next would otherwise send the Python traceback as the message);
-- authorization happens once per message in a bus message handler, before
-  dispatch: unprivileged callers may introspect, ping and read the
-  manager's own properties; everything else needs root or group scistream.
-  The D-Bus policy file enforces the same for methods; this also covers
-  Properties.Get on endpoint objects, which a policy cannot tell apart.
+- authorization is decided once per (connection, action) in a bus message
+  handler, before dispatch: unprivileged callers may introspect, ping and
+  read the manager's own properties; everything else needs root, group
+  scistream, or a polkit grant. The D-Bus policy allow-lists the methods
+  (machined style); this check also covers Properties.Get on endpoint
+  objects, which a policy cannot tell apart from the manager's.
 """
 
 
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 GROUP = "scistream"
 INTERNAL_ERROR = f"{ERROR_PREFIX}.Failed"
 
-#: (interface, member) any local user may call on the manager object.
+#: (interface, member) any local user may call on our objects.
 PUBLIC_CALLS = {
     ("org.freedesktop.DBus.Introspectable", "Introspect"),
     ("org.freedesktop.DBus.Peer", "Ping"),
@@ -220,71 +221,98 @@ class ManagerObject(ServiceInterface):
         return list(self._m.cfg.port_range)
 
 
+#: Methods that change things; every other checked call only reads.
+MANAGE_CALLS = {"InboundRequest", "OutboundRequest", "Release", "ReleaseAll", "RearmEndpoint",
+                "Rearm"}
+ACTION_MANAGE = "org.scistream.tunnel1.manage"
+ACTION_INSPECT = "org.scistream.tunnel1.inspect"
+POLKIT = "org.freedesktop.PolicyKit1"
+
+
 class Authorizer:
-    """Who may do what; resolves a sender's credentials once per connection."""
+    """Who may do what, decided once per (connection, action) before dispatch.
+
+    Root and members of group ``scistream`` may do everything. Anyone else
+    is asked about at polkit (actions org.scistream.tunnel1.manage /
+    .inspect) when polkitd is on the bus, and refused otherwise.
+    """
+
+    MAX_CACHE = 4096
 
     def __init__(self, bus: MessageBus) -> None:
         self._bus = bus
-        self._allowed: Dict[str, bool] = {}
-        self._pending: Dict[str, List[Message]] = {}
+        self._verdicts: Dict[tuple, bool] = {}
+        self._pending: Dict[tuple, List[Message]] = {}
         try:
             self._gid: Optional[int] = grp.getgrnam(GROUP).gr_gid
         except KeyError:
             self._gid = None  # no such group here: root only
 
-    def needs_check(self, msg: Message) -> bool:
+    @staticmethod
+    def action_of(msg: Message) -> Optional[str]:
+        """The polkit action a call needs, or None for the public ones."""
         if msg.message_type != MessageType.METHOD_CALL:
-            return False
+            return None
         if not (msg.path == MANAGER_PATH or (msg.path or "").startswith(ENDPOINT_PATH_PREFIX)):
-            return False
+            return None
         if (msg.interface, msg.member) in PUBLIC_CALLS:
-            return False
+            return None
         if (msg.path == MANAGER_PATH and msg.interface == "org.freedesktop.DBus.Properties"
                 and msg.member in ("Get", "GetAll") and msg.body
                 and msg.body[0] == MANAGER_IFACE):
-            return False  # the daemon's own properties: Version, PeerPort, ...
-        return True
+            return None  # the daemon's own properties: Version, PeerPort, ...
+        return ACTION_MANAGE if msg.member in MANAGE_CALLS else ACTION_INSPECT
 
     def handle(self, msg: Message) -> Any:
         """Bus message handler: None lets dispatch go on, a Message/True stops it."""
-        if msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged":
-            name, _old, new = msg.body
-            if not new:
-                self._allowed.pop(name, None)
+        action = self.action_of(msg)
+        if action is None:
             return None
-        if not self.needs_check(msg):
+        key = (msg.sender, action)
+        verdict = self._verdicts.get(key)
+        if verdict is True:
             return None
-        allowed = self._allowed.get(msg.sender)
-        if allowed is True:
-            return None
-        if allowed is False:
+        if verdict is False:
             return Message.new_error(msg, AccessDenied.dbus_name(), _denied_text())
         # Unknown caller: hold the message, look it up, then dispatch again.
-        queue = self._pending.setdefault(msg.sender, [])
+        queue = self._pending.setdefault(key, [])
         queue.append(msg)
         if len(queue) == 1:
-            asyncio.ensure_future(self._resolve(msg.sender))
+            asyncio.ensure_future(self._resolve(key))
         return True
 
-    async def _resolve(self, sender: str) -> None:
+    async def _resolve(self, key: tuple) -> None:
+        sender, action = key
         try:
-            reply = await self._bus.call(Message(
-                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus", member="GetConnectionCredentials",
-                signature="s", body=[sender]))
-            ok = False
-            if reply.message_type == MessageType.METHOD_RETURN:
-                creds = reply.body[0]
-                ok = self._is_allowed(creds.get("UnixUserID"), creds.get("UnixGroupIDs"))
+            ok = await self._check(sender, action)
         except Exception:
-            logger.exception("looking up the credentials of %s failed", sender)
+            logger.exception("authorizing %s for %s failed", sender, action)
             ok = False
-        self._allowed[sender] = ok
-        for msg in self._pending.pop(sender, []):
-            # Dispatch again now that the verdict is cached.
-            self._bus._process_message(msg)
+        if len(self._verdicts) >= self.MAX_CACHE:
+            # Unique names are never reused, so old verdicts are only memory.
+            self._verdicts.clear()
+        self._verdicts[key] = ok
+        for msg in self._pending.pop(key, []):
+            self._bus._process_message(msg)  # dispatch again; the verdict is cached now
 
-    def _is_allowed(self, uid_v: Optional[Variant], gids_v: Optional[Variant]) -> bool:
+    async def _bus_call(self, dest: str, path: str, iface: str, member: str, sig: str,
+                        body: list) -> Optional[list]:
+        reply = await self._bus.call(Message(destination=dest, path=path, interface=iface,
+                                             member=member, signature=sig, body=body))
+        return reply.body if reply.message_type == MessageType.METHOD_RETURN else None
+
+    async def _check(self, sender: str, action: str) -> bool:
+        body = await self._bus_call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                    "org.freedesktop.DBus", "GetConnectionCredentials", "s",
+                                    [sender])
+        if body is None:
+            return False
+        creds = body[0]
+        if self._is_privileged(creds.get("UnixUserID"), creds.get("UnixGroupIDs")):
+            return True
+        return await self._polkit(sender, action)
+
+    def _is_privileged(self, uid_v: Optional[Variant], gids_v: Optional[Variant]) -> bool:
         if uid_v is None:
             return False
         uid = uid_v.value
@@ -300,10 +328,25 @@ class Authorizer:
             return False
         return self._gid in os.getgrouplist(pw.pw_name, pw.pw_gid)
 
+    async def _polkit(self, sender: str, action: str) -> bool:
+        has = await self._bus_call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                   "org.freedesktop.DBus", "NameHasOwner", "s", [POLKIT])
+        activatable = await self._bus_call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                           "org.freedesktop.DBus", "ListActivatableNames",
+                                           "", [])
+        if not (has and has[0]) and not (activatable and POLKIT in activatable[0]):
+            return False
+        subject = ["system-bus-name", {"name": Variant("s", sender)}]
+        reply = await self._bus_call(POLKIT, "/org/freedesktop/PolicyKit1/Authority",
+                                     "org.freedesktop.PolicyKit1.Authority",
+                                     "CheckAuthorization", "(sa{sv})sa{ss}us",
+                                     [subject, action, {}, 0, ""])
+        return bool(reply and reply[0][0])
+
 
 def _denied_text() -> str:
-    return ("permission denied: inspecting and managing tunnels needs root or membership "
-            f"of group '{GROUP}'")
+    return ("permission denied: inspecting and managing tunnels needs root, membership of "
+            f"group '{GROUP}', or a polkit grant of {ACTION_MANAGE}")
 
 
 class TunnelApi:
