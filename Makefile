@@ -26,8 +26,9 @@ setup:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	else echo "setup: all packages present"; fi
 
-test: setup
-	$(PYTHON) -m pytest -ra --timeout=600 $(PYTEST_ARGS) tests
+# The package tests build the .deb/.rpm, so the build tools come in too.
+test: setup packaging-deps
+	SCISTREAMD_REQUIRE_PACKAGES=1 $(PYTHON) -m pytest -ra --timeout=600 $(PYTEST_ARGS) tests
 
 unit: setup
 	$(PYTHON) -m pytest -ra --timeout=120 $(PYTEST_ARGS) tests/unit
