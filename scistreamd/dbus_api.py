@@ -85,55 +85,55 @@ class EndpointObject(ServiceInterface):
         self.ep = ep
 
     @dbus_property(access=PropertyAccess.READ)
-    def Uid(self) -> "s":  # noqa: F821
+    def Uid(self) -> "s":
         return self.ep.uid
 
     @dbus_property(access=PropertyAccess.READ)
-    def Role(self) -> "s":  # noqa: F821
+    def Role(self) -> "s":
         return self.ep.role.value
 
     @dbus_property(access=PropertyAccess.READ)
-    def State(self) -> "s":  # noqa: F821
+    def State(self) -> "s":
         return self.ep.state.value
 
     @dbus_property(access=PropertyAccess.READ)
-    def StateDetail(self) -> "s":  # noqa: F821
+    def StateDetail(self) -> "s":
         return self.ep.detail
 
     @dbus_property(access=PropertyAccess.READ)
-    def Listeners(self) -> "as":  # noqa: F821
+    def Listeners(self) -> "as":
         return [str(h) for h in self.ep.listeners]
 
     @dbus_property(access=PropertyAccess.READ)
-    def Targets(self) -> "as":  # noqa: F821
+    def Targets(self) -> "as":
         return [str(h) for h in self.ep.targets]
 
     @dbus_property(access=PropertyAccess.READ)
-    def NumConn(self) -> "u":  # noqa: F821
+    def NumConn(self) -> "u":
         return self.ep.num_conn
 
     @dbus_property(access=PropertyAccess.READ)
-    def Unit(self) -> "s":  # noqa: F821
+    def Unit(self) -> "s":
         return self.ep.unit
 
     @dbus_property(access=PropertyAccess.READ)
-    def CreatedAt(self) -> "t":  # noqa: F821
+    def CreatedAt(self) -> "t":
         return _usec(self.ep.created_at)
 
     @dbus_property(access=PropertyAccess.READ)
-    def NRestarts(self) -> "u":  # noqa: F821
+    def NRestarts(self) -> "u":
         return self.ep.n_restarts
 
     @dbus_property(access=PropertyAccess.READ)
-    def ClaimedBy(self) -> "s":  # noqa: F821
+    def ClaimedBy(self) -> "s":
         return self.ep.claimed_by
 
     @dbus_property(access=PropertyAccess.READ)
-    def ClaimedAt(self) -> "t":  # noqa: F821
+    def ClaimedAt(self) -> "t":
         return _usec(self.ep.claimed_at)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Peer(self) -> "s":  # noqa: F821
+    def Peer(self) -> "s":
         return str(self.ep.peer) if self.ep.peer else ""
 
     @method()
@@ -168,56 +168,56 @@ class ManagerObject(ServiceInterface):
 
     @method()
     @_dbus_errors
-    async def InboundRequest(self, remote_ip: "s", receiver_ports: "aq",  # noqa: F821
-                             num_conn: "u", options: "a{sv}") -> "soas":  # noqa: F821
+    async def InboundRequest(self, remote_ip: "s", receiver_ports: "aq",
+                             num_conn: "u", options: "a{sv}") -> "soas":
         ep = await self._m.inbound_request(remote_ip, list(receiver_ports), num_conn,
                                            _unwrap(options))
         return [ep.uid, ep.object_path, [str(h) for h in ep.listeners]]
 
     @method()
     @_dbus_errors
-    async def OutboundRequest(self, uid: "s", remote_listeners: "as",  # noqa: F821
-                              local_ports: "aq", num_conn: "u",  # noqa: F821
-                              options: "a{sv}") -> "oas":  # noqa: F821
+    async def OutboundRequest(self, uid: "s", remote_listeners: "as",
+                              local_ports: "aq", num_conn: "u",
+                              options: "a{sv}") -> "oas":
         ep = await self._m.outbound_request(uid, list(remote_listeners), list(local_ports),
                                             num_conn, _unwrap(options))
         return [ep.object_path, [str(h) for h in ep.listeners]]
 
     @method()
     @_dbus_errors
-    async def Release(self, uid: "s"):  # noqa: F821
+    async def Release(self, uid: "s"):
         await self._m.release(uid)
 
     @method()
     @_dbus_errors
-    async def ReleaseAll(self) -> "u":  # noqa: F821
+    async def ReleaseAll(self) -> "u":
         return await self._m.release_all()
 
     @method()
     @_dbus_errors
-    async def RearmEndpoint(self, uid: "s"):  # noqa: F821
+    async def RearmEndpoint(self, uid: "s"):
         await self._m.rearm(uid)
 
     @method()
     @_dbus_errors
-    async def ListEndpoints(self) -> "a(sssas)":  # noqa: F821
+    async def ListEndpoints(self) -> "a(sssas)":
         return [[ep.uid, ep.role.value, ep.state.value, [str(h) for h in ep.listeners]]
                 for ep in self._m.list()]
 
     @dbus_property(access=PropertyAccess.READ)
-    def Version(self) -> "s":  # noqa: F821
+    def Version(self) -> "s":
         return __version__
 
     @dbus_property(access=PropertyAccess.READ)
-    def PeerPort(self) -> "q":  # noqa: F821
+    def PeerPort(self) -> "q":
         return self._m.cfg.peer_port
 
     @dbus_property(access=PropertyAccess.READ)
-    def ListenAddress(self) -> "s":  # noqa: F821
+    def ListenAddress(self) -> "s":
         return str(self._m.cfg.listen_address)
 
     @dbus_property(access=PropertyAccess.READ)
-    def PortRange(self) -> "(qq)":  # noqa: F821
+    def PortRange(self) -> "(qq)":
         return list(self._m.cfg.port_range)
 
 
@@ -253,9 +253,13 @@ class Authorizer:
         """The polkit action a call needs, or None for the public ones."""
         if msg.message_type != MessageType.METHOD_CALL:
             return None
-        if not (msg.path == MANAGER_PATH or (msg.path or "").startswith(ENDPOINT_PATH_PREFIX)):
-            return None
-        if (msg.interface, msg.member) in PUBLIC_CALLS:
+        # Every path counts, not only ours: dbus-next answers GetManagedObjects
+        # on any path (/ included) with every endpoint below it, and Introspect
+        # lists child nodes, i.e. endpoint uids.
+        path = msg.path or ""
+        below_endpoints = (path == ENDPOINT_PATH_PREFIX
+                           or path.startswith(ENDPOINT_PATH_PREFIX + "/"))
+        if (msg.interface, msg.member) in PUBLIC_CALLS and not below_endpoints:
             return None
         if (msg.path == MANAGER_PATH and msg.interface == "org.freedesktop.DBus.Properties"
                 and msg.member in ("Get", "GetAll") and msg.body

@@ -15,6 +15,7 @@ state removed, ports freed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -213,36 +214,44 @@ class Manager:
                 "connection, or none to allocate them from port_range")
         self._check_capacity()
         peer_addr: HostPort = opts.get("peer") or HostPort(remote[0].host, self.cfg.peer_port)
+        exists = (f"this host already has an outbound endpoint for {uid}: "
+                  f"release it first with 'scistreamctl release {uid}'")
         async with self._lock(uid):
             if (uid, Role.OUTBOUND) in self.endpoints:
-                raise AlreadyExists(
-                    f"this host already has an outbound endpoint for {uid}: "
-                    f"release it first with 'scistreamctl release {uid}'")
+                raise AlreadyExists(exists)
             if local:
                 self.ports.reserve(local)
                 held = list(local)
             else:
                 held = self.ports.allocate(n)
-            try:
-                info = await asyncio.to_thread(
-                    peer.claim_endpoint, peer_addr, uid, listeners=remote,
-                    trust_file=self.cfg.peer_trust_file, trust_pem=opts.get("trust_pem"),
-                    client_cert=self.cfg.peer_cert, client_key=self.cfg.peer_key,
-                    timeout=self.cfg.peer_timeout)
-                # The peer checked them too; an answer is still untrusted input.
-                unknown = [str(r) for r in remote if r not in info.listeners]
-                if unknown:
-                    raise PeerRejected(
-                        f"{', '.join(unknown)} is not a listener of tunnel {uid} at the peer "
-                        f"(it has {', '.join(str(x) for x in info.listeners)}): pass the "
-                        "listeners the inbound request printed")
-                ep = Endpoint(
-                    uid=uid, role=Role.OUTBOUND,
-                    listeners=tuple(HostPort(self.cfg.listen_address, p) for p in held),
-                    targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr)
-            except BaseException:
+        # The claim runs without the uid's lock: the peer may be this very daemon
+        # (both halves of a tunnel on one host), whose claim handler takes that
+        # lock; holding it here would deadlock until the peer timeout.
+        try:
+            info = await asyncio.to_thread(
+                peer.claim_endpoint, peer_addr, uid, listeners=remote,
+                trust_file=self.cfg.peer_trust_file, trust_pem=opts.get("trust_pem"),
+                client_cert=self.cfg.peer_cert, client_key=self.cfg.peer_key,
+                timeout=self.cfg.peer_timeout)
+            # The peer checked them too; an answer is still untrusted input.
+            unknown = [str(r) for r in remote if r not in info.listeners]
+            if unknown:
+                raise PeerRejected(
+                    f"{', '.join(unknown)} is not a listener of tunnel {uid} at the peer "
+                    f"(it has {', '.join(str(x) for x in info.listeners)}): pass the "
+                    "listeners the inbound request printed")
+            ep = Endpoint(
+                uid=uid, role=Role.OUTBOUND,
+                listeners=tuple(HostPort(self.cfg.listen_address, p) for p in held),
+                targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr)
+        except BaseException:
+            self.ports.release(held)
+            raise
+        async with self._lock(uid):
+            # A concurrent request for the same uid may have won meanwhile.
+            if (uid, Role.OUTBOUND) in self.endpoints:
                 self.ports.release(held)
-                raise
+                raise AlreadyExists(exists)
             await self._create(ep, info.psk)
             return ep
 
@@ -340,10 +349,8 @@ class Manager:
     async def release_all(self) -> int:
         count = 0
         for uid in sorted({k[0] for k in self.endpoints}):
-            try:
+            with contextlib.suppress(NotFound):  # released meanwhile
                 count += len(await self.release(uid))
-            except NotFound:
-                pass
         return count
 
     # ---------------------------------------------------------- peer side

@@ -78,10 +78,7 @@ class StateStore:
                      json.dumps(ep.to_dict(), sort_keys=True).encode())
 
     def delete(self, uid: str, role: Role) -> None:
-        try:
-            self.path(uid, role).unlink()
-        except FileNotFoundError:
-            pass
+        self.path(uid, role).unlink(missing_ok=True)
 
     def load_all(self) -> Tuple[List[Endpoint], List[Path]]:
         """Every valid record, and the paths of files that are not (left in place)."""

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from dbus_next import Message, MessageType, Variant
+from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
 logger = logging.getLogger(__name__)
