@@ -11,6 +11,7 @@ Verbs::
     outbound-request [--receiver_ports PORTS] [--num_conn N] [--peer H:P]
                      [--server_cert PEM] UID LISTENER [LISTENER ...]
     release UID | release --all
+    rearm UID                                     (inbound side: new key, new claim)
     list
     status UID
     logs UID [-f] [-n N]
@@ -328,6 +329,10 @@ def _args_release(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="release every endpoint on this host")
 
 
+def _args_rearm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uid", metavar="UID", help="tunnel uid (of an inbound endpoint here)")
+
+
 def _args_status(p: argparse.ArgumentParser) -> None:
     p.add_argument("uid", metavar="UID", help="tunnel uid")
 
@@ -359,6 +364,13 @@ _VERB_SPECS: Dict[str, Tuple[str, str, Any]] = {
         "release a tunnel's endpoint(s) on this host",
         "Stop the relay(s) of tunnel UID on this host, free their ports and forget them.",
         _args_release,
+    ),
+    "rearm": (
+        "give an inbound endpoint a new key, so one more peer may claim it",
+        "Re-arm inbound endpoint UID: a new random key, the relay restarted with it, and the "
+        "claim reset so the next outbound-request (from any trusted peer) gets the new key. "
+        "The old key stops working at once.",
+        _args_rearm,
     ),
     "list": ("list the endpoints on this host", "List the endpoints on this host.", None),
     "status": (
@@ -916,6 +928,18 @@ def cmd_release(args: argparse.Namespace) -> Output:
     return f"Released {uid}.\n", {"released": [uid]}
 
 
+def cmd_rearm(args: argparse.Namespace) -> Output:
+    from .model import parse_uid
+
+    uid = parse_uid(args.uid)
+
+    async def rearm(client: Client) -> None:
+        await client.call("RearmEndpoint", "s", [uid])
+
+    run_bus(args, rearm)
+    return f"Re-armed {uid}: the next claim gets a new key.\n", {"rearmed": uid}
+
+
 def cmd_list(args: argparse.Namespace) -> Output:
     async def work(client: Client) -> List[Any]:
         (rows,) = await client.call("ListEndpoints")
@@ -1003,6 +1027,7 @@ VERBS = {
     "inbound-request": cmd_inbound,
     "outbound-request": cmd_outbound,
     "release": cmd_release,
+    "rearm": cmd_rearm,
     "list": cmd_list,
     "status": cmd_status,
     "logs": cmd_logs,
