@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Set, Tuple
 
 from .config import Config
 from .errors import (
@@ -124,6 +124,8 @@ class Manager:
         self._by_unit_path: Dict[str, Tuple[str, Role]] = {}
         self._uid_locks: Dict[str, asyncio.Lock] = {}
         self._refreshing: Dict[Tuple[str, Role], asyncio.Task] = {}
+        #: Endpoints whose relay is being restarted on purpose (re-arm).
+        self._restarting: Set[Tuple[str, Role]] = set()
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers
@@ -432,13 +434,23 @@ class Manager:
         (ep,) = self.get(uid, Role.INBOUND)
         async with self._lock(ep.uid):
             self._write_keys(ep, new_psk())
+            # The relay is down for a moment on purpose: the unit monitor must not
+            # report that as a failure (see _refresh).
+            self._restarting.add(ep.key)
             try:
+                # A re-arm is a deliberate restart: it must not count towards the unit's
+                # start rate limit (5 in 10 s), or a few quick re-arms kill the relay.
+                await self.systemd.reset_failed(ep.unit)
                 result = await self.systemd.restart(ep.unit, timeout=self.cfg.relay_start_timeout)
                 if result != "done":
                     raise RelayFailed(f"restarting {ep.unit} failed ({result})")
                 await self._wait_listening(ep)
             except (SystemdError, asyncio.TimeoutError) as e:
                 raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
+            finally:
+                self._restarting.discard(ep.key)
+                # Whatever the outcome, the monitor now reports what the relay really is.
+                self._on_unit_change(unit_object_path(ep.unit))
             self._set(ep, claimed_by="", claimed_at=0.0, state=State.ACTIVE, detail="")
             _log(logging.INFO, MSG_REQUEST, ep, "inbound endpoint %s re-armed with a new key",
                  ep.uid)
@@ -455,14 +467,20 @@ class Manager:
         try:
             await asyncio.sleep(0.01)  # coalesce a burst of PropertiesChanged
             ep = self.endpoints.get(key)
-            if ep is None or ep.state in (State.STARTING, State.RELEASING):
+            if ep is None or self._not_monitored(ep):
                 return
             st = await self.systemd.status(ep.unit)
+            # A release or re-arm may have begun meanwhile: its state wins.
+            if self.endpoints.get(key) is not ep or self._not_monitored(ep):
+                return
             self._apply_status(ep, st)
         except Exception:
             logger.exception("refreshing endpoint state failed")
         finally:
             self._refreshing.pop(key, None)
+
+    def _not_monitored(self, ep: Endpoint) -> bool:
+        return ep.state in (State.STARTING, State.RELEASING) or ep.key in self._restarting
 
     def _apply_status(self, ep: Endpoint, st) -> None:
         if st.active_state in ("active", "activating", "reloading"):

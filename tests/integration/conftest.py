@@ -70,8 +70,9 @@ def dbus(host, method: str, sig: str, body: list, *, user=None,
     """A raw D-Bus call inside ``host``; {"reply": [...]} or {"error": name, "message": m}."""
     import json
 
-    out = host.run(["python3", HOSTTOOL, "dbus", method, sig, json.dumps(body),
-                    "--path", path, "--iface", iface], user=user, check=False)
+    prefix = as_user(user) if user else []
+    out = host.run(prefix + ["python3", HOSTTOOL, "dbus", method, sig, json.dumps(body),
+                             "--path", path, "--iface", iface], check=False)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -175,3 +176,231 @@ class SignalWatch:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    ``timeout`` is a failure guard, not a claim about speed: when it runs out
+    the AssertionError names ``what`` was awaited.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def endpoint_properties(host, uid: str, role: str):
+    """All properties of endpoint (uid, role) from GetManagedObjects, or None if absent."""
+    out = dbus(host, "GetManagedObjects", "", [], iface="org.freedesktop.DBus.ObjectManager")
+    assert "reply" in out, out
+    for path, ifaces in out["reply"][0].items():
+        props = ifaces.get("org.scistream.Tunnel1.Endpoint")
+        if props and props.get("Uid") == uid and props.get("Role") == role:
+            return dict(props, Path=path)
+    return None
+
+
+def parse_request_output(stdout: str):
+    """(uid, s2cs, role, listeners) from the guide's three lines; AssertionError otherwise."""
+    import ast
+
+    lines = stdout.splitlines()
+    assert len(lines) == 3 and lines[0] == "uid; s2cs; access_token; role", stdout
+    uid, s2cs, token, role = lines[1].split()
+    assert token == "INVALID_TOKEN", stdout
+    assert lines[2].startswith("Listeners: "), stdout
+    listeners = ast.literal_eval(lines[2][len("Listeners: "):])
+    assert isinstance(listeners, list), stdout
+    return uid, s2cs, role, listeners
+
+
+#: Primary group of the test users sstest-user (not in group scistream) and
+#: sstest-member (in it), which the test bed adds to every host.
+TEST_USERS_GROUP = "sstest"
+
+
+def as_user(user: str) -> list:
+    """Command prefix that runs what follows as ``user`` (its groups, no capabilities).
+
+    Host.run(user=...) passes --regid=<user>, but the test users' primary
+    group is ``sstest``, so setpriv refuses that; this prefix works.
+    """
+    return ["setpriv", f"--reuid={user}", f"--regid={TEST_USERS_GROUP}", "--init-groups",
+            "--inh-caps=-all", "--"]
+
+
+def run_as(host, user: str, cmd, **kw):
+    """``host.run(cmd)`` as ``user``; check=False unless given."""
+    kw.setdefault("check", False)
+    return host.run(as_user(user) + list(cmd), **kw)
+
+
+# --------------------------------------------------------------------------
+# long-lived clients inside a host (test_hostile.py, test_load.py)
+
+class LineTool:
+    """A hosttool subcommand running inside ``host`` that speaks JSON lines.
+
+    One process for many requests: hundreds of calls do not each pay for
+    nsenter and a Python start-up. ``timeout`` only keeps a hung daemon from
+    hanging the suite; no assertion depends on it.
+    """
+
+    def __init__(self, host, *args: str, timeout: float = 120, ready: bool = True) -> None:
+        import queue
+        import subprocess
+        import tempfile
+        import threading
+
+        self.host = host
+        self.timeout = timeout
+        self._err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(host.nsenter() + ["python3", HOSTTOOL, *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, text=True, bufsize=1)
+        self._lines: queue.Queue = queue.Queue()
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                self._lines.put(line.rstrip("\n"))
+            self._lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        if ready:
+            first = self.readline()
+            assert first == "READY", f"{args[0]} did not start: {first!r} {self.stderr()}"
+
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read()
+
+    def readline(self, timeout: float | None = None) -> str:
+        import queue
+
+        try:
+            line = self._lines.get(timeout=timeout or self.timeout)
+        except queue.Empty:
+            raise AssertionError(f"no answer from hosttool within {timeout or self.timeout:g}s "
+                                 f"(guard); stderr: {self.stderr()[-2000:]}") from None
+        if line is None:
+            self._lines.put(None)
+            raise AssertionError(f"hosttool ended (exit {self.proc.wait()}): "
+                                 f"{self.stderr()[-2000:]}")
+        return line
+
+    def read(self, timeout: float | None = None):
+        import json
+
+        return json.loads(self.readline(timeout))
+
+    def send(self, obj) -> None:
+        import json
+
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def ask(self, obj, timeout: float | None = None):
+        self.send(obj)
+        return self.read(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+class DBusBatch(LineTool):
+    """One system-bus connection inside ``host`` for many calls (hosttool dbusbatch)."""
+
+    def __init__(self, host, timeout: float = 120) -> None:
+        super().__init__(host, "dbusbatch", timeout=timeout)
+
+    @staticmethod
+    def request(method: str, sig: str = "", body=(), *, path: str = "/org/scistream/Tunnel1",
+                iface: str = "org.scistream.Tunnel1.Manager") -> dict:
+        return {"method": method, "sig": sig, "body": list(body), "path": path, "iface": iface}
+
+    def call(self, method: str, sig: str = "", body=(), **kw) -> dict:
+        """{"reply": [...]} or {"error": name, "message": text} (or {"client_error": ...})."""
+        return self.ask(self.request(method, sig, body, **kw))
+
+    def calls(self, requests: list) -> list:
+        """The requests all at once (concurrently, one connection); answers in order."""
+        return self.ask(requests)
+
+
+def daemon_status(host) -> dict:
+    """scistreamd's MainPID, NRestarts and ActiveState on ``host``."""
+    out = host.run(["systemctl", "show", "scistreamd.service", "-p",
+                    "MainPID,NRestarts,ActiveState,SubState"]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def journal_cursor(host) -> str:
+    host.run(["journalctl", "--sync"], check=False)
+    out = host.run(["journalctl", "-n", "0", "--show-cursor", "--no-pager"], check=False).stdout
+    for line in out.splitlines():
+        if line.startswith("-- cursor: "):
+            return line[len("-- cursor: "):]
+    return ""
+
+
+def journal_since(host, cursor: str, *match: str) -> str:
+    """Journal lines (message text) after ``cursor``, optionally filtered."""
+    host.run(["journalctl", "--sync"], check=False)
+    args = ["journalctl", "--no-pager", "-o", "cat", *match]
+    if cursor:
+        args.append(f"--after-cursor={cursor}")
+    return host.run(args, check=False).stdout
+
+
+class DaemonWatch:
+    """What must hold for scistreamd on ``host`` from now on: same process, no
+    automatic restart, active, and no internal error or traceback in its journal."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        self.before = daemon_status(host)
+        assert self.before["ActiveState"] == "active", self.before
+        self.cursor = journal_cursor(host)
+
+    def check(self, journal: bool = True) -> None:
+        now = daemon_status(self.host)
+        assert now["ActiveState"] == "active", f"scistreamd is not active: {now}"
+        assert (now["MainPID"], now["NRestarts"]) == (self.before["MainPID"],
+                                                     self.before["NRestarts"]), (
+            f"scistreamd on {self.host.name} died or was restarted: before {self.before}, "
+            f"now {now}")
+        if journal:
+            text = journal_since(self.host, self.cursor, "-u", "scistreamd.service")
+            bad = [x for x in text.splitlines()
+                   if "Traceback" in x or "internal error in" in x or "ServiceError" in x]
+            assert bad == [], (f"scistreamd on {self.host.name} logged internal errors:\n"
+                               + text[-4000:])
+
+
+def dbus_many(host, calls: list) -> list:
+    """Raw D-Bus calls inside ``host`` on one connection, in order.
+
+    ``calls`` are (method, sig, body[, path[, iface]]); each result is like
+    ``dbus()``'s plus "endpoints_after": ListEndpoints right after that call.
+    """
+    import json
+
+    full = [list(c) + ["/org/scistream/Tunnel1", "org.scistream.Tunnel1.Manager"][len(c) - 3:]
+            for c in calls]
+    out = host.run(["python3", HOSTTOOL, "dbus-many"], input=json.dumps(full), check=False)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
