@@ -341,7 +341,7 @@ def main() -> int:
 #   ... peerslow HOST PORT --MODE N  slow/garbage clients of the peer port (see peer_slow).
 #   ... flood HOST PORT N            N TCP connections at once, held until a line on stdin.
 #   ... echoloop PORT [--host H]     multi-line echo server (long-lived connections), counting.
-#   ... echoload HOST PORT           many round trips through a tunnel; one JSON line of counts.
+#   ... echoload HOST PORT[,PORT..]  many round trips through a tunnel; one JSON line of counts.
 
 CA_FILE = "/etc/scistream/peer-ca.crt"
 
@@ -709,25 +709,27 @@ class _Line:
         return "" if got == want else f"got {got[:80]!r}, want {want[:80]!r}"
 
     def close(self) -> None:
-        try:
+        import contextlib
+
+        with contextlib.suppress(OSError):  # a broken connection was already counted
             self.f.close()
-        finally:
-            self.sock.close()
+        self.sock.close()
 
 
-def echo_load(host: str, port: int, tag: str, sequential: int, hold: int, churn: int,
+def echo_load(host: str, ports: list, tag: str, sequential: int, hold: int, churn: int,
               timeout: float) -> int:
     """Round trips through a tunnel; prints one JSON object of counts (and first failures).
 
     sequential: N connections one after another, one line each;
     hold/churn: ``hold`` connections stay open while ``churn`` short ones
     come and go; every long one echoes at the start, after each quarter of
-    the churn, and at the end.
+    the churn, and at the end ("hold_rounds": which long ones answered in
+    each round). Connection i goes to ports[i % len(ports)].
     """
     import secrets
 
     res = {"sequential_ok": 0, "sequential_bad": 0, "hold_ok": 0, "hold_bad": 0,
-           "churn_ok": 0, "churn_bad": 0, "failures": []}
+           "churn_ok": 0, "churn_bad": 0, "hold_rounds": [], "failures": []}
 
     def note(kind: str, what: str) -> None:
         res[kind + "_bad"] += 1
@@ -736,7 +738,7 @@ def echo_load(host: str, port: int, tag: str, sequential: int, hold: int, churn:
 
     def one(kind: str, i: int) -> None:
         try:
-            c = _Line(host, port, timeout)
+            c = _Line(host, ports[i % len(ports)], timeout)
         except OSError as e:
             note(kind, f"#{i} connect: {e}")
             return
@@ -752,20 +754,23 @@ def echo_load(host: str, port: int, tag: str, sequential: int, hold: int, churn:
     for i in range(sequential):
         one("sequential", i)
 
-    longs = []
+    longs = {}
     for j in range(hold):
         try:
-            longs.append(_Line(host, port, timeout))
+            longs[j] = _Line(host, ports[j % len(ports)], timeout)
         except OSError as e:
             note("hold", f"connect #{j}: {e}")
 
     def long_round(r: int) -> None:
-        for j, c in enumerate(longs):
+        answered = []
+        for j, c in longs.items():
             err = c.trip(f"hold-{j}-round{r}-{secrets.token_hex(4)}", tag)
             if err:
                 note("hold", f"#{j} round {r}: {err}")
             else:
                 res["hold_ok"] += 1
+                answered.append(j)
+        res["hold_rounds"].append(answered)
 
     if longs:
         long_round(0)
@@ -775,7 +780,7 @@ def echo_load(host: str, port: int, tag: str, sequential: int, hold: int, churn:
             if (i + 1) % quarter == 0:
                 long_round((i + 1) // quarter)
         long_round(99)
-        for c in longs:
+        for c in longs.values():
             c.close()
     print(json.dumps(res), flush=True)
     return 0
@@ -807,7 +812,7 @@ def _extra_main(argv) -> int:
     el.add_argument("--host", default="0.0.0.0")
     ld = sub.add_parser("echoload")
     ld.add_argument("host")
-    ld.add_argument("port", type=int)
+    ld.add_argument("ports", help="PORT[,PORT...]: connections go round-robin over them")
     ld.add_argument("--tag", default="")
     ld.add_argument("--sequential", type=int, default=0)
     ld.add_argument("--hold", type=int, default=0)
@@ -827,7 +832,8 @@ def _extra_main(argv) -> int:
     if a.cmd == "echoloop":
         echo_loop(a.port, a.tag, a.count_file, a.host)
         return 0
-    return echo_load(a.host, a.port, a.tag, a.sequential, a.hold, a.churn, a.timeout)
+    return echo_load(a.host, [int(x) for x in a.ports.split(",")], a.tag, a.sequential,
+                     a.hold, a.churn, a.timeout)
 
 
 EXTRA_COMMANDS = ("dbusbatch", "peerhttp", "peerslow", "flood", "echoloop", "echoload")

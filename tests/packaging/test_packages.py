@@ -38,7 +38,7 @@ COMMON_PATHS = [
     "/usr/share/man/man5/scistreamd.toml.5.gz",
     "/usr/share/man/man8/scistreamd.8.gz",
 ]
-UNITS = ["scistreamd.service", "scistream.slice"]
+UNITS = ["scistreamd.service", "scistream.slice", "scistream-.service.d/50-hardening.conf"]
 DEB_UNIT_DIR = "/lib/systemd/system"  # bookworm's systemdsystemunitdir
 RPM_UNIT_DIR = "/usr/lib/systemd/system"
 

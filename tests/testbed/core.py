@@ -13,6 +13,14 @@ fixture. Every host gets:
 - ``scistreamd.service`` and ``scistream.slice`` from the project's ``units/``,
   run from the working tree (bind-mounted read-only at /run/testbed/src).
 
+Rootfs mode (``Testbed(rootfs=DIR)``, used by the package install test):
+each host instead boots a whole Debian system. Its root is an overlay of
+DIR (an extracted rootfs, never modified) and a per-host upper directory;
+boot.sh pivots into it and execs that system's own systemd to its default
+target. Nothing from the machine or the working tree is visible inside.
+``Testbed.chroot()`` runs commands in a host's root before it boots (with
+the machine's network, e.g. for ``apt-get install``).
+
 The machine's own files are never modified. Facts this relies on are in
 shared/TESTBED-NOTES.md.
 """
@@ -30,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 SRC = Path(__file__).resolve().parents[2]
 BOOT_SH = Path(__file__).with_name("boot.sh")
@@ -218,10 +226,10 @@ def _own_cgroup(hierarchy: str) -> str:
     return "/"
 
 
-def _cgroup_base() -> Dict[str, Path]:
+def _cgroup_base(leaf: str = CGROUP_LEAF) -> Dict[str, Path]:
     """Per hierarchy, the directory that holds the test bed's host cgroups."""
     return {
-        name: mnt / _own_cgroup(name).lstrip("/") / CGROUP_LEAF
+        name: mnt / _own_cgroup(name).lstrip("/") / leaf
         for name, mnt in _hierarchies().items()
     }
 
@@ -270,10 +278,17 @@ class Host:
     pid1: Optional[int] = None
     unshare_pid: Optional[int] = None
     cgroups: List[Path] = field(default_factory=list)
+    #: Rootfs mode: the extracted root filesystem below this host's root overlay.
+    rootfs: Optional[Path] = None
 
     @property
     def state(self) -> Path:
         return self.root / self.name
+
+    @property
+    def root_upper(self) -> Path:
+        """Rootfs mode: this host's changes to its root filesystem (the overlay's upper dir)."""
+        return self.state / "root-upper"
 
     @property
     def journal_dir(self) -> Path:
@@ -282,6 +297,8 @@ class Host:
     @property
     def etc(self) -> Path:
         """This host's /etc additions, as the host sees them at /etc."""
+        if self.rootfs is not None:
+            return self.root_upper / "etc"
         return self.state / "etc-upper"
 
     def nsenter(self) -> List[str]:
@@ -322,18 +339,33 @@ class Host:
                 "unshare_pid": self.unshare_pid,
                 "pid1_start": _start_time(self.pid1) if self.pid1 else None,
                 "unshare_start": _start_time(self.unshare_pid) if self.unshare_pid else None,
-                "cgroups": [str(c) for c in self.cgroups]}
+                "cgroups": [str(c) for c in self.cgroups],
+                "rootfs": str(self.rootfs) if self.rootfs else None}
 
 
 class Testbed:
-    """The two hosts. ``up()`` boots both; ``down()`` leaves nothing behind."""
+    """The two hosts. ``up()`` boots both; ``down()`` leaves nothing behind.
+
+    ``name`` (default: $SCISTREAM_TESTBED_NAME) names the state dir, the
+    cgroups and the process marker, so test beds of other names running at the
+    same time are never touched. ``rootfs`` selects rootfs mode (see the module
+    docstring). ``wait_units`` are the units ``up()`` waits to be active.
+    """
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, root: Path = DEFAULT_ROOT, src: Path = SRC) -> None:
+    def __init__(self, root: Optional[Path] = None, src: Path = SRC, *,
+                 name: Optional[str] = None, rootfs: Optional[Path] = None,
+                 wait_units: Sequence[str] = ("scistreamd.service",)) -> None:
+        self.name = name or NAME
+        if root is None:
+            root = DEFAULT_ROOT if self.name == NAME else Path(f"/var/tmp/{self.name}")
         self.root = root
         self.src = src
-        self.hosts: Dict[str, Host] = {n: Host(n, ip, root) for n, ip in HOSTS.items()}
+        self.rootfs = Path(rootfs).resolve() if rootfs is not None else None
+        self.wait_units = tuple(wait_units)
+        self.hosts: Dict[str, Host] = {n: Host(n, ip, root, rootfs=self.rootfs)
+                                       for n, ip in HOSTS.items()}
         self.ca_cert: Path = root / "ca.crt"
 
     def __getitem__(self, name: str) -> Host:
@@ -344,16 +376,28 @@ class Testbed:
         return self.root / "testbed.json"
 
     # ------------------------------------------------------------------ up
-    def up(self, timeout: float = 60) -> None:
+    def up(self, timeout: float = 60,
+           before_boot: Optional[Callable[[Testbed], None]] = None) -> None:
+        """Boot both hosts. ``before_boot(self)`` runs once their files are
+        prepared and before any boots (in rootfs mode: the time for ``chroot()``)."""
         if os.geteuid() != 0:
             raise TestbedError("the test bed needs root (namespaces, cgroups, mounts)")
+        if self.rootfs is not None and not (self.rootfs / "lib/systemd/systemd").exists():
+            raise TestbedError(f"{self.rootfs} is not a root filesystem with systemd "
+                               "(no lib/systemd/systemd in it)")
         self.cleanup_leftovers()
         if self.root.exists():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, mode=0o755)
-        self._make_certs()
+        if self.rootfs is None:
+            self._make_certs()
         for host in self.hosts.values():
-            self._prepare(host)
+            if self.rootfs is None:
+                self._prepare(host)
+            else:
+                self._prepare_rootfs(host)
+        if before_boot is not None:
+            before_boot(self)
         try:
             for host in self.hosts.values():
                 self._spawn(host)
@@ -404,6 +448,7 @@ class Testbed:
             shutil.copy(SYSTEMD_UNITS / name, units / name)
         for name in ("scistreamd.service", "scistream.slice"):
             shutil.copy(self.src / "units" / name, units / name)
+        shutil.copytree(self.src / "units" / "scistream-.service.d", units / "scistream-.service.d")
         (units / "scistreamd.service.d").mkdir()
         (units / "scistreamd.service.d/testbed.conf").write_text(DAEMON_DROPIN)
         ctl = s / "shared/bin/scistreamctl"
@@ -426,6 +471,66 @@ class Testbed:
             % (host.name, host.ip))
         self._add_group(host, "scistream")
 
+    def _prepare_rootfs(self, host: Host) -> None:
+        """Rootfs mode: an empty upper dir plus what makes this system this host."""
+        s = host.state
+        for d in ("root", "root-upper", "root-work", "journal", "shared"):
+            (s / d).mkdir(parents=True, exist_ok=True)
+        etc = host.etc
+        (etc / "systemd/journald.conf.d").mkdir(parents=True, exist_ok=True)
+        (etc / "hostname").write_text(host.name + "\n")
+        (etc / "machine-id").write_text(uuid.uuid4().hex + "\n")
+        (etc / "systemd/journald.conf.d/testbed.conf").write_text(JOURNALD_CONF)
+        # In a container systemd adds a getty on /dev/console, which here is
+        # boot.log: mask it.
+        (etc / "systemd/system").mkdir(parents=True, exist_ok=True)
+        (etc / "systemd/system/console-getty.service").symlink_to("/dev/null")
+
+    def chroot(self, host: Host, cmd: Sequence[str], *, binds: Optional[Mapping[Path, str]] = None,
+               timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        """Rootfs mode: run ``cmd`` chrooted into ``host``'s root while it is down.
+
+        The overlay is mounted in a throw-away mount namespace (with /proc,
+        /dev, an empty /run, the host's hostname) and vanishes with it; what
+        ``cmd`` changes stays in the host's upper dir. The network is the
+        machine's, so ``apt-get`` reaches the archive. ``binds`` maps machine
+        directories to paths inside the root. An empty /run means no running
+        systemd: maintainer scripts install, enable, but start nothing.
+        """
+        if self.rootfs is None:
+            raise TestbedError("chroot() needs a test bed in rootfs mode (Testbed(rootfs=...))")
+        if host.pid1 is not None:
+            raise TestbedError(f"{host.name} is running: chroot() works only before up() "
+                               "boots it (its root overlay is in use)")
+        s = host.state
+        r = s / "root"
+        script = [
+            "set -eu",
+            'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3" "$4"',
+            'mount -t proc proc "$4/proc"',
+            'mount --rbind /dev "$4/dev"',
+            'mount -t tmpfs -o mode=755 tmpfs "$4/run"',
+        ]
+        for i, dest in enumerate((binds or {}).values()):
+            var = f"TB_BIND_{i}"
+            script.append(f'mkdir -p "$4/{dest.lstrip("/")}" && mount --bind "${var}" '
+                          f'"$4/{dest.lstrip("/")}"')
+        script += ['hostname "$5"', 'shift 5', 'exec chroot "$TB_ROOT" "$@"']
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "TB_ROOT": str(r)}
+        for i, src in enumerate((binds or {}).keys()):
+            env[f"TB_BIND_{i}"] = str(src)
+        argv = ["unshare", "--mount", "--uts", "--propagation", "private", "--",
+                "/bin/sh", "-c", "\n".join(script), "chroot",
+                str(self.rootfs), str(s / "root-upper"), str(s / "root-work"), str(r), host.name,
+                "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8",
+                "DEBIAN_FRONTEND=noninteractive", *cmd]
+        proc = subprocess.run(argv, text=True, capture_output=True, timeout=timeout, env=env)
+        if check and proc.returncode != 0:
+            raise TestbedError(
+                f"{host.name} (chroot): {' '.join(cmd)} exited {proc.returncode}\n"
+                f"stdout: {proc.stdout[-4000:]}\nstderr: {proc.stderr[-4000:]}")
+        return proc
+
     def _add_group(self, host: Host, group: str) -> None:
         """The `scistream` group and two test users, in this host's /etc only."""
         etc = host.etc
@@ -440,16 +545,18 @@ class Testbed:
         (etc / "passwd").write_text(passwd_text)
 
     def _spawn(self, host: Host) -> None:
-        base = _cgroup_base()
+        base = _cgroup_base(self.name)
         host.cgroups = []
         for _name, path in base.items():
             _make_cgroup(path)
             _make_cgroup(path / host.name)
             host.cgroups.append(path / host.name)
         v1 = [n for n in base if n not in ("unified", "name=systemd")]
-        env = dict(os.environ, TB_NAME=host.name, TB_CONTAINER=NAME, TB_STATE=str(host.state), TB_SRC=str(self.src),
+        env = dict(os.environ, TB_NAME=host.name, TB_CONTAINER=self.name,
+                   TB_STATE=str(host.state), TB_SRC=str(self.src),
                    TB_CGROUPS=" ".join(str(c) for c in host.cgroups),
-                   TB_V1_CONTROLLERS=" ".join(v1))
+                   TB_V1_CONTROLLERS=" ".join(v1),
+                   TB_ROOTFS=str(self.rootfs) if self.rootfs is not None else "")
         log = open(host.state / "boot.log", "wb")
         proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
@@ -486,14 +593,15 @@ class Testbed:
         if state not in ("running", "degraded"):
             raise TestbedError(f"{host.name}: system state {state!r}\n" + self.diagnose(host))
 
-        def daemon_ready() -> bool:
-            st = host.run(["systemctl", "is-active", "scistreamd.service"], check=False)
-            if st.stdout.strip() == "failed":
-                raise TestbedError(f"{host.name}: scistreamd failed\n" + self.diagnose(host))
-            return st.stdout.strip() == "active"
+        for unit in self.wait_units:
+            def unit_ready(unit: str = unit) -> bool:
+                st = host.run(["systemctl", "is-active", unit], check=False)
+                if st.stdout.strip() == "failed":
+                    raise TestbedError(f"{host.name}: {unit} failed\n" + self.diagnose(host))
+                return st.stdout.strip() == "active"
 
-        _wait(daemon_ready, max(1.0, deadline - time.monotonic()),
-              f"scistreamd on {host.name}", interval=0.05)
+            _wait(unit_ready, max(1.0, deadline - time.monotonic()),
+                  f"{unit} on {host.name}", interval=0.05)
 
     def diagnose(self, host: Host) -> str:
         units = host.run(["systemctl", "list-units", "--all", "--no-legend"], check=False).stdout
@@ -513,6 +621,8 @@ class Testbed:
         for item in data:
             h = self.hosts[item["name"]]
             h.cgroups = [Path(c) for c in item["cgroups"]]
+            if item.get("rootfs"):
+                h.rootfs = Path(item["rootfs"])
             if item["pid1"] and _alive(item["pid1"], item["pid1_start"]):
                 h.pid1 = item["pid1"]
                 h.unshare_pid = item["unshare_pid"]
@@ -550,7 +660,7 @@ class Testbed:
         for h in self.hosts.values():
             if h.unshare_pid and h.pid1 is None:
                 pass
-        bases = list(_cgroup_base().values())
+        bases = list(_cgroup_base(self.name).values())
         for _ in range(100):
             pids = set()
             for b in bases:
@@ -595,14 +705,15 @@ class Testbed:
         return "\n".join(lines)
 
 
-def leftovers() -> List[str]:
-    """What a test bed could leave on the machine; empty when clean."""
+def leftovers(name: str = NAME) -> List[str]:
+    """What the test bed ``name`` could leave on the machine; empty when clean."""
     found: List[str] = []
-    for b in _cgroup_base().values():
+    marker = f"container={name}"
+    for b in _cgroup_base(name).values():
         if b.exists():
             found.append(f"cgroup {b}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        if NAME in line:
+        if name in line:
             found.append(f"mount {line}")
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
@@ -611,7 +722,7 @@ def leftovers() -> List[str]:
             env = (pid_dir / "environ").read_bytes()
         except OSError:
             continue
-        if MARKER.encode() in env.split(b"\0"):
+        if marker.encode() in env.split(b"\0"):
             found.append(f"process {pid_dir.name}")
     links = _run(["ip", "-o", "link"], check=False).stdout
     for line in links.splitlines():
