@@ -493,9 +493,22 @@ class Manager:
             if ep.state is not State.FAILED:
                 _log(logging.ERROR, MSG_FAILURE, ep, "%s endpoint %s failed: %s",
                      ep.role.value, ep.uid, why)
+            first = ep.state is not State.FAILED
             self._set(ep, state=State.FAILED,
                       detail=f"{why}; see 'scistreamctl logs {ep.uid}', then release it",
                       n_restarts=st.n_restarts)
+            if first:
+                asyncio.ensure_future(self._add_failure_reason(ep, why))
+
+    async def _add_failure_reason(self, ep: Endpoint, why: str) -> None:
+        """Append the relay's own last error to StateDetail (e.g. "Address already in use")."""
+        # The unit's failure reaches us over D-Bus before journald has stored
+        # the relay's last stderr lines: give it a moment.
+        await asyncio.sleep(0.5)
+        last = await asyncio.to_thread(_last_relay_error, ep.uid)
+        if last and self.endpoints.get(ep.key) is ep and ep.state is State.FAILED:
+            self._set(ep, detail=f"{why}: {last}; see 'scistreamctl logs {ep.uid}', "
+                                 "then release it")
 
     # ------------------------------------------------------------ adoption
     async def adopt(self) -> None:
@@ -555,6 +568,40 @@ class Manager:
                 logger.warning("removing orphan key directory %s", name)
                 self.keys.remove(uid, role)
         logger.info("adopted %d endpoints", len(self.endpoints))
+
+
+def _last_relay_error(uid: str) -> str:
+    """The relay's last error line, for StateDetail.
+
+    stunnel logs errors as "LOG3[..]: text" once running, and as "[!] text"
+    (with the details on the "[.]" line before it) while still starting.
+    """
+    try:
+        from systemd import journal
+
+        reader = journal.Reader()
+        try:
+            reader.this_boot()
+            reader.add_match(SCISTREAM_UID=uid, SYSLOG_IDENTIFIER="scistream-relay")
+            reader.seek_tail()
+            failed = ""
+            for _ in range(50):
+                entry = reader.get_previous()
+                if not entry:
+                    break
+                text = str(entry.get("MESSAGE", ""))
+                if failed:
+                    return (text[4:] if text.startswith("[.] ") else failed)[:200]
+                if text.startswith("[!] "):
+                    failed = text[4:]
+                elif any(f"LOG{n}[" in text for n in "0123") and "No trusted" not in text:
+                    return text.split("]: ", 1)[-1][:200]
+            return failed[:200]
+        finally:
+            reader.close()
+    except Exception as e:  # the journal is a nicety here, never a failure
+        logger.debug("reading the relay's journal failed: %s", e)
+    return ""
 
 
 def _parse_trust_pem(value: object) -> str:

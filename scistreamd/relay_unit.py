@@ -47,6 +47,10 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, psk_src: Path,
         ("LogExtraFields", Variant("aay", [f"SCISTREAM_UID={ep.uid}".encode(),
                                            f"SCISTREAM_ROLE={ep.role.value}".encode()])),
         ("SyslogIdentifier", Variant("s", "scistream-relay")),
+        # Ordering only (no PartOf/BindsTo): at shutdown scistreamd stops first,
+        # so it never records relays stopped by a poweroff as failed, and the
+        # next boot recreates them from the persisted state.
+        ("Before", Variant("as", ["scistreamd.service"])),
         ("DynamicUser", Variant("b", True)),
         ("NoNewPrivileges", Variant("b", True)),
         ("ProtectSystem", Variant("s", "strict")),
