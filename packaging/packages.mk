@@ -12,10 +12,11 @@ PACKAGING_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 PKG_BUILD := $(PACKAGING_DIR)/build.sh
 
 # Debian packages needed to build and check both packages on Debian 12.
-# python3-build/-installer/-wheel also serve the spec's fallback macros.
+# python3-build/-installer/-wheel also serve the spec's fallback macros;
+# mmdebstrap builds the bookworm rootfs of the booted install test.
 PACKAGING_DEB_DEPS := debhelper dh-python pybuild-plugin-pyproject python3-all \
 	python3-setuptools python3-build python3-installer python3-wheel dpkg-dev \
-	rpm lintian rpmlint man-db
+	rpm lintian rpmlint man-db mmdebstrap
 
 .PHONY: packages deb rpm lint-packages packaging-deps packaging-check-version
 

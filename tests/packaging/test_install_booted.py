@@ -1,0 +1,593 @@
+"""Install test of the .deb on two booted Debian 12 systems (issue 6, item 6).
+
+Each of the test bed's two hosts boots a minimal bookworm system (the test bed's
+rootfs mode: overlay of a cached rootfs + a per-host upper dir, its own systemd
+as PID 1, joined by a veth as 192.168.150.1 and .2). Before boot, in a chroot of
+each host's root with the machine's network, ``apt-get install ./scistreamd_*.deb``
+resolves the dependencies from the Debian archive. Then, on the booted systems:
+
+1. scistreamd is active (enabled by the postinst, started at boot);
+2. the APS guide's scenario between the two installed hosts: inbound request on
+   server1, outbound on server2, iperf3 through the tunnel;
+3. an upgrade to a rebuilt ``<version>+upgrade1`` package on both hosts while a
+   transfer runs through that tunnel: the transfer completes byte-identical, the
+   relays keep their PIDs, the daemons run the new version and re-adopt the tunnel;
+4. ``apt-get purge`` (with the tunnel still up) leaves no files, units, users,
+   groups, listening ports or relay processes.
+
+The rootfs is built once with mmdebstrap (~40 s) and cached in
+$SCISTREAMD_ROOTFS_CACHE (default /var/cache/scistreamd-pkgtest), rebuilt after
+7 days; downloaded .debs are kept there too. See packaging/tests/README.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+
+from tests.testbed import Host, Testbed, leftovers
+from tests.testbed import TestbedError as BedError
+
+from .conftest import REQUIRE_ENV, ROOT, SYS_PATH, run_build
+
+VERSION = re.search(
+    r'^__version__\s*=\s*"([^"]+)"', (ROOT / "scistreamd" / "__init__.py").read_text(), re.M
+).group(1)
+UPGRADE_VERSION = f"{VERSION}+upgrade1"
+
+CACHE = Path(os.environ.get("SCISTREAMD_ROOTFS_CACHE", "/var/cache/scistreamd-pkgtest"))
+#: What the booted systems need besides the essential packages: an init and a
+#: system bus to boot, and the scenario's tools (ss, iperf3, python3 for the
+#: transfer). Everything else scistreamd needs must come from
+#: `apt-get install ./scistreamd_*.deb`. python3 is here, not left to apt, only
+#: because byte-compiling its standard library would cost every run ~3 s of CPU.
+ROOTFS_INCLUDE = ("systemd", "dbus", "iproute2", "iperf3", "python3")
+ROOTFS_MIRRORS = (
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+)
+ROOTFS_MAX_AGE = 7 * 24 * 3600
+#: Distinct from every other test bed on this machine (they run concurrently).
+TESTBED_NAME = os.environ.get(
+    "SCISTREAMD_PKGTEST_TESTBED",
+    os.environ.get("SCISTREAM_TESTBED_NAME", "scistream-testbed") + "-pkg",
+)
+
+#: Must be pulled in by apt from the archive (none is in the rootfs before).
+DEPENDENCIES = ("python3-dbus-next", "python3-systemd", "python3-toml",
+                "python3-cryptography", "python3-requests", "stunnel4")
+APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q",
+       "-o", "Dpkg::Options::=--force-unsafe-io"]
+POLICY_RC_D = "#!/bin/sh\n# install test: start nothing in the chroot\nexit 101\n"
+IPERF_PORT = 5300
+CLIENT_PORT = 5100
+
+
+# ---------------------------------------------------------------------------
+# prerequisites
+
+
+def _require(ok: bool, problem: str) -> None:
+    """Skip with the reason, or fail when CI demands the package tests run."""
+    if ok:
+        return
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{problem} ({REQUIRE_ENV}=1 requires the booted install test to run)")
+    pytest.skip(problem)
+
+
+def _check_prerequisites() -> None:
+    _require(os.geteuid() == 0, "the booted install test needs root (namespaces, mounts, chroot)")
+    for tool, pkg in (("unshare", "util-linux"), ("nsenter", "util-linux"), ("ip", "iproute2")):
+        _require(shutil.which(tool, path=SYS_PATH) is not None,
+                 f"{tool} missing: apt-get install {pkg} (or `make packaging-deps`)")
+    filesystems = Path("/proc/filesystems").read_text()
+    if "overlay" not in filesystems:
+        subprocess.run(["modprobe", "overlay"], capture_output=True)
+        filesystems = Path("/proc/filesystems").read_text()
+    _require("overlay" in filesystems, "the kernel has no overlayfs (modprobe overlay)")
+
+
+# ---------------------------------------------------------------------------
+# the cached rootfs
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _rootfs_key() -> str:
+    spec = json.dumps(["bookworm", "apt", ROOTFS_INCLUDE, ROOTFS_MIRRORS, 1])
+    return hashlib.sha256(spec.encode()).hexdigest()[:12]
+
+
+def _build_rootfs(dest: Path) -> None:
+    _require(shutil.which("mmdebstrap", path=SYS_PATH) is not None,
+             "mmdebstrap missing (to build the bookworm rootfs): apt-get install mmdebstrap, "
+             "or `make packaging-deps`")
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    # Keep the package lists (apt resolves against them in each host) and
+    # build apt's binary caches once here instead of in every host. mmdebstrap
+    # copies in the machine's /etc/hostname: drop it (each host writes its own).
+    proc = subprocess.run(
+        ["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory",
+         "--include=" + ",".join(ROOTFS_INCLUDE), "--skip=cleanup/apt/lists",
+         "--customize-hook=rm -f \"$1\"/etc/hostname",
+         "bookworm", str(tmp), *ROOTFS_MIRRORS],
+        capture_output=True, text=True, timeout=900,
+        env={"PATH": SYS_PATH, "LC_ALL": "C.UTF-8", "TMPDIR": "/var/tmp"})
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _require(False, "cannot build the bookworm rootfs with mmdebstrap (is the Debian "
+                        "archive reachable?):\n" + (proc.stdout + proc.stderr)[-3000:])
+    subprocess.run(["chroot", str(tmp), "apt-cache", "gencaches"], check=True,
+                   capture_output=True, env={"PATH": SYS_PATH, "LC_ALL": "C.UTF-8"})
+    tmp.rename(dest)
+
+
+def _rootfs(stack: contextlib.ExitStack) -> Path:
+    """The newest cached rootfs (built if missing or stale), share-locked for this session."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    prefix = f"bookworm-booted-{_rootfs_key()}-"
+    with _flock(CACHE / "build.lock"):
+        built = sorted(p for p in CACHE.glob(prefix + "*")
+                       if p.is_dir() and not p.name.endswith(".tmp"))
+        if built and time.time() - int(built[-1].name.rsplit("-", 1)[1]) < ROOTFS_MAX_AGE:
+            current = built[-1]
+        else:
+            current = CACHE / f"{prefix}{int(time.time())}"
+            _build_rootfs(current)
+        # Older builds, and builds for another ROOTFS_INCLUDE/mirror list.
+        built = [p for p in CACHE.glob("bookworm-booted-*")
+                 if p.is_dir() and not p.name.endswith(".tmp")]
+        # Held until the session ends: an older rootfs is deleted only when no
+        # test run still boots from it.
+        lock = stack.enter_context(_flock(CACHE / f"{current.name}.lock", fcntl.LOCK_SH))
+        assert lock >= 0
+        for old in built:
+            if old == current:
+                continue
+            fd = os.open(CACHE / f"{old.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            finally:
+                os.close(fd)
+            shutil.rmtree(old, ignore_errors=True)
+            (CACHE / f"{old.name}.lock").unlink(missing_ok=True)
+    return current
+
+
+def _link_debs(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for deb in src.glob("*.deb"):
+        target = dest / deb.name
+        if target.exists():
+            continue
+        try:
+            os.link(deb, target)
+        except OSError:
+            shutil.copy2(deb, target)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+@dataclass
+class Booted:
+    bed: Testbed
+    deb: Path
+    upgrade_deb: Path
+    lower: Path
+    install_logs: Dict[str, str] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    notes: Dict[str, object] = field(default_factory=dict)
+    tunnel: Dict[str, str] = field(default_factory=dict)
+    failed: List[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> Host:
+        return self.bed[name]
+
+    def journals(self, lines: int = 40) -> str:
+        return "".join(f"\n--- journal of {h.name} (last {lines} lines)\n"
+                       f"{h.journal('-n', str(lines))}" for h in self.bed.hosts.values())
+
+
+def _sh(host: Host, script: str, *, check: bool = True, timeout: float = 120,
+        input: Optional[str] = None) -> str:
+    return host.run(["sh", "-c", script], check=check, timeout=timeout, input=input).stdout
+
+
+def _value(host: Host, unit: str, prop: str) -> str:
+    return _sh(host, f"systemctl show -p {prop} --value {unit}").strip()
+
+
+def _relays(host: Host) -> List[str]:
+    out = _sh(host, "systemctl list-units --all --plain --no-legend 'scistream-*-*.service'")
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _listening(host: Host, port: int) -> bool:
+    return bool(_sh(host, f"ss -Htln 'sport = :{port}'", check=False).strip())
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _step(booted: Booted, name: str) -> Iterator[None]:
+    """Record how long a step took (printed when the module's test bed goes down)."""
+    t = time.monotonic()
+    try:
+        yield
+    finally:
+        booted.timings[name] = round(time.monotonic() - t, 1)
+
+
+def _prerequisite(booted: Booted, *steps: str) -> None:
+    missing = [s for s in steps if s in booted.failed]
+    if missing:
+        pytest.fail(f"cannot run: the earlier step(s) {', '.join(missing)} failed")
+
+
+@pytest.fixture
+def track(request: pytest.FixtureRequest, booted: Booted) -> Iterator[None]:
+    """Remember failed steps, so later steps that build on them say so."""
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:
+        booted.failed.append(request.node.name)
+
+
+# ---------------------------------------------------------------------------
+# the booted, installed test bed
+
+
+def _chroot_install(bed: Testbed, host: Host, deb: Path) -> str:
+    """`apt-get install ./<deb>` in the host's root, before it boots.
+
+    Downloads go to a per-host copy (hard links) of the shared .deb cache, so
+    the two hosts' apt runs never contend for one archives/ lock; new .debs
+    are linked back into the cache afterwards.
+    """
+    archives = host.state / "apt-archives"
+    _link_debs(CACHE / "apt-archives", archives)
+    (archives / "partial").mkdir(exist_ok=True)
+    # The .deb is reached through a bind on the chroot's (tmpfs) /run, and
+    # policy-rc.d is made and removed through the overlay: the host's root
+    # keeps nothing of either.
+    binds = {archives: "/var/cache/apt/archives", deb.parent: "/run/install-test"}
+    script = ('printf "%s" "$1" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; '
+              'shift; "$@"; rc=$?; rm -f /usr/sbin/policy-rc.d; exit $rc')
+
+    def apt(*args: str) -> subprocess.CompletedProcess:
+        return bed.chroot(host, ["sh", "-c", script, "sh", POLICY_RC_D, *APT, *args],
+                          binds=binds, check=False)
+
+    install = ("install", f"/run/install-test/{deb.name}")
+    proc = apt(*install)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0 and re.search(r"Failed to fetch|Unable to fetch|404\s+Not Found", log):
+        # The cached package lists predate a point release: refresh them, retry.
+        upd = apt("update")
+        proc = apt(*install)
+        log += upd.stdout + upd.stderr + proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise BedError(f"{host.name}: apt-get install ./{deb.name} failed:\n{log[-5000:]}")
+    with _flock(CACHE / "apt-archives.lock"):
+        _link_debs(archives, CACHE / "apt-archives")
+    shutil.rmtree(archives)
+    return log
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[Booted]:
+    _check_prerequisites()
+    # Only now: a skip for missing prerequisites need not build the packages first.
+    dist: Path = request.getfixturevalue("dist")
+    deb = dist / f"scistreamd_{VERSION}_all.deb"
+    assert deb.is_file(), f"no {deb.name} in {dist}"
+    with contextlib.ExitStack() as stack:
+        t0 = time.monotonic()
+        lower = _rootfs(stack)
+        rootfs_time = round(time.monotonic() - t0, 1)
+        out = tmp_path_factory.mktemp("upgrade")
+        bed = Testbed(name=TESTBED_NAME, rootfs=lower)
+        booted = Booted(bed, deb, out / f"scistreamd_{UPGRADE_VERSION}_all.deb", lower)
+        booted.timings["rootfs cache"] = rootfs_time
+
+        def before_boot(b: Testbed) -> None:
+            t = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                # The upgrade package builds while apt installs the first one.
+                upgrade = pool.submit(run_build, "--outdir", str(out), "deb",
+                                      env_extra={"PKG_VERSION": UPGRADE_VERSION})
+                installs = {h.name: pool.submit(_chroot_install, b, h, deb)
+                            for h in b.hosts.values()}
+                for name, fut in installs.items():
+                    booted.install_logs[name] = fut.result()
+                proc = upgrade.result()
+            assert proc.returncode == 0, f"PKG_VERSION={UPGRADE_VERSION} build:\n{proc.stdout}"
+            booted.timings["chroot installs + upgrade build"] = round(time.monotonic() - t, 1)
+
+        t = time.monotonic()
+        try:
+            bed.up(timeout=120, before_boot=before_boot)
+        except BedError as e:
+            bed.down()
+            pytest.fail(f"installing scistreamd or booting the hosts failed: {e}")
+        booted.timings["up (incl. installs)"] = round(time.monotonic() - t, 1)
+        failed_before = request.session.testsfailed
+        keep = os.environ.get("SCISTREAMD_PKGTEST_KEEP") == "1"
+        try:
+            yield booted
+        finally:
+            print(f"\nbooted install test timings (s): {booted.timings} {booted.notes}")
+            with contextlib.suppress(OSError):
+                (bed.root / "timings.json").write_text(
+                    json.dumps({"timings_s": booted.timings, **booted.notes}, indent=1))
+            if keep:
+                # Debugging: the hosts stay up; `SCISTREAM_TESTBED_NAME=<name> python3
+                # -m tests.testbed exec server1 -- CMD`, later `... down`.
+                print(f"SCISTREAMD_PKGTEST_KEEP=1: test bed {TESTBED_NAME} left running")
+            else:
+                bed.down()
+        if not keep:
+            if request.session.testsfailed == failed_before:
+                # Passed: the hosts' roots (~150 MB each) are of no further use.
+                for h in bed.hosts.values():
+                    shutil.rmtree(h.state / "root-upper", ignore_errors=True)
+            left = leftovers(TESTBED_NAME)
+            assert not left, f"the test bed {TESTBED_NAME} left: {left}"
+
+
+# ---------------------------------------------------------------------------
+# the tests, in order
+
+
+def test_apt_resolves_the_dependencies_from_the_archive(booted: Booted, track: None) -> None:
+    status = (booted.lower / "var/lib/dpkg/status").read_text()
+    for name in DEPENDENCIES:
+        # Not in the rootfs before: apt had to fetch it from the archive.
+        assert f"\nPackage: {name}\n" not in status, f"{name} is in the base rootfs"
+    for host in booted.bed.hosts.values():
+        log = booted.install_logs[host.name]
+        new = re.search(r"NEW packages will be installed:\n((?:  .*\n)+)", log)
+        assert new, f"{host.name}: apt installed nothing new:\n{log[-3000:]}"
+        listed = set(new.group(1).split())
+        assert {"scistreamd", *DEPENDENCIES} <= listed, listed
+        for name in ("scistreamd", *DEPENDENCIES):
+            st = _sh(host, f"dpkg-query -W -f='${{Status}} ${{Version}}' {name}")
+            assert st.startswith("install ok installed"), f"{host.name}: {name}: {st}"
+        assert _sh(host, "dpkg-query -W -f='${Version}' scistreamd") == VERSION
+
+
+def test_scistreamd_is_active_after_boot(booted: Booted, track: None) -> None:
+    for host in booted.bed.hosts.values():
+        state = _sh(host, "systemctl is-active scistreamd", check=False).strip()
+        assert state == "active", f"{host.name}: scistreamd is {state}" + booted.journals()
+        assert _sh(host, "systemctl is-enabled scistreamd").strip() == "enabled"
+        system = _sh(host, "systemctl is-system-running", check=False).strip()
+        failed = _sh(host, "systemctl --failed --plain --no-legend", check=False)
+        assert system == "running", f"{host.name}: system {system}; failed units:\n{failed}"
+        assert _sh(host, "getent group scistream").startswith("scistream:")
+        assert _sh(host, "stat -c %a /var/lib/scistream").strip() == "700"
+        # The postinst made a host certificate (first install).
+        assert "BEGIN CERTIFICATE" in _sh(host, "cat /etc/scistream/server.crt")
+        assert "No endpoints." in _sh(host, "scistreamctl list")
+
+
+def _configure(s1: Host, s2: Host) -> None:
+    """The SETUP steps of scistreamd(8), as an operator does them after installing."""
+    for host in (s1, s2):
+        # 1. The facility address, in a drop-in.
+        _sh(host, "cat > /etc/scistream/conf.d/local.toml",
+            input=f'# this gateway\'s facility address\nlisten_address = "{host.ip}"\n')
+        # 2. The first-install certificate names only 127.0.0.1: one for the address.
+        _sh(host, "rm /etc/scistream/server.crt /etc/scistream/server.key && "
+                  "scistreamd --generate-cert")
+        san = _sh(host, "openssl x509 -noout -ext subjectAltName -in /etc/scistream/server.crt")
+        assert f"IP Address:{host.ip}" in san, san
+    # 3. Exchange host certificates (each is the other's peer_trust_file).
+    for a, b in ((s1, s2), (s2, s1)):
+        _sh(b, "cat > /etc/scistream/peer-ca.crt", input=_sh(a, "cat /etc/scistream/server.crt"))
+    # 4. Apply.
+    for host in (s1, s2):
+        _sh(host, "systemctl restart scistreamd")
+        _wait_for(lambda h=host: _listening(h, 5000), 15, f"the peer port on {host.name}")
+
+
+def test_guide_scenario_between_installed_hosts(booted: Booted, track: None) -> None:
+    _prerequisite(booted, "test_scistreamd_is_active_after_boot")
+    s1, s2 = booted["server1"], booted["server2"]
+    with _step(booted, "configure + scenario"):
+        _configure(s1, s2)
+        s1.run(["systemd-run", "--unit=iperf3-server", "--collect", "-p", "DynamicUser=yes",
+                "iperf3", "-s", "-p", str(IPERF_PORT)])
+        _wait_for(lambda: _listening(s1, IPERF_PORT), 10, "iperf3 -s")
+        out = s1.run(["scistreamctl", "inbound-request", "--remote_ip", s1.ip,
+                      "--s2cs", f"{s1.ip}:5000", "--receiver_ports", str(IPERF_PORT),
+                      "--num_conn", "1", "--server_cert=/etc/scistream/server.crt"]).stdout
+        uid = re.search(r"^([0-9a-f-]{36}) ", out, re.M).group(1)
+        listeners = ast.literal_eval(re.search(r"Listeners: (\[.*\])", out).group(1))
+        assert listeners == [f"{s1.ip}:5100"], out
+        out2 = s2.run(["scistreamctl", "outbound-request", "--remote_ip", s1.ip,
+                       "--s2cs", f"{s2.ip}:5000", "--receiver_ports", str(CLIENT_PORT),
+                       "--num_conn", "1", "--server_cert=/etc/scistream/peer-ca.crt",
+                       uid, listeners[0]]).stdout
+        assert f"Listeners: ['{s2.ip}:{CLIENT_PORT}']" in out2, out2
+        booted.tunnel.update(uid=uid, listener=listeners[0])
+
+        for host in (s1, s2):
+            ss = _sh(host, "ss -tlpn")
+            assert "stunnel" in ss, f"{host.name}: no stunnel listens:\n{ss}"
+            assert len(_relays(host)) == 1, _relays(host)
+        res = json.loads(s2.run(["iperf3", "-c", s2.ip, "-p", str(CLIENT_PORT), "-t", "2",
+                                 "-J"], timeout=60).stdout)
+        assert "error" not in res, res.get("error")
+        assert res["end"]["sum_received"]["bytes"] > 1_000_000, res["end"]
+
+
+def _upgrade(host: Host) -> None:
+    # Offline, as a copied-in .deb: every dependency is already installed.
+    host.run(APT + ["install", "/run/testbed/upgrade.deb"], timeout=300)
+
+
+def test_upgrade_keeps_the_tunnel_carrying_data(booted: Booted, track: None) -> None:
+    _prerequisite(booted, "test_guide_scenario_between_installed_hosts")
+    s1, s2 = booted["server1"], booted["server2"]
+    uid = booted.tunnel["uid"]
+    relays = {h.name: _relays(h) for h in (s1, s2)}
+    relay_pids = {h.name: [_value(h, u, "MainPID") for u in relays[h.name]] for h in (s1, s2)}
+    daemon_pids = {h.name: _value(h, "scistreamd", "MainPID") for h in (s1, s2)}
+
+    # A single TCP connection through the tunnel, running across both upgrades.
+    s1.run(["systemctl", "stop", "iperf3-server"])
+    for host in (s1, s2):
+        shutil.copy(Path(__file__).with_name("xfer.py"), host.state / "shared/xfer.py")
+        shutil.copy(booted.upgrade_deb, host.state / "shared/upgrade.deb")
+    sink_out = s1.state / "shared/sink.json"
+    source_out = s2.state / "shared/source.json"
+    stop = s2.state / "shared/stop"
+    s1.run(["systemd-run", "--unit=xfer-sink", "--collect", "-p", "Restart=no",
+            "python3", "/run/testbed/xfer.py", "sink", str(IPERF_PORT), "/run/testbed/sink.json"])
+    _wait_for(lambda: _listening(s1, IPERF_PORT), 10, "the transfer's sink")
+    s2.run(["systemd-run", "--unit=xfer-source", "--collect", "-p", "Restart=no",
+            "python3", "/run/testbed/xfer.py", "source", s2.ip, str(CLIENT_PORT),
+            "/run/testbed/stop", "/run/testbed/source.json"])
+
+    def received() -> int:
+        return (_read_json(Path(f"{sink_out}.progress")) or {}).get("bytes", 0)
+
+    _wait_for(lambda: received() > 1 << 20, 20, "data through the tunnel before the upgrade")
+    before = received()
+    with _step(booted, "upgrade both hosts (parallel)"), \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for fut in [pool.submit(_upgrade, h) for h in (s1, s2)]:
+            fut.result()
+    during = received()
+    assert during > before, "no data arrived while the packages were upgraded"
+
+    for host in (s1, s2):
+        version = _sh(host, "dpkg-query -W -f='${Version}' scistreamd")
+        assert version == UPGRADE_VERSION, f"{host.name}: {version}"
+        assert _sh(host, "systemctl is-active scistreamd", check=False).strip() == "active"
+        new_pid = _value(host, "scistreamd", "MainPID")
+        assert new_pid != daemon_pids[host.name], f"{host.name}: scistreamd was not restarted"
+        running = _sh(host, "busctl get-property org.scistream.Tunnel1 /org/scistream/Tunnel1 "
+                            "org.scistream.Tunnel1.Manager Version")
+        assert UPGRADE_VERSION in running, f"{host.name}: the daemon runs {running}"
+        # The relays were not touched: same units, same processes, no restart.
+        assert _relays(host) == relays[host.name]
+        for unit, pid in zip(relays[host.name], relay_pids[host.name]):
+            assert _value(host, unit, "MainPID") == pid, f"{host.name}: {unit} was restarted"
+            assert _value(host, unit, "NRestarts") == "0"
+        # The new daemon re-adopted the tunnel.
+        listing = _sh(host, "scistreamctl list")
+        assert uid in listing and "active" in listing, f"{host.name}:\n{listing}"
+
+    # Data keeps flowing after the upgrade, then the transfer ends cleanly.
+    _wait_for(lambda: received() > during + (1 << 20), 20, "data after the upgrade")
+    stop.touch()
+    _wait_for(lambda: sink_out.exists() and source_out.exists(), 60,
+              "the transfer to finish" + booted.journals(20))
+    sent, got = _read_json(source_out), _read_json(sink_out)
+    assert sent == got, f"sent {sent}, received {got}"
+    booted.notes["bytes carried across the upgrade"] = got["bytes"]
+
+    # And the tunnel takes new connections.
+    s1.run(["systemd-run", "--unit=iperf3-server", "--collect", "-p", "DynamicUser=yes",
+            "iperf3", "-s", "-p", str(IPERF_PORT)])
+    _wait_for(lambda: _listening(s1, IPERF_PORT), 10, "iperf3 -s")
+    res = json.loads(s2.run(["iperf3", "-c", s2.ip, "-p", str(CLIENT_PORT), "-t", "1", "-J"],
+                            timeout=60).stdout)
+    assert "error" not in res and res["end"]["sum_received"]["bytes"] > 0, res.get("error")
+    s1.run(["systemctl", "stop", "iperf3-server"])
+
+
+def test_purge_leaves_nothing_behind(booted: Booted, track: None) -> None:
+    _prerequisite(booted, "test_scistreamd_is_active_after_boot")
+    hosts = list(booted.bed.hosts.values())
+    tunnel_up = bool(booted.tunnel) and all(_relays(h) for h in hosts)
+    files = {h.name: _sh(h, "dpkg -L scistreamd").split() for h in hosts}
+    with _step(booted, "purge both hosts (parallel)"), \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for fut in [pool.submit(h.run, APT + ["purge", "scistreamd"], timeout=300)
+                    for h in hosts]:
+            fut.result()
+    for host in hosts:
+        problems = []
+        if _sh(host, "dpkg-query -W -f='${Status}' scistreamd", check=False).strip() not in (
+                "", "unknown ok not-installed"):
+            problems.append("dpkg still knows scistreamd")
+        units = _sh(host, "systemctl list-units --all --plain --no-legend 'scistream*'")
+        units += _sh(host, "systemctl list-unit-files --plain --no-legend 'scistream*'",
+                     check=False)  # exits 1 when nothing matches
+        if units.strip():
+            problems.append(f"units:\n{units}")
+        relays = _sh(host, "for p in /proc/[0-9]*; do c=$(cat $p/comm 2>/dev/null) || continue; "
+                           "case $c in stunnel*|scistream*) echo \"$p $c\";; esac; done")
+        if relays.strip():
+            problems.append(f"processes:\n{relays}")
+        ports = [line for line in _sh(host, "ss -Htln").splitlines()
+                 if re.search(r":(5000|51\d\d|5200)\s", line)]
+        if ports:
+            problems.append(f"listening: {ports}")
+        # Not counted: systemd 252 itself leaves /run/systemd/units/log-extra-fields:<unit>
+        # (its runtime record of a unit's LogExtraFields=, on tmpfs) behind for every
+        # stopped transient unit that had LogExtraFields, scistream's or not.
+        left = _sh(host, "find / \\( -path /proc -o -path /sys -o -path /dev "
+                         "-o -path /run/testbed \\) -prune "
+                         "-o -path '/run/systemd/units/log-extra-fields:scistream-*' "
+                         "-o -iname '*scistream*' -print", check=False).split()
+        if left:
+            problems.append(f"files: {left}")
+        shipped = [p for p in files[host.name] if not p.endswith("/.")]
+        still = host.run(["sh", "-c", 'for f; do [ -e "$f" ] && [ ! -d "$f" ] && echo "$f"; '
+                                      'done; true', "sh", *shipped]).stdout.split()
+        if still:
+            problems.append(f"shipped files left: {still}")
+        for db in ("group", "passwd", "gshadow", "shadow"):
+            hit = _sh(host, f"grep -i scistream /etc/{db}", check=False).strip()
+            if hit:
+                problems.append(f"/etc/{db}: {hit}")
+        assert not problems, f"{host.name} after purge:\n" + "\n".join(problems)
+    assert tunnel_up, "the purge ran without a tunnel up, so 'no relays left' was not tested"
