@@ -27,6 +27,7 @@ shared/TESTBED-NOTES.md.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -131,8 +132,10 @@ Requires=dbus.socket
 After=dbus.socket systemd-journald.socket
 
 [Service]
-ExecStart=/usr/bin/dbus-daemon --system --address=systemd: --nofork --nopidfile --systemd-activation --syslog-only
-ExecReload=/usr/bin/dbus-send --print-reply --system --type=method_call --dest=org.freedesktop.DBus / org.freedesktop.DBus.ReloadConfig
+ExecStart=/usr/bin/dbus-daemon --system --address=systemd: --nofork --nopidfile \
+    --systemd-activation --syslog-only
+ExecReload=/usr/bin/dbus-send --print-reply --system --type=method_call \
+    --dest=org.freedesktop.DBus / org.freedesktop.DBus.ReloadConfig
 OOMScoreAdjust=-900
 """,
 }
@@ -251,10 +254,8 @@ def _cgroup_tree_procs(path: Path) -> List[int]:
         return pids
     for dirpath, _dirs, files in os.walk(path):
         if "cgroup.procs" in files:
-            try:
+            with contextlib.suppress(OSError):
                 pids += [int(p) for p in Path(dirpath, "cgroup.procs").read_text().split()]
-            except OSError:
-                pass
     return pids
 
 
@@ -262,10 +263,8 @@ def _remove_cgroup_tree(path: Path) -> None:
     if not path.is_dir():
         return
     for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda t: -len(t[0])):
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(dirpath)
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------
@@ -313,7 +312,9 @@ class Host:
         """Run a command inside the host; with ``user``, drop to that user first."""
         prefix = self.nsenter()
         if user is not None:
-            prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+            # The user's own primary group, looked up inside the host.
+            gid = self.run(["id", "-g", user]).stdout.strip()
+            prefix += ["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups",
                        "--inh-caps=-all", "--"]
         proc = subprocess.run(prefix + list(cmd), text=True, input=input, timeout=timeout,
                               capture_output=capture)
@@ -437,8 +438,8 @@ class Testbed:
 
         s = host.state
         for d in ("etc-upper", "etc-work", "var-lib", "var-log", "journal", "shared/units",
-                  "shared/bin", "shared/src", "etc-upper/scistream/conf.d", "etc-upper/dbus-1/system.d",
-                  "etc-upper/systemd/journald.conf.d"):
+                  "shared/bin", "shared/src", "etc-upper/scistream/conf.d",
+                  "etc-upper/dbus-1/system.d", "etc-upper/systemd/journald.conf.d"):
             (s / d).mkdir(parents=True, exist_ok=True)
         os.chmod(s / "etc-upper/scistream", 0o755)
         units = s / "shared/units"
@@ -466,9 +467,8 @@ class Testbed:
         certs.write_pair(pair, etc / "scistream/server.crt", etc / "scistream/server.key")
         shutil.copy(self.ca_cert, etc / "scistream/peer-ca.crt")
         (etc / "scistream/scistreamd.toml").write_text(
-            "# test bed host %s\nlisten_address = \"%s\"\n"
-            "# quick enough for tests to see a released peer\npeer_check_interval = 2\n"
-            % (host.name, host.ip))
+            f"# test bed host {host.name}\nlisten_address = \"{host.ip}\"\n"
+            "# quick enough for tests to see a released peer\npeer_check_interval = 2\n")
         self._add_group(host, "scistream")
 
     def _prepare_rootfs(self, host: Host) -> None:
@@ -557,13 +557,12 @@ class Testbed:
                    TB_CGROUPS=" ".join(str(c) for c in host.cgroups),
                    TB_V1_CONTROLLERS=" ".join(v1),
                    TB_ROOTFS=str(self.rootfs) if self.rootfs is not None else "")
-        log = open(host.state / "boot.log", "wb")
-        proc = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
-             "--net", "--uts", "--ipc", "--", "/bin/sh", str(BOOT_SH), "stage1"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
-        log.close()
+        with open(host.state / "boot.log", "wb") as log:
+            proc = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation",
+                 "private", "--net", "--uts", "--ipc", "--", "/bin/sh", str(BOOT_SH), "stage1"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)
         host.unshare_pid = proc.pid
         _wait(lambda: bool(_children(proc.pid)) or proc.poll() is not None, 10,
               f"{host.name} PID 1")
@@ -635,10 +634,8 @@ class Testbed:
         hosts = list(self.hosts.values())
         for h in hosts:
             if h.pid1 is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(h.pid1, signal.SIGRTMIN + 4)  # poweroff: clean stop
-                except ProcessLookupError:
-                    pass
         deadline = time.monotonic() + timeout
         for h in hosts:
             if h.pid1 is None:
@@ -657,9 +654,6 @@ class Testbed:
     def cleanup_leftovers(self) -> None:
         """Kill whatever still lives in the test bed's cgroups, remove them."""
         self.load()
-        for h in self.hosts.values():
-            if h.unshare_pid and h.pid1 is None:
-                pass
         bases = list(_cgroup_base(self.name).values())
         for _ in range(100):
             pids = set()
@@ -668,17 +662,13 @@ class Testbed:
             if not pids:
                 break
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.05)
         for h in self.hosts.values():
             if h.unshare_pid:
-                try:
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(h.unshare_pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
         for b in bases:
             for _ in range(50):
                 _remove_cgroup_tree(b)
