@@ -1238,6 +1238,17 @@ def _guard(peer: Any, call: Callable[[], Any]) -> Any:
         ) from None
 
 
+def _request_ok(
+    peer: HostPort, method: str, path: str, body: bytes | None, uid: str | None,
+    trust: Dict[str, Any],
+) -> Any:
+    """One exchange that must answer 200; its parsed JSON body."""
+    status, doc = _exchange(peer, method, path, body, **trust)
+    if status != 200:
+        raise _status_error(peer, status, doc, uid)
+    return doc
+
+
 def claim_endpoint(
     peer: HostPort,
     uid: str,
@@ -1266,23 +1277,15 @@ def claim_endpoint(
       wrong uid, malformed listeners/key/suites);
     - NotFound: the peer has no such endpoint (404 NotFound).
     """
+    trust = dict(trust_file=trust_file, trust_pem=trust_pem, client_cert=client_cert,
+                 client_key=client_key, timeout=timeout)
 
     def run() -> PeerEndpoint:
         hp = _as_peer(peer)
         want = parse_uid(uid)
-        status, doc = _exchange(
-            hp,
-            "POST",
-            f"{API_PREFIX}/endpoints/{want}/claim",
-            json.dumps({"listeners": [str(h) for h in listeners]}).encode(),
-            trust_file=trust_file,
-            trust_pem=trust_pem,
-            client_cert=client_cert,
-            client_key=client_key,
-            timeout=timeout,
-        )
-        if status != 200:
-            raise _status_error(hp, status, doc, want)
+        body = json.dumps({"listeners": [str(h) for h in listeners]}).encode()
+        doc = _request_ok(hp, "POST", f"{API_PREFIX}/endpoints/{want}/claim", body, want,
+                          trust)
         endpoint = _parse_claim(doc, want, hp)
         logger.info("claimed endpoint %s from peer %s", want, hp)
         return endpoint
@@ -1301,23 +1304,13 @@ def endpoint_state(
     timeout: float = 10.0,
 ) -> str:
     """The state of inbound endpoint ``uid`` at the peer (blocking); NotFound if it is gone."""
+    trust = dict(trust_file=trust_file, trust_pem=trust_pem, client_cert=client_cert,
+                 client_key=client_key, timeout=timeout)
 
     def run() -> str:
         hp = _as_peer(peer)
         want = parse_uid(uid)
-        status, doc = _exchange(
-            hp,
-            "GET",
-            f"{API_PREFIX}/endpoints/{want}",
-            None,
-            trust_file=trust_file,
-            trust_pem=trust_pem,
-            client_cert=client_cert,
-            client_key=client_key,
-            timeout=timeout,
-        )
-        if status != 200:
-            raise _status_error(hp, status, doc, want)
+        doc = _request_ok(hp, "GET", f"{API_PREFIX}/endpoints/{want}", None, want, trust)
         state = doc.get("state") if isinstance(doc, dict) else None
         if not isinstance(state, str) or not state.isalpha() or len(state) > 32:
             raise PeerRejected(f"peer scistreamd at {hp} answered garbage for endpoint {want}")
@@ -1336,22 +1329,12 @@ def health(
     timeout: float = 10.0,
 ) -> Dict[str, Any]:
     """The peer's ``/v1/health`` object (blocking); same trust and errors as claim_endpoint."""
+    trust = dict(trust_file=trust_file, trust_pem=trust_pem, client_cert=client_cert,
+                 client_key=client_key, timeout=timeout)
 
     def run() -> Dict[str, Any]:
         hp = _as_peer(peer)
-        status, doc = _exchange(
-            hp,
-            "GET",
-            f"{API_PREFIX}/health",
-            None,
-            trust_file=trust_file,
-            trust_pem=trust_pem,
-            client_cert=client_cert,
-            client_key=client_key,
-            timeout=timeout,
-        )
-        if status != 200:
-            raise _status_error(hp, status, doc, None)
+        doc = _request_ok(hp, "GET", f"{API_PREFIX}/health", None, None, trust)
         if not isinstance(doc, dict):
             raise PeerRejected(
                 f"peer scistreamd at {hp} answered garbage to a health check (not a JSON "
