@@ -68,7 +68,8 @@ class Config:
     stunnel: Path = Path("/usr/bin/stunnel4")
     #: Bytes; 0 = no limit.
     relay_memory_max: int = 256 * 1024**2
-    relay_tasks_max: int = 64
+    #: stunnel runs a thread per connection: this caps connections per relay.
+    relay_tasks_max: int = 4096
     relay_start_timeout: float = 10.0
     relay_ciphersuites: str = DEFAULT_CIPHERSUITES
     relay_log_level: str = "notice"

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from . import BUS_NAME, __version__
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .dbus_compat import AnsweredDBusErrors, patch_dbus_next_writer
 from .errors import ConfigError, ScistreamError
 
 logger = logging.getLogger("scistreamd")
@@ -39,6 +40,7 @@ def _setup_logging(level: str, to_journal: bool) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("scistreamd: %(levelname)s: %(message)s"))
+    handler.addFilter(AnsweredDBusErrors())
     root.addHandler(handler)
     root.setLevel(level.upper())
 
@@ -96,6 +98,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
         "SIGHUP: configuration changes take effect on 'systemctl restart scistreamd' "
         "(tunnels keep running)"))
 
+    patch_dbus_next_writer()
     bus = await MessageBus(bus_type=BusType.SESSION if user_bus else BusType.SYSTEM).connect()
     api = TunnelApi(bus)
     systemd = Systemd(bus)

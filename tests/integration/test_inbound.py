@@ -183,7 +183,7 @@ def test_relay_unit_has_the_sandbox_properties(clean, s1):
                 # Relays outlive the daemon: nothing binds them to scistreamd.
                 "PartOf": "", "BindsTo": ""}
     assert {k: p[k] for k in expected} == expected
-    assert (DEFAULTS.relay_memory_max, DEFAULTS.relay_tasks_max) == (256 * 1024**2, 64)
+    assert (DEFAULTS.relay_memory_max, DEFAULTS.relay_tasks_max) == (256 * 1024**2, 4096)
     assert set(p["RestrictAddressFamilies"].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
     assert f"SCISTREAM_UID={uid}" in p["LogExtraFields"].split()
     assert p["ControlGroup"] == f"/scistream.slice/{unit}"

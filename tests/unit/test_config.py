@@ -50,7 +50,7 @@ def test_defaults() -> None:
     assert c.peer_enabled is True
     assert c.stunnel == Path("/usr/bin/stunnel4")
     assert c.relay_memory_max == 256 * 1024 * 1024
-    assert c.relay_tasks_max == 64
+    assert c.relay_tasks_max == 4096
     assert c.relay_start_timeout == 10.0
     assert c.relay_ciphersuites == (
         "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
