@@ -83,6 +83,7 @@ class Systemd:
         self._bus.add_message_handler(self._on_message)
         for rule in (
             f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='JobRemoved'",
+            f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='UnitRemoved'",
             f"type='signal',sender='{SYSTEMD}',interface='{PROPS}',member='PropertiesChanged',"
             f"path_namespace='{UNIT_PATH_PREFIX.rstrip('/')}'",
         ):
@@ -99,7 +100,7 @@ class Systemd:
         if msg.message_type != MessageType.SIGNAL:
             return None
         if msg.member == "JobRemoved" and msg.interface == MANAGER:
-            _id, job, _unit, result = msg.body
+            _id, job, unit, result = msg.body
             fut = self._jobs.pop(job, None)
             if fut is not None and not fut.done():
                 fut.set_result(result)
@@ -107,13 +108,21 @@ class Systemd:
                 self._finished_jobs[job] = result
                 if len(self._finished_jobs) > 4096:  # jobs nobody waits for
                     self._finished_jobs.pop(next(iter(self._finished_jobs)))
+            # A stopped transient unit may be unloaded before any
+            # PropertiesChanged: a finished job is a change too.
+            self._notify(unit_object_path(unit))
+        elif msg.member == "UnitRemoved" and msg.interface == MANAGER:
+            self._notify(unit_object_path(msg.body[0]))
         elif msg.member == "PropertiesChanged" and msg.path.startswith(UNIT_PATH_PREFIX):
-            for cb in self._unit_listeners:
-                try:
-                    cb(msg.path)
-                except Exception:  # a listener bug must not break the bus
-                    logger.exception("unit change listener failed")
+            self._notify(msg.path)
         return None
+
+    def _notify(self, unit_path: str) -> None:
+        for cb in self._unit_listeners:
+            try:
+                cb(unit_path)
+            except Exception:  # a listener bug must not break the bus
+                logger.exception("unit change listener failed")
 
     # ------------------------------------------------------------------ calls
     async def _call(self, dest: str, path: str, iface: str, member: str, signature: str,
