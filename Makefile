@@ -53,3 +53,21 @@ clean:
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 -include packaging/packages.mk
+
+# `make bench`: throughput, setup latency and scale side by side on its own test
+# bed (tb-bench); not part of `make test`. Writes bench/results/latest.{json,png}
+# and a dated JSON copy, and prints a markdown table. Run it on a quiet machine.
+# BENCH_ARGS="--quick" for a short development run (writes quick-latest.*).
+BENCH_PACKAGES = python3-matplotlib
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: setup
+	@missing=$$(for p in $(BENCH_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "bench: installing $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "bench: all packages present"; fi
+	$(PYTHON) -m bench.run $(BENCH_ARGS)

@@ -1,0 +1,1 @@
+"""Benchmarks of scistreamd against its baselines on the test bed (`make bench`)."""
