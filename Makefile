@@ -17,14 +17,18 @@ SETUP_PACKAGES = $(RUNTIME_PACKAGES) $(TEST_PACKAGES)
 
 .PHONY: setup test unit integration demo testbed-up testbed-down lint clean
 
-setup:
-	@missing=$$(for p in $(SETUP_PACKAGES); do \
+# $(call apt-ensure,WHO,PACKAGES): apt-get install whatever of PACKAGES is
+# missing (idempotent: no apt-get update when nothing is).
+apt-ensure = missing=$$(for p in $(2); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
-		echo "setup: installing $$missing"; \
+		echo "$(1): installing" $$missing; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	else echo "setup: all packages present"; fi
+	else echo "$(1): all packages present"; fi
+
+setup:
+	@$(call apt-ensure,setup,$(SETUP_PACKAGES))
 
 # The package tests build the .deb/.rpm, so the build tools come in too.
 test: setup packaging-deps
@@ -63,11 +67,5 @@ BENCH_ARGS ?=
 
 .PHONY: bench
 bench: setup
-	@missing=$$(for p in $(BENCH_PACKAGES); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
-	done); \
-	if [ -n "$$missing" ]; then \
-		echo "bench: installing $$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	else echo "bench: all packages present"; fi
+	@$(call apt-ensure,bench,$(BENCH_PACKAGES))
 	$(PYTHON) -m bench.run $(BENCH_ARGS)

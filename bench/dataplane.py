@@ -68,15 +68,18 @@ def _psk_line() -> str:
 
 
 def _start_pair(bed: Testbed, name: str, server_conf: str, client_conf: str, psk: str,
-                server_ports: Sequence[int], client_ports: Sequence[int]) -> Dict[str, List[str]]:
+                server_ports: Sequence[int], client_ports: Sequence[int],
+                unit_props: Sequence[str] = ()) -> Dict[str, List[str]]:
     s1, s2 = bed["server1"], bed["server2"]
     units = {}
     for host, conf, ports, role in ((s1, server_conf, server_ports, "server"),
                                     (s2, client_conf, client_ports, "client")):
-        H.write_file(host, f"{H.BENCH_DIR}/{name}.psk", psk, "0600")
+        # Readable by a DynamicUser= unit only when unit_props ask for one (experiments).
+        mode = "0644" if any(p.startswith("DynamicUser") for p in unit_props) else "0600"
+        H.write_file(host, f"{H.BENCH_DIR}/{name}.psk", psk, mode)
         H.write_file(host, f"{H.BENCH_DIR}/{name}-{role}.conf", conf)
         unit = f"bench-{name}-{role}.service"
-        H.run_unit(host, unit, [STUNNEL, f"{H.BENCH_DIR}/{name}-{role}.conf"])
+        H.run_unit(host, unit, [STUNNEL, f"{H.BENCH_DIR}/{name}-{role}.conf"], unit_props)
         H.wait_listening(host, ports)
         units[host.name] = [unit]
     return units
@@ -96,7 +99,8 @@ def setup_direct() -> RelayPath:
 
 def setup_stunnel_pair(bed: Testbed, base: int = 6100, name: str = "stunnel_pair",
                        extra_section: Sequence[str] = (),
-                       suites: str = "TLS_AES_128_GCM_SHA256") -> RelayPath:
+                       suites: str = "TLS_AES_128_GCM_SHA256",
+                       unit_props: Sequence[str] = ()) -> RelayPath:
     """The pair a user would write by hand: TLS 1.3, AES-128-GCM, PSK; no tuning."""
     ports = [base + i for i in range(len(IPERF_PORTS))]
     glob = ["foreground = yes", "pid =", "syslog = no",
@@ -111,7 +115,7 @@ def setup_stunnel_pair(bed: Testbed, base: int = 6100, name: str = "stunnel_pair
         (f"m{i}", ["client = yes", f"accept = {S2_IP}:{p}", f"connect = {S1_IP}:{p}",
                    f"PSKidentity = {PSK_IDENTITY}", *common])
         for i, p in enumerate(ports)])
-    units = _start_pair(bed, name, server, client, _psk_line(), ports, ports)
+    units = _start_pair(bed, name, server, client, _psk_line(), ports, ports, unit_props)
     return RelayPath(name, S2_IP, ports[:1], ports, units=units,
                      config={"server": server, "client": client})
 

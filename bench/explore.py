@@ -4,7 +4,8 @@
         [--variants base,nodelay0,...] [--with-scistreamd] [--reuse] [--keep]
 
 Every variant is the hand-written TLS 1.3 AES-128-GCM PSK pair of the main
-benchmark plus the extra per-service lines below, on both sides. The result
+benchmark plus the extra per-service lines below, on both sides, or (the
+UNIT_VARIANTS) that pair run with some of the relay units' sandbox properties. The result
 (median Gbit/s and relay CPU s/GB, P1 and P4) is the evidence for a change of
 what scistreamd/relay.py renders; nothing here changes the product.
 """
@@ -16,6 +17,8 @@ import json
 import os
 import sys
 from typing import Any, Dict, List, Tuple
+
+from .unitscale import SANDBOX
 
 #: name -> (TLS 1.3 suites, extra lines in every service section on both sides)
 AES128 = "TLS_AES_128_GCM_SHA256"
@@ -33,6 +36,17 @@ VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     "product_lines": ("TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
                       "TLS_CHACHA20_POLY1305_SHA256",
                       ["socket = l:TCP_NODELAY=1", "socket = r:TCP_NODELAY=1"]),
+}
+#: name -> unit properties of the relay units (the base pair's config): what the
+#: sandbox of scistreamd's relay units costs, piece by piece.
+SECCOMP_PROPS = ["MemoryDenyWriteExecute=yes", "RestrictNamespaces=yes", "RestrictRealtime=yes",
+                 "RestrictSUIDSGID=yes", "LockPersonality=yes",
+                 "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX"]
+UNIT_VARIANTS: Dict[str, List[str]] = {
+    "sandbox": SANDBOX,
+    "memmax": ["MemoryMax=256M"],
+    "seccomp": SECCOMP_PROPS,
+    "dynamicuser": ["DynamicUser=yes"],
 }
 
 
@@ -57,9 +71,10 @@ def main(argv: List[str] | None = None) -> int:
     from .stats import summary
 
     names = [v for v in a.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v not in VARIANTS and v not in UNIT_VARIANTS]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variant(s) {unknown}: choose from "
+                f"{', '.join([*VARIANTS, *UNIT_VARIANTS])}")
     bed = Testbed()
     if not (a.reuse and bed.load()):
         bed.up()
@@ -72,9 +87,10 @@ def main(argv: List[str] | None = None) -> int:
             D.H.prepare(h)
         D.setup_iperf_servers(bed["server1"])
         for i, v in enumerate(names):
-            suites, extra = VARIANTS[v]
+            suites, extra = VARIANTS.get(v, VARIANTS["base"])
             paths[v] = D.setup_stunnel_pair(bed, base=6300 + 10 * i, name=f"x_{v}",
-                                            extra_section=extra, suites=suites)
+                                            extra_section=extra, suites=suites,
+                                            unit_props=UNIT_VARIANTS.get(v, ()))
         if a.with_scistreamd:
             paths["scistreamd"] = D.setup_scistreamd(bed)
         samples: Dict[str, Dict[int, List[Dict[str, Any]]]] = {
@@ -94,6 +110,8 @@ def main(argv: List[str] | None = None) -> int:
         print("|---|---|---|---|---|---|")
         for n in paths:
             suites, extra = VARIANTS.get(n, ("(scistreamd's)", ["(scistreamctl tunnel)"]))
+            if n in UNIT_VARIANTS:
+                suites, extra = AES128, [f"unit: {' '.join(UNIT_VARIANTS[n])}"]
             row: Dict[str, Any] = {"suites": suites, "extra": extra}
             for pp in (1, 4):
                 row[f"p{pp}"] = summary([r["gbps"] for r in samples[n][pp] if r.get("gbps")])

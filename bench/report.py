@@ -228,7 +228,9 @@ def plot(results: Dict[str, Any], out: Path) -> Optional[Path]:
             ax.scatter([i] * len(vals), vals, s=8, alpha=0.5)
         ax.set_xticks(range(1, len(labels) + 1))
         ax.set_xticklabels(labels, fontsize=8)
-        ax.set_ylabel("ms")
+        ax.set_ylabel("ms (log scale)")
+        # Log scale: a few slow outliers on a busy machine would flatten every box.
+        ax.set_yscale("log")
         ax.set_title("Setup latency distributions (box = quartiles, whiskers = min/max)",
                      fontsize=10)
     else:
@@ -245,6 +247,7 @@ def plot(results: Dict[str, Any], out: Path) -> Optional[Path]:
         if ra:
             ax.plot([x for x, _ in ra], [y for _, y in ra], "d-", label="restart to READY s")
         ax.set_xlabel("inbound endpoints on one host")
+        ax.set_yscale("log")  # MB, ms and s of very different sizes on one axis
         ax2 = ax.twinx()
         ax2.plot(ns, [r["relays_rss_mb"] for r in rows], "k--", label="relays RSS MB (right)")
         ax2.set_ylabel("relays RSS MB")

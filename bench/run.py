@@ -86,7 +86,7 @@ def _noisy(machine: Dict[str, Any]) -> str:
     if others:
         reasons.append(f"other test beds were up ({', '.join(others)})")
     load = machine.get("loadavg_start") or [0.0]
-    if load and load[0] > 0.5:
+    if load and load[0] > 1.0:
         reasons.append(f"load average {load[0]:.2f} at start")
     if reasons:
         return "; ".join(reasons) + ": numbers are not comparable, rerun on a quiet machine"

@@ -37,14 +37,4 @@ packaging-check-version:
 
 # Installs only what is missing, and refreshes the package lists only then.
 packaging-deps:
-	@missing=; for p in $(PACKAGING_DEB_DEPS); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' \
-			|| missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	else \
-		echo "packaging build dependencies are installed"; \
-	fi
+	@$(call apt-ensure,packaging-deps,$(PACKAGING_DEB_DEPS))

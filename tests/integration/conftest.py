@@ -404,3 +404,29 @@ def dbus_many(host, calls: list) -> list:
     out = host.run(["python3", HOSTTOOL, "dbus-many"], input=json.dumps(full), check=False)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+# Module-wide clients for the fuzz and load tests: both hosts emptied before
+# and after the module, one long-lived D-Bus client process per host.
+@pytest.fixture(scope="module")
+def hosts(bed):
+    s1, s2 = bed["server1"], bed["server2"]
+    for h in (s1, s2):
+        h.ctl("release", "--all")
+    yield s1, s2
+    for h in (s1, s2):
+        h.ctl("release", "--all")
+
+
+@pytest.fixture(scope="module")
+def bus1(hosts):
+    c = DBusBatch(hosts[0])
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def bus2(hosts):
+    c = DBusBatch(hosts[1])
+    yield c
+    c.close()

@@ -194,30 +194,6 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def hosts(bed):
-    s1, s2 = bed["server1"], bed["server2"]
-    for h in (s1, s2):
-        h.ctl("release", "--all")
-    yield s1, s2
-    for h in (s1, s2):
-        h.ctl("release", "--all")
-
-
-@pytest.fixture(scope="module")
-def bus1(hosts):
-    c = DBusBatch(hosts[0])
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def bus2(hosts):
-    c = DBusBatch(hosts[1])
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def target(hosts, bus1):
     s1, s2 = hosts
     out = bus1.call("InboundRequest", INBOUND_SIG, [S1_IP, [5300], 1, {}])

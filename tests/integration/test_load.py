@@ -68,30 +68,6 @@ def listening_ports(host) -> set:
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
-@pytest.fixture(scope="module")
-def hosts(bed):
-    s1, s2 = bed["server1"], bed["server2"]
-    for h in (s1, s2):
-        h.ctl("release", "--all")
-    yield s1, s2
-    for h in (s1, s2):
-        h.ctl("release", "--all")
-
-
-@pytest.fixture(scope="module")
-def bus1(hosts):
-    c = DBusBatch(hosts[0])
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def bus2(hosts):
-    c = DBusBatch(hosts[1])
-    yield c
-    c.close()
-
-
 # --------------------------------------------------------------------------
 # many requests at once
 

@@ -452,8 +452,10 @@ def test_crash_during_requests_and_releases_leaves_consistent_state(s1, restore)
                "the request loop to end")
     assert consistency(s1) == []
 
+    # An endpoint that was still `starting` when the kill landed is rolled back,
+    # so only "at least as many as before the crash" holds.
     many = len(listed(s1))
-    assert many > after
+    assert many >= after
     s1.run(["systemd-run", "--unit=release-all", "--collect", "--quiet", "-p", "Restart=no",
             "/run/testbed/bin/scistreamctl", "release", "--all"])
     wait_until(lambda: len(listed(s1)) < many, 60, "release --all to get going")
