@@ -156,6 +156,11 @@ class Manager:
                 self.store.save(ep)
             self.listener.endpoint_changed(ep, changed)
 
+    def _peer_client(self) -> Dict[str, Any]:
+        """How this daemon talks to peers: whom it trusts, what it presents, how long it waits."""
+        return {"trust_file": self.cfg.peer_trust_file, "client_cert": self.cfg.peer_cert,
+                "client_key": self.cfg.peer_key, "timeout": self.cfg.peer_timeout}
+
     def _check_capacity(self) -> None:
         if len(self.endpoints) >= self.cfg.max_endpoints:
             raise PortsExhausted(
@@ -232,9 +237,7 @@ class Manager:
         try:
             info = await asyncio.to_thread(
                 peer.claim_endpoint, peer_addr, uid, listeners=remote,
-                trust_file=self.cfg.peer_trust_file, trust_pem=opts.get("trust_pem"),
-                client_cert=self.cfg.peer_cert, client_key=self.cfg.peer_key,
-                timeout=self.cfg.peer_timeout)
+                trust_pem=opts.get("trust_pem"), **self._peer_client())
             # The peer checked them too; an answer is still untrusted input.
             unknown = [str(r) for r in remote if r not in info.listeners]
             if unknown:
@@ -407,9 +410,7 @@ class Manager:
                    if e.role is Role.OUTBOUND and e.state is State.ACTIVE and e.peer]:
             try:
                 await asyncio.to_thread(
-                    peer.endpoint_state, ep.peer, ep.uid, trust_file=self.cfg.peer_trust_file,
-                    client_cert=self.cfg.peer_cert, client_key=self.cfg.peer_key,
-                    timeout=self.cfg.peer_timeout)
+                    peer.endpoint_state, ep.peer, ep.uid, **self._peer_client())
             except NotFound:
                 if self.endpoints.get(ep.key) is ep and ep.state is State.ACTIVE:
                     _log(logging.WARNING, MSG_FAILURE, ep, "peer %s no longer has tunnel %s",
