@@ -12,7 +12,11 @@ Variants:
 - ``relay``: the relay's properties, LoadCredential= included;
 - ``relay_private``: the same plus MountFlags=private (mounts made on the host
   later, e.g. other units' /run/credentials/*, no longer propagate into it);
-- ``no_credential``: the relay's properties without LoadCredential=.
+- ``no_credential``: the relay's properties without LoadCredential=;
+- ``bind_key``: no LoadCredential=; instead the key directory (root-only on
+  the host) is hidden by TemporaryFileSystem= and only the relay's own
+  subdirectory is bind-mounted back, readable through a static supplementary
+  group: the mounts exist only inside the unit's namespace.
 
 The daemon is not involved: this isolates what systemd does per start.
 """
@@ -37,10 +41,13 @@ SANDBOX = [
     "TasksMax=64", "MemoryMax=256M",
 ]
 CRED = "/run/bench/unitscale.cred"
+KEYS = "/var/lib/bench-keys"
 VARIANTS: Dict[str, List[str]] = {
     "relay": SANDBOX + [f"LoadCredential=psk:{CRED}"],
     "relay_private": SANDBOX + [f"LoadCredential=psk:{CRED}", "MountFlags=private"],
     "no_credential": SANDBOX,
+    "bind_key": SANDBOX + ["SupplementaryGroups=scistream-relay",
+                           f"TemporaryFileSystem={KEYS}:ro", f"BindReadOnlyPaths={KEYS}/probe"],
 }
 
 
@@ -70,6 +77,9 @@ def main(argv: List[str] | None = None) -> int:
     result: Dict[str, Any] = {"fillers": ks, "probes": a.probes, "variants": {}}
     try:
         H.write_file(s1, CRED, "not a secret\n", "0600")
+        s1.run(["sh", "-c", f"mkdir -p -m 0700 {KEYS} && mkdir -p -m 0750 {KEYS}/probe && "
+                f"echo 'not a secret' > {KEYS}/probe/psk && chmod 0440 {KEYS}/probe/psk && "
+                f"chgrp -R scistream-relay {KEYS}/probe"])
         for v in names:
             props = VARIANTS[v]
             opts = [x for prop in props for x in ("-p", prop)]

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Protocol, Set, Tuple
 
+from . import RELAY_GROUP
 from .config import Config
 from .errors import (
     AlreadyExists,
+    ConfigError,
     InvalidArgument,
     NotFound,
     PeerRejected,
@@ -47,10 +51,10 @@ from .model import (
     parse_uid,
 )
 from .ports import PortAllocator
-from .relay import credential_path, new_psk, render_psk_file, render_stunnel_config
+from .relay import new_psk, relay_file_path, render_psk_file, render_stunnel_config
 from .relay_unit import relay_unit_properties
-from .store import CONF_FILE, PSK_FILE, KeyStore, StateStore, parse_name
-from .systemd import ABSENT, Systemd, SystemdError, unit_object_path
+from .store import PSK_FILE, KeyStore, StateStore, parse_name
+from .systemd import ABSENT, Systemd, SystemdError, UnitStatus, unit_object_path
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +121,7 @@ class Manager:
         self.cfg = cfg
         self.systemd = systemd
         self.store = StateStore(cfg.state_dir)
-        self.keys = KeyStore(cfg.key_dir)
+        self.keys = KeyStore(cfg.key_dir, _relay_gid())
         self.ports = PortAllocator(cfg.listen_address, *cfg.port_range)
         self.endpoints: Dict[Tuple[str, Role], Endpoint] = {}
         self.listener: EndpointListener = listener or _NoListener()
@@ -282,14 +286,13 @@ class Manager:
              ", ".join(f"{a} -> {b}" for a, b in ep.mappings()))
 
     def _write_keys(self, ep: Endpoint, psk: str) -> Tuple[Path, Path]:
-        conf = render_stunnel_config(ep, psk_path=credential_path(ep.unit, PSK_FILE),
+        conf = render_stunnel_config(ep, psk_path=relay_file_path(PSK_FILE),
                                      ciphersuites=self.cfg.relay_ciphersuites,
                                      log_level=self.cfg.relay_log_level)
         return self.keys.write(ep.uid, ep.role, render_psk_file(ep.uid, psk), conf)
 
     async def _start_unit(self, ep: Endpoint) -> None:
-        d = self.keys.endpoint_dir(ep.uid, ep.role)
-        props = relay_unit_properties(ep, self.cfg, d / PSK_FILE, d / CONF_FILE)
+        props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.uid, ep.role))
         # A failed unit of the same name (an earlier crash) would block the start.
         await self.systemd.reset_failed(ep.unit)
         try:
@@ -439,13 +442,13 @@ class Manager:
             # report that as a failure (see _refresh).
             self._restarting.add(ep.key)
             try:
-                # A re-arm is a deliberate restart: it must not count towards the unit's
-                # start rate limit (5 in 10 s), or a few quick re-arms kill the relay.
-                await self.systemd.reset_failed(ep.unit)
-                result = await self.systemd.restart(ep.unit, timeout=self.cfg.relay_start_timeout)
-                if result != "done":
-                    raise RelayFailed(f"restarting {ep.unit} failed ({result})")
-                await self._wait_listening(ep)
+                # Stop and start a fresh transient unit rather than RestartUnit: the
+                # new unit has this version's properties even if the old one came
+                # from an earlier version (whose relay read its key elsewhere).
+                # _start_unit also resets the failed state, so quick re-arms never
+                # hit the unit's start rate limit.
+                await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
+                await self._start_unit(ep)
             except (SystemdError, asyncio.TimeoutError) as e:
                 raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
             finally:
@@ -525,9 +528,12 @@ class Manager:
           removed.
         """
         eps, _bad = self.store.load_all()
+        # One ListUnitsByPatterns gives every relay's state; per relay only its
+        # NRestarts is asked (below, concurrently): re-adoption stays fast at N=1000.
         units = {name: (active, sub) for name, active, sub
                  in await self.systemd.list_units([RELAY_PATTERN])}
         known_units = set()
+        adopted: List[Endpoint] = []
         for ep in eps:
             known_units.add(ep.unit)
             running = units.get(ep.unit, ("inactive", ""))[0] in ("active", "activating",
@@ -540,20 +546,26 @@ class Manager:
             self.ports.adopt(h.port for h in ep.listeners)
             self._track(ep)
             if running:
-                st = await self.systemd.status(ep.unit)
-                self._apply_status(ep, st)
+                adopted.append(ep)
                 continue
             if ep.state is State.FAILED:
                 continue
             try:
                 logger.info("recreating relay %s from persisted state", ep.unit)
                 await self.systemd.stop(ep.unit)
+                # Rendered afresh: the config follows this version's layout
+                # (e.g. a key directory written by 0.1.0).
+                self._write_keys(ep, self.keys.read_psk(ep.uid, ep.role))
                 await self._start_unit(ep)
                 self._set(ep, state=State.ACTIVE, detail="")
             except Exception as e:
                 _log(logging.ERROR, MSG_FAILURE, ep, "recreating %s failed: %s", ep.unit, e)
                 self._set(ep, state=State.FAILED,
                           detail=f"could not recreate the relay at start-up: {e}")
+        restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
+        for ep in adopted:
+            active, sub = units[ep.unit]
+            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit], 0))
         for name in units:
             if name not in known_units:
                 logger.warning("stopping orphan relay %s (no state for it)", name)
@@ -569,6 +581,19 @@ class Manager:
                 logger.warning("removing orphan key directory %s", name)
                 self.keys.remove(uid, role)
         logger.info("adopted %d endpoints", len(self.endpoints))
+
+
+def _relay_gid() -> Optional[int]:
+    """Group scistream-relay's id; None for a daemon not run by root (development)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return grp.getgrnam(RELAY_GROUP).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"group {RELAY_GROUP} does not exist: relays read their keys through it. The "
+            "package creates it (sysusers.d/scistream.conf); run 'systemd-sysusers' to "
+            "create it now") from None
 
 
 def _last_relay_error(uid: str) -> str:

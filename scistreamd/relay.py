@@ -44,14 +44,14 @@ STUNNEL_LOG_LEVELS: Tuple[str, ...] = (
     "debug",
 )
 
-#: Name of the PSK credential the relay unit gets with LoadCredential=.
-PSK_CREDENTIAL = "psk"
+#: Where a relay sees its own key directory: scistreamd bind-mounts it there,
+#: read-only, inside the relay unit's mount namespace (BindReadOnlyPaths=).
+#: Fixed, so a relay's config never names the host's key directory.
+RELAY_KEY_DIR = "/run/scistream-relay"
 
 _PSK = re.compile(r"[0-9a-f]{64}")
-# systemd unit names: letters, digits and ":-_.\@"; we need no backslash escapes.
-_UNIT_NAME = re.compile(r"[A-Za-z0-9:_.@-]{1,255}")
-# Credential names must be valid file names; keep them boring.
-_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+# File names inside a relay's key directory.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 # Paths written into a config: absolute, no spaces, no control characters, no "..".
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9/_.:@+-]*")
 # What may appear in a rendered value: printable ASCII, no line breaks.
@@ -115,13 +115,11 @@ def parse_safe_path(value: object, what: str) -> str:
     return value
 
 
-def credential_path(unit: str, name: str) -> str:
-    """Where systemd puts credential ``name`` of ``unit`` (stunnel expands no env vars)."""
-    if not isinstance(unit, str) or not _UNIT_NAME.fullmatch(unit) or unit in (".", ".."):
-        raise InvalidArgument(f"{unit!r:.60} is not a unit name")
-    if not isinstance(name, str) or not _CREDENTIAL_NAME.fullmatch(name) or name in (".", ".."):
-        raise InvalidArgument(f"{name!r:.60} is not a credential name")
-    return f"/run/credentials/{unit}/{name}"
+def relay_file_path(name: str) -> str:
+    """Where the relay sees file ``name`` of its key directory (stunnel expands no env vars)."""
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidArgument(f"{name!r:.60} is not a key directory file name")
+    return f"{RELAY_KEY_DIR}/{name}"
 
 
 def render_psk_file(uid: str, psk: str) -> str:

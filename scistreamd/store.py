@@ -1,13 +1,19 @@
 """Persisted endpoint state and relay key material, root-only, written atomically.
 
-Layout (both directories 0700, every file 0600):
+Layout:
 
-    <state_dir>/endpoints/<uid>-<role>.json   the Endpoint record
-    <key_dir>/<uid>-<role>/psk                "uid:hexkey" (stunnel PSKsecrets)
-    <key_dir>/<uid>-<role>/stunnel.conf       the relay's config
+    <state_dir>/endpoints/              0700 root
+    <state_dir>/endpoints/<uid>-<role>.json   0600, the Endpoint record
+    <key_dir>/                          0700 root: nobody else can reach below it
+    <key_dir>/<uid>-<role>/             0750 root:scistream-relay
+    <key_dir>/<uid>-<role>/psk          0440, "uid:hexkey" (stunnel PSKsecrets)
+    <key_dir>/<uid>-<role>/stunnel.conf 0440, the relay's config
 
-The relay unit receives the two key files with LoadCredential=, so they are
-never on a command line, in the unit's properties or world-readable.
+The relay unit gets its own ``<uid>-<role>/`` bind-mounted read-only into its
+namespace (see relay_unit.py); group ``scistream-relay`` lets its dynamic
+user read it there. On the host, ``<key_dir>`` being root's alone keeps every
+key directory out of reach, so keys are never on a command line, in a unit's
+properties or in a file anyone but root and that one relay can read.
 A write is tmp file + fsync + rename + fsync of the directory: a crash at
 any point leaves either the old or the new file, never a torn one.
 """
@@ -19,7 +25,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .errors import InvalidArgument
 from .model import Endpoint, Role, parse_role, parse_uid
@@ -36,10 +42,14 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, gid: int = -1) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        # Group and mode before any byte is written: never readable by more than
+        # the final file is.
+        if gid != -1:
+            os.fchown(fd, -1, gid)
         os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
@@ -101,16 +111,26 @@ class StateStore:
 
 
 class KeyStore:
-    def __init__(self, key_dir: Path) -> None:
+    """Per-endpoint key directories; ``relay_gid`` is group scistream-relay's id
+    (None: files stay owner-only, e.g. a development daemon not run by root)."""
+
+    def __init__(self, key_dir: Path, relay_gid: Optional[int] = None) -> None:
         self.dir = _private_dir(Path(key_dir))
+        self.gid = -1 if relay_gid is None else relay_gid
 
     def endpoint_dir(self, uid: str, role: Role) -> Path:
         return self.dir / _name(uid, role)
 
     def write(self, uid: str, role: Role, psk_text: str, conf_text: str) -> Tuple[Path, Path]:
-        d = _private_dir(self.endpoint_dir(uid, role))
-        atomic_write(d / PSK_FILE, psk_text.encode())
-        atomic_write(d / CONF_FILE, conf_text.encode())
+        d = self.endpoint_dir(uid, role)
+        d.mkdir(mode=0o700, exist_ok=True)
+        # Also brings a directory written by 0.1.0 (0700, files 0600) to this layout.
+        mode = 0o700 if self.gid == -1 else 0o750
+        os.chown(d, -1, self.gid)
+        os.chmod(d, mode)
+        file_mode = 0o400 if self.gid == -1 else 0o440
+        atomic_write(d / PSK_FILE, psk_text.encode(), file_mode, self.gid)
+        atomic_write(d / CONF_FILE, conf_text.encode(), file_mode, self.gid)
         return d / PSK_FILE, d / CONF_FILE
 
     def read_psk(self, uid: str, role: Role) -> str:

@@ -184,31 +184,42 @@ class Systemd:
         (units,) = await self._manager_call("ListUnitsByPatterns", "asas", [[], list(patterns)])
         return [(u[0], u[3], u[4]) for u in units]
 
-    async def status(self, name: str) -> UnitStatus:
-        path = unit_object_path(name)
+    async def _service_property(self, name: str, prop: str, default: Any) -> Any:
+        """One property of a service unit; ``default`` if the unit is gone or has none."""
         try:
-            (unit,) = await self._call(SYSTEMD, path, PROPS, "GetAll", "s", [UNIT_IFACE])
-        except SystemdError as e:
-            if e.name in (NO_SUCH_UNIT, "org.freedesktop.DBus.Error.UnknownObject",
-                          "org.freedesktop.DBus.Error.UnknownMethod"):
-                return UnitStatus(name, ABSENT, ABSENT, "", 0, 0, "not-found")
-            raise
-        load_state = unit["LoadState"].value
-        if load_state == "not-found":
-            return UnitStatus(name, ABSENT, ABSENT, "", 0, 0, load_state)
-        try:
-            (svc,) = await self._call(SYSTEMD, path, PROPS, "GetAll", "s", [SERVICE_IFACE])
+            (value,) = await self._call(SYSTEMD, unit_object_path(name), PROPS, "Get", "ss",
+                                        [SERVICE_IFACE, prop])
         except SystemdError:
-            svc = {}
-        return UnitStatus(
-            name=name,
-            active_state=unit["ActiveState"].value,
-            sub_state=unit["SubState"].value,
-            result=svc["Result"].value if "Result" in svc else "",
-            n_restarts=svc["NRestarts"].value if "NRestarts" in svc else 0,
-            main_pid=svc["MainPID"].value if "MainPID" in svc else 0,
-            load_state=load_state,
+            return default
+        return value.value
+
+    async def status(self, name: str) -> UnitStatus:
+        # Four small calls sent at once (one round trip), not GetAll: a unit's
+        # and a service's GetAll replies carry some 300 properties, and parsing
+        # them cost milliseconds per call (seconds when re-adopting 1000 relays).
+        listed, result, n_restarts, main_pid = await asyncio.gather(
+            self._manager_call("ListUnitsByNames", "as", [[name]]),
+            self._service_property(name, "Result", ""),
+            self._service_property(name, "NRestarts", 0),
+            self._service_property(name, "MainPID", 0),
         )
+        units = listed[0]
+        if not units or units[0][2] == "not-found":
+            return UnitStatus(name, ABSENT, ABSENT, "", 0, 0, "not-found")
+        _name, _desc, load_state, active_state, sub_state = units[0][:5]
+        return UnitStatus(name=name, active_state=active_state, sub_state=sub_state,
+                          result=result, n_restarts=n_restarts, main_pid=main_pid,
+                          load_state=load_state)
+
+    async def n_restarts(self, names: Sequence[str], batch: int = 128) -> Dict[str, int]:
+        """NRestarts of many services, asked concurrently (a bounded batch at a time)."""
+        out: Dict[str, int] = {}
+        for i in range(0, len(names), batch):
+            chunk = names[i:i + batch]
+            values = await asyncio.gather(*(self._service_property(n, "NRestarts", 0)
+                                            for n in chunk))
+            out.update(zip(chunk, values))
+        return out
 
     async def get_properties(self, name: str, iface: str = SERVICE_IFACE) -> Dict[str, Any]:
         (props,) = await self._call(SYSTEMD, unit_object_path(name), PROPS, "GetAll", "s",

@@ -191,12 +191,15 @@ def test_relay_unit_has_the_sandbox_properties(clean, s1):
     daemon = show(s1, "scistreamd.service", "ConsistsOf", "BoundBy", "Requires", "Wants")
     assert not any(unit in v for v in daemon.values()), daemon
 
-    # The key reaches the relay only by LoadCredential= from the root-only files.
-    creds = unit_dbus_property(s1, unit, "LoadCredential")
+    # The key reaches the relay only as its own key directory, bind-mounted
+    # read-only into its namespace (and readable through group scistream-relay).
     d = f"{KEY_DIR}/{uid}-inbound"
-    assert sorted(map(tuple, creds)) == [("psk", f"{d}/psk"), ("stunnel.conf", f"{d}/stunnel.conf")]
-    assert unit_dbus_property(s1, unit, "SetCredential") == []
-    assert unit_dbus_property(s1, unit, "SetCredentialEncrypted") == []
+    assert unit_dbus_property(s1, unit, "BindReadOnlyPaths") == [
+        [d, "/run/scistream-relay", False, 0]]
+    assert unit_dbus_property(s1, unit, "BindPaths") == []
+    assert unit_dbus_property(s1, unit, "SupplementaryGroups") == ["scistream-relay"]
+    for prop in ("LoadCredential", "SetCredential", "SetCredentialEncrypted"):
+        assert unit_dbus_property(s1, unit, prop) == [], prop
 
     # What systemd applied to the process, not only what it says it will apply.
     pid = main_pid(s1, unit)
@@ -224,18 +227,50 @@ def test_relay_key_never_leaves_its_root_only_files(clean, s1):
     assert key != psk_of(s1, uid2), "two endpoints got the same key"
     assert uid.replace("-", "") not in key, "the key is derived from the uid"
 
-    # Directory 0700, files 0600, all root's.
+    # On the host: the key directory is root's alone; below it, each
+    # endpoint's directory is readable by group scistream-relay.
     d = f"{KEY_DIR}/{uid}-inbound"
     modes = s1.run(["stat", "-c", "%a %U %G %n", KEY_DIR, d, f"{d}/psk",
                     f"{d}/stunnel.conf"]).stdout.splitlines()
-    assert modes == [f"700 root root {KEY_DIR}", f"700 root root {d}",
-                     f"600 root root {d}/psk", f"600 root root {d}/stunnel.conf"]
-    # Inside the unit, the credential is the dynamic user's alone.
-    user = show(s1, unit, "User")["User"]
-    cred = s1.run(["stat", "-c", "%a %U", f"/run/credentials/{unit}/psk"]).stdout.strip()
-    assert cred == f"400 {user}"
+    assert modes == [f"700 root root {KEY_DIR}", f"750 root scistream-relay {d}",
+                     f"440 root scistream-relay {d}/psk",
+                     f"440 root scistream-relay {d}/stunnel.conf"]
+    # The bind mount is the relay's own: the host's mount point stays empty
+    # and the host's mount table holds no key directory.
+    assert s1.run(["ls", "-A", "/run/scistream-relay"]).stdout == ""
+    host_mounts = s1.run(["cat", "/proc/self/mountinfo"]).stdout
+    assert "scistream" not in host_mounts and "/run/credentials" not in host_mounts
 
+    # As the relay's own user (dynamic uid, group scistream-relay), in its own
+    # namespace: its key is readable at /run/scistream-relay, no other key
+    # is reachable, and on the host not even its own.
     pid = main_pid(s1, unit)
+    ids = dict(line.split(":", 1) for line in
+               s1.run(["cat", f"/proc/{pid}/status"]).stdout.splitlines() if ":" in line)
+    relay_uid, relay_gid = ids["Uid"].split()[0], ids["Gid"].split()[0]
+    groups = ids["Groups"].split()
+    relay_group = s1.run(["getent", "group", "scistream-relay"]).stdout.split(":")[2]
+    assert relay_group in groups, f"relay groups {groups}"
+    as_relay = ["setpriv", f"--reuid={relay_uid}", f"--regid={relay_gid}",
+                f"--groups={','.join(groups)}", "--"]
+    in_relay = ["nsenter", "-t", str(pid), "-m", "--"] + as_relay
+
+    def reads(cmd, path):
+        return s1.run(cmd + ["cat", path], check=False)
+
+    own = reads(in_relay, "/run/scistream-relay/psk")
+    assert own.returncode == 0 and own.stdout.strip() == f"{uid}:{key}", own.stderr
+    for path in (f"{KEY_DIR}/{uid2}-inbound/psk", f"{d}/psk"):
+        r = reads(in_relay, path)
+        assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r)
+        r = reads(as_relay, path)
+        assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r)
+    # The way into another relay's namespace, /proc/<pid>/root, is closed:
+    # every relay has its own dynamic uid.
+    other = reads(as_relay, f"/proc/{main_pid(s1, unit_of(uid2))}/root/run/scistream-relay/psk")
+    assert other.returncode != 0 and "Permission denied" in other.stderr, other
+    assert s1.run(["cat", f"/proc/{main_pid(s1, unit_of(uid2))}/root/run/scistream-relay/psk"]
+                  ).stdout.strip() == f"{uid2}:{psk_of(s1, uid2)}", "root's view of it works"
     s1.run(["journalctl", "--sync"])
     places = {
         "systemctl show --all": s1.run(["systemctl", "show", "--all", unit]).stdout,
@@ -255,7 +290,7 @@ def test_relay_key_never_leaves_its_root_only_files(clean, s1):
     }
     # The places are real: each of them does talk about this endpoint.
     assert uid in places["systemctl show --all"] and uid in places["journal"]
-    assert "LoadCredential" in places["busctl introspect of the unit"]
+    assert "BindReadOnlyPaths" in places["busctl introspect of the unit"]
     assert "stunnel" in places["cmdline"]
     leaks = [where for where, text in places.items() if key in text or key.upper() in text]
     assert leaks == [], f"the key appears in: {leaks}"

@@ -271,9 +271,10 @@ def test_torn_and_corrupt_state_files_at_startup(s1, restore):
     the operator, and the daemon starts anyway with every valid endpoint."""
     good = inbound(s1, 5320)["uid"]
     corrupt = str(uuid.uuid4())
-    assert s1.run(["stat", "-c", "%a %U", STATE_DIR, state_file(good, "inbound"),
+    assert s1.run(["stat", "-c", "%a %U:%G", STATE_DIR, state_file(good, "inbound"),
                    key_dir(good, "inbound"), f"{key_dir(good, 'inbound')}/psk"]).stdout.split() \
-        == ["700", "root", "600", "root", "700", "root", "600", "root"]
+        == ["700", "root:root", "600", "root:root", "750", "root:scistream-relay",
+            "440", "root:scistream-relay"]
 
     s1.run(["systemctl", "stop", SERVICE])
     torn = [f"{STATE_DIR}/.{good}-inbound.json.tmp", f"{STATE_DIR}/.{corrupt}-outbound.json.tmp"]
@@ -559,6 +560,23 @@ def test_stop_daemon_keeps_tunnels_then_readopts(s1, s2, apps, restore):
     assert endpoint_properties(s1, uid, "inbound")["State"] == "active"
     assert endpoint_properties(s2, uid, "outbound")["State"] == "active"
     assert ask(s2, l2, "again") == "S:again"
+
+
+def test_relay_restarted_while_daemon_is_down_is_adopted_with_its_count(s1, s2, apps, restore):
+    """Re-adoption takes each relay's state from one ListUnitsByPatterns and
+    asks only NRestarts per relay: a crash the daemon did not see is counted."""
+    apps.start(s1, "echo-down", "python3", HOSTTOOL, "echo", "5345", "--tag", "D:")
+    uid, _l1, l2 = tunnel(s1, s2, 5345)
+    unit = relay_unit(uid, "inbound")
+    s1.run(["systemctl", "stop", SERVICE])
+    pid = relay_pid(s1, uid, "inbound")
+    s1.run(["kill", "-9", str(pid)])
+    wait_until(lambda: unit_props(s1, unit, "NRestarts", "ActiveState")
+               == {"NRestarts": "1", "ActiveState": "active"}, 60, "systemd to restart the relay")
+    s1.run(["systemctl", "start", SERVICE])
+    props = endpoint_properties(s1, uid, "inbound")
+    assert (props["State"], props["NRestarts"], props["StateDetail"]) == ("active", 1, "")
+    wait_until(lambda: ask(s2, l2, "counted") == "D:counted", 60, "the restarted relay")
 
 
 def test_stop_slice_stops_every_relay_then_release_all_cleans(s1, s2, apps, restore):

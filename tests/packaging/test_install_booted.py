@@ -409,6 +409,8 @@ def test_scistreamd_is_active_after_boot(booted: Booted, track: None) -> None:
         failed = _sh(host, "systemctl --failed --plain --no-legend", check=False)
         assert system == "running", f"{host.name}: system {system}; failed units:\n{failed}"
         assert _sh(host, "getent group scistream").startswith("scistream:")
+        assert _sh(host, "getent group scistream-relay").startswith("scistream-relay:")
+        assert _sh(host, "stat -c '%a %U' /run/scistream-relay").strip() == "755 root"
         assert _sh(host, "stat -c %a /var/lib/scistream").strip() == "700"
         # The postinst made a host certificate (first install).
         assert "BEGIN CERTIFICATE" in _sh(host, "cat /etc/scistream/server.crt")

@@ -178,7 +178,8 @@ def test_deb_purge_removes_config_state_keys_and_group(deb_control: Path) -> Non
     postrm = (deb_control / "postrm").read_text()
     purge = postrm[postrm.index('if [ "$1" = "purge" ]; then\n    rm -rf') :]
     assert "rm -rf /etc/scistream /var/lib/scistream" in purge
-    assert "groupdel scistream" in purge
+    assert 'for group in scistream scistream-relay; do' in purge
+    assert 'groupdel "$group"' in purge
 
 
 # ---------------------------------------------------------------------------
@@ -262,7 +263,8 @@ def test_rpm_requires(rpm: Path) -> None:
 
 
 def test_rpm_scripts(rpm_scripts: Dict[str, str]) -> None:
-    assert "groupadd -r scistream" in rpm_scripts["preinstall"]
+    assert "groupadd -r scistream\n" in rpm_scripts["preinstall"]
+    assert "groupadd -r scistream-relay" in rpm_scripts["preinstall"]
     post = rpm_scripts["postinstall"]
     gen = post.index("/usr/sbin/scistreamd --generate-cert")
     assert "[ ! -e /etc/scistream/server.crt ]" in post[:gen]

@@ -469,7 +469,7 @@ class Testbed:
         (etc / "scistream/scistreamd.toml").write_text(
             f"# test bed host {host.name}\nlisten_address = \"{host.ip}\"\n"
             "# quick enough for tests to see a released peer\npeer_check_interval = 2\n")
-        self._add_group(host, "scistream")
+        self._add_groups(host)
 
     def _prepare_rootfs(self, host: Host) -> None:
         """Rootfs mode: an empty upper dir plus what makes this system this host."""
@@ -531,13 +531,16 @@ class Testbed:
                 f"stdout: {proc.stdout[-4000:]}\nstderr: {proc.stderr[-4000:]}")
         return proc
 
-    def _add_group(self, host: Host, group: str) -> None:
-        """The `scistream` group and two test users, in this host's /etc only."""
+    def _add_groups(self, host: Host) -> None:
+        """What etc/sysusers.d/scistream.conf makes (groups `scistream` and
+        `scistream-relay`) plus two test users, in this host's /etc only."""
         etc = host.etc
         group_text = Path("/etc/group").read_text()
         passwd_text = Path("/etc/passwd").read_text()
-        if f"\n{group}:" not in "\n" + group_text:
-            group_text += f"{group}:x:990:sstest-member\n"
+        for group, line in (("scistream", "scistream:x:990:sstest-member\n"),
+                            ("scistream-relay", "scistream-relay:x:989:\n")):
+            if f"\n{group}:" not in "\n" + group_text:
+                group_text += line
         group_text += "sstest:x:991:\n"
         passwd_text += ("sstest-member:x:990:991::/nonexistent:/usr/sbin/nologin\n"
                         "sstest-user:x:992:991::/nonexistent:/usr/sbin/nologin\n")

@@ -13,14 +13,14 @@ from scistreamd.errors import InvalidArgument
 from scistreamd.model import Endpoint, HostPort, Role, State, parse_hostport
 from scistreamd.relay import (
     DEFAULT_CIPHERSUITES,
-    PSK_CREDENTIAL,
+    RELAY_KEY_DIR,
     TLS13_CIPHERSUITES,
-    credential_path,
     new_psk,
     parse_ciphersuites,
     parse_psk,
     parse_safe_path,
     parse_stunnel_log_level,
+    relay_file_path,
     render_psk_file,
     render_stunnel_config,
     stunnel_address,
@@ -28,10 +28,8 @@ from scistreamd.relay import (
 )
 
 UID = "bd9f1a7e-04d7-11f0-b44c-946dae415862"
-UNIT_IN = f"scistream-inbound-{UID}.service"
-UNIT_OUT = f"scistream-outbound-{UID}.service"
-PSK_IN = f"/run/credentials/{UNIT_IN}/psk"
-PSK_OUT = f"/run/credentials/{UNIT_OUT}/psk"
+PSK_IN = "/run/scistream-relay/psk"
+PSK_OUT = "/run/scistream-relay/psk"
 
 
 def hp(text: str) -> HostPort:
@@ -93,21 +91,13 @@ def test_render_psk_file() -> None:
         render_psk_file(UID, "short")
 
 
-def test_credential_path() -> None:
-    assert credential_path(UNIT_IN, PSK_CREDENTIAL) == PSK_IN
-    for unit, name in [
-        ("../etc", "psk"),
-        ("a/b.service", "psk"),
-        (UNIT_IN, "../x"),
-        (UNIT_IN, "a/b"),
-        (UNIT_IN, ""),
-        ("", "psk"),
-        (UNIT_IN + "\n", "psk"),
-        (UNIT_IN, ".."),
-        ("..", "psk"),
-    ]:
+def test_relay_file_path() -> None:
+    assert RELAY_KEY_DIR == "/run/scistream-relay"
+    assert relay_file_path("psk") == PSK_IN
+    assert relay_file_path("stunnel.conf") == "/run/scistream-relay/stunnel.conf"
+    for name in ["../x", "a/b", "", ".", "..", "psk\n", "p sk", None, 3]:
         with pytest.raises(InvalidArgument):
-            credential_path(unit, name)
+            relay_file_path(name)  # type: ignore[arg-type]
 
 
 # --- ciphersuites, levels, paths ---------------------------------------------
@@ -152,7 +142,7 @@ def test_parse_safe_path_rejects(bad: object) -> None:
 
 
 def test_stunnel_command() -> None:
-    conf = f"/run/credentials/{UNIT_IN}/stunnel.conf"
+    conf = "/run/scistream-relay/stunnel.conf"
     assert stunnel_command(Path("/usr/bin/stunnel4"), conf) == ["/usr/bin/stunnel4", conf]
     with pytest.raises(InvalidArgument):
         stunnel_command(Path("stunnel4"), conf)
