@@ -84,9 +84,10 @@ def cli_breakdown(host: Host, runs: int = 10) -> Dict[str, Any]:
     # if the package were not byte-compiled.
     version_src = [H.timeit(host, ["scistreamctl", "--version"], env=())["ms"]
                    for _ in range(runs)]
-    dbus_import = [H.timeit(host, ["env", *CLI_ENV, "/usr/bin/python3", "-c",
-                                   "import scistreamd.ctl as c; c._import_dbus_next()"])["ms"]
-                   for _ in range(runs)]
+    bus_import = [H.timeit(host, ["env", *CLI_ENV, "/usr/bin/python3", "-c",
+                                  "import scistreamd.ctl, scistreamd.model, "
+                                  "scistreamd.busclient"])["ms"]
+                  for _ in range(runs)]
     list_cli = [_cli_ok(host, ["scistreamctl", "list"])["ms"] for _ in range(runs)]
     imp = host.run([*H.SYSTEMD_RUN, "env", *CLI_ENV, "/usr/bin/python3", "-X", "importtime",
                     "-m", "scistreamd.ctl", "list"], check=False)
@@ -96,7 +97,7 @@ def cli_breakdown(host: Host, runs: int = 10) -> Dict[str, Any]:
         "python_isolated_no_site_ms": summary(bare_isolated),
         "ctl_version_ms": summary(version),
         "ctl_version_from_source_ms": summary(version_src),
-        "ctl_import_plus_dbus_next_ms": summary(dbus_import),
+        "ctl_import_plus_busclient_ms": summary(bus_import),
         "ctl_list_ms": summary(list_cli),
         "importtime_top": top,
     }

@@ -189,8 +189,8 @@ def prepare(host: Host) -> None:
             PYCACHE_ENV, PYTHON]
     host.run([*warm, "-m", "scistreamd.ctl", "--help"], check=False)
     host.run([*warm, "-m", "scistreamd.ctl", "list"], check=False)
-    host.run([*warm, "-c", "import ast, json, scistreamd.ctl as c, scistreamd.model; "
-              "c._import_dbus_next()"])
+    host.run([*warm, "-c", "import ast, json, scistreamd.ctl, scistreamd.model, "
+              "scistreamd.busclient"])
     host.run([*warm, "-c", "import scistreamd.daemon, scistreamd.manager, scistreamd.dbus_api, "
               "scistreamd.peer, scistreamd.systemd, scistreamd.certs"], check=False)
     cached = host.run(["find", PYCACHE, "-name", "*.pyc"]).stdout.split()

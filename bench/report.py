@@ -131,8 +131,8 @@ def markdown(results: Dict[str, Any]) -> str:
                 return f"{s['median']:.0f}" if s else "–"
             lines += ["", f"CLI start-up (median ms): python3 -c pass {med('python_bare_ms')}, "
                           f"python3 -I -S {med('python_isolated_no_site_ms')}, "
-                          f"scistreamctl --version {med('ctl_version_ms')}, import ctl + "
-                          f"dbus_next {med('ctl_import_plus_dbus_next_ms')}, "
+                          f"scistreamctl --version {med('ctl_version_ms')}, import ctl + model "
+                          f"+ busclient {med('ctl_import_plus_busclient_ms')}, "
                           f"scistreamctl list {med('ctl_list_ms')}."]
             top = b.get("importtime_top") or []
             if top:

@@ -43,7 +43,8 @@ code  meaning
 
 Start-up time matters (scripts call this in loops): only argparse and the
 standard library are imported at the top; ``scistreamd.model`` is imported when
-arguments are validated and ``dbus_next`` only when a bus call is made.
+arguments are validated and ``scistreamd.busclient`` (a small synchronous D-Bus
+client; dbus-next and asyncio would cost ~45 ms) only when a bus call is made.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
+import time
+from typing import Any, Dict, List, Sequence, Tuple
 
 from . import (
     BUS_NAME,
@@ -63,9 +65,6 @@ from . import (
     __version__,
 )
 from .errors import BY_DBUS_NAME, InvalidArgument, NotFound, ScistreamError
-
-if TYPE_CHECKING:  # pragma: no cover - typing only; importing dbus_next costs ~40 ms
-    from dbus_next.aio import MessageBus
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +439,7 @@ def _parse_timeout(value: object) -> float:
         seconds = float(str(value))
     except ValueError:
         seconds = -1.0
-    # The comparisons also reject NaN; the upper bound keeps asyncio's timer sane.
+    # The comparisons also reject NaN; the upper bound keeps socket timeouts sane.
     if not 0 < seconds <= 86400:
         raise CtlError(
             f"--timeout {value!r} is not a number of seconds: give a value in (0, 86400]",
@@ -634,7 +633,7 @@ def format_status(endpoints: Sequence[Dict[str, Any]]) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """Unwrap dbus_next Variants (recursively) into JSON-friendly values."""
+    """Unwrap D-Bus Variants (recursively) into JSON-friendly values."""
     if hasattr(value, "signature") and hasattr(value, "value"):  # a Variant
         return _plain(value.value)
     if isinstance(value, dict):
@@ -672,80 +671,33 @@ def bus_address(user: bool, environ: Dict[str, str] | None = None) -> str:
     return env.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS_DEFAULT
 
 
-def _import_dbus_next() -> None:
-    # dbus_next/__init__ also imports its GLib backend, which loads PyGObject (~8 ms)
-    # when that is installed. The CLI never uses GLib: hide "gi" during this one
-    # import (dbus_next treats GLib as optional) and unhide it right after.
-    hide = "gi" not in sys.modules and "dbus_next" not in sys.modules
-    if hide:
-        sys.modules["gi"] = None  # type: ignore[assignment]
-    try:
-        import dbus_next.aio  # noqa: F401
-    finally:
-        if hide and "gi" in sys.modules and sys.modules["gi"] is None:
-            del sys.modules["gi"]
-
-
-def _message_bus_class() -> Any:
-    from dbus_next.aio import MessageBus
-
-    class _MessageBus(MessageBus):
-        """dbus-next's MessageBus, with end-of-file during authentication an error.
-
-        dbus-next 0.2.3 reads the SASL reply in a loop that never sees EOF: when the
-        bus closes the socket mid-handshake the loop spins without ever yielding, so
-        not even the --timeout fires. Same loop, plus the EOF check.
-        """
-
-        async def _auth_readline(self) -> str:
-            buf = b""
-            while buf[-2:] != b"\r\n":
-                chunk = await self._loop.sock_recv(self._sock, 2)
-                if not chunk:
-                    raise EOFError("the bus closed the connection during authentication")
-                buf += chunk
-            return buf[:-2].decode()
-
-    return _MessageBus
-
-
 class Client:
     """One connection to the bus; method calls are built directly (no introspection)."""
 
-    def __init__(self, bus: MessageBus, user_bus: bool) -> None:
-        self._bus = bus
+    def __init__(self, conn: Any, user_bus: bool) -> None:
+        self._conn = conn
         self._user_bus = user_bus
 
-    async def call(
-        self,
-        member: str,
-        signature: str = "",
-        body: Sequence[Any] = (),
-        *,
-        path: str = MANAGER_PATH,
-        interface: str = MANAGER_IFACE,
-    ) -> List[Any]:
-        from dbus_next import Message, MessageType
+    def send(self, member: str, signature: str = "", body: Sequence[Any] = (), *,
+             path: str = MANAGER_PATH, interface: str = MANAGER_IFACE) -> int:
+        """Send a call without waiting; ``replies`` collects it (pipelining)."""
+        return self._conn.send_call(BUS_NAME, path, interface, member, signature, list(body))
 
-        msg = Message(
-            destination=BUS_NAME,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
-        )
-        reply = await self._bus.call(msg)
-        if reply is None:  # only for NO_REPLY_EXPECTED messages, which we never send
-            return []
-        if reply.message_type == MessageType.ERROR:
-            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise error_from_dbus(reply.error_name or "", text, user_bus=self._user_bus)
-        return list(reply.body)
+    def reply(self, serial: int, got: Dict[int, Any]) -> List[Any]:
+        from .busclient import BusError, result
 
-    async def manager_properties(self) -> Dict[str, Any]:
-        (props,) = await self.call("GetAll", "s", [MANAGER_IFACE], interface=PROPERTIES_IFACE)
-        return {k: _plain(v) for k, v in props.items()}
+        try:
+            return list(result(got[serial]))
+        except BusError as err:
+            raise error_from_dbus(err.name, err.message, user_bus=self._user_bus) from None
+
+    def replies(self, serials: Sequence[int]) -> Dict[int, Any]:
+        return self._conn.replies(serials)
+
+    def call(self, member: str, signature: str = "", body: Sequence[Any] = (), *,
+             path: str = MANAGER_PATH, interface: str = MANAGER_IFACE) -> List[Any]:
+        serial = self.send(member, signature, body, path=path, interface=interface)
+        return self.reply(serial, self.replies([serial]))
 
 
 def _unreachable(user: bool, detail: str = "") -> CtlError:
@@ -757,17 +709,18 @@ def _unreachable(user: bool, detail: str = "") -> CtlError:
     return CtlError(msg, EXIT_UNREACHABLE, "DaemonUnreachable")
 
 
-async def _with_client(args: argparse.Namespace, work: Any) -> Any:
-    import asyncio
+def run_bus(args: argparse.Namespace, work: Any) -> Any:
+    """Run ``work(client)`` on a fresh connection; returns its result.
 
-    _import_dbus_next()
-    from dbus_next import AuthError, InvalidAddressError
+    One deadline (--timeout) covers connecting, authenticating and the answer.
+    """
+    from . import busclient
 
     address = bus_address(args.user)
+    deadline = time.monotonic() + args.timeout
     try:
-        # The constructor connects the socket (synchronously).
-        bus = _message_bus_class()(bus_address=address)
-    except InvalidAddressError as err:
+        conn = busclient.Connection(address, deadline)
+    except busclient.InvalidAddress as err:
         raise CtlError(
             f"bus address {address!r} is invalid ({err}): fix {BUS_ADDRESS_ENV} "
             "or DBUS_*_BUS_ADDRESS",
@@ -777,38 +730,36 @@ async def _with_client(args: argparse.Namespace, work: Any) -> Any:
     except (FileNotFoundError, ConnectionRefusedError):
         # No socket, or nobody behind it: the plain "not running" case.
         raise _unreachable(args.user) from None
+    except TimeoutError:
+        raise _timed_out(args.timeout) from None
     except OSError as err:
         raise _unreachable(args.user, f"{address}: {err.strerror or err}") from None
-
-    async def session() -> Any:
-        try:
-            await bus.connect()
-        except (OSError, EOFError, AuthError) as err:
-            raise _unreachable(args.user, f"bus connection failed: {err}") from None
-        return await work(Client(bus, args.user))
-
     try:
-        # One deadline for connecting and for the answer.
-        return await asyncio.wait_for(session(), args.timeout)
-    except asyncio.TimeoutError:
-        raise CtlError(
-            f"scistreamd did not answer within {args.timeout:g} s: check "
-            "'systemctl status scistreamd' and 'journalctl -u scistreamd', or give a "
-            "larger --timeout",
-            EXIT_UNREACHABLE,
-            "Timeout",
-        ) from None
+        try:
+            conn.authenticate()
+        except TimeoutError:
+            raise
+        except (OSError, EOFError, busclient.ProtocolError, busclient.BusError) as err:
+            raise _unreachable(args.user, f"bus connection failed: {err}") from None
+        return work(Client(conn, args.user))
+    except TimeoutError:
+        raise _timed_out(args.timeout) from None
     except (ConnectionError, EOFError) as err:
         raise _unreachable(args.user, f"connection lost: {err or 'the bus closed it'}") from None
+    except busclient.ProtocolError as err:
+        raise _unreachable(args.user, f"bad message from the bus: {err}") from None
     finally:
-        bus.disconnect()
+        conn.close()
 
 
-def run_bus(args: argparse.Namespace, work: Any) -> Any:
-    """Run ``await work(client)`` on a fresh connection; returns its result."""
-    import asyncio
-
-    return asyncio.run(_with_client(args, work))
+def _timed_out(timeout: float) -> CtlError:
+    return CtlError(
+        f"scistreamd did not answer within {timeout:g} s: check "
+        "'systemctl status scistreamd' and 'journalctl -u scistreamd', or give a "
+        "larger --timeout",
+        EXIT_UNREACHABLE,
+        "Timeout",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -817,33 +768,30 @@ def run_bus(args: argparse.Namespace, work: Any) -> Any:
 Output = Tuple[str, Any]
 
 
-async def _request_with_s2cs(
+def _request_with_s2cs(
     client: Client, member: str, signature: str, body: List[Any], need_s2cs: bool
 ) -> Tuple[List[Any], str]:
-    import asyncio
-
     if not need_s2cs:
-        return await client.call(member, signature, body), ""
+        return client.call(member, signature, body), ""
     # Pipelined: the property read rides along with the request, no extra round trip.
-    reply, props = await asyncio.gather(
-        client.call(member, signature, body),
-        client.manager_properties(),
-        return_exceptions=True,
-    )
-    if isinstance(reply, BaseException):
-        raise reply
-    if isinstance(props, BaseException):
+    req = client.send(member, signature, body)
+    props = client.send("GetAll", "s", [MANAGER_IFACE], interface=PROPERTIES_IFACE)
+    got = client.replies([req, props])
+    reply = client.reply(req, got)
+    try:
+        (values,) = client.reply(props, got)
+    except CtlError as err:
         # The tunnel exists now; a missing s2cs must not hide its uid.
-        logger.debug("reading manager properties failed: %s", props)
+        logger.debug("reading manager properties failed: %s", err)
         return reply, "-"
-    return reply, _s2cs_from_properties(props)
+    return reply, _s2cs_from_properties({k: _plain(v) for k, v in values.items()})
 
 
 def cmd_inbound(args: argparse.Namespace) -> Output:
     plan = InboundPlan(args)
 
-    async def work(client: Client) -> Tuple[List[Any], str]:
-        return await _request_with_s2cs(
+    def work(client: Client) -> Tuple[List[Any], str]:
+        return _request_with_s2cs(
             client,
             "InboundRequest",
             "saqua{sv}",
@@ -865,8 +813,7 @@ def cmd_inbound(args: argparse.Namespace) -> Output:
 
 def cmd_outbound(args: argparse.Namespace) -> Output:
     plan = OutboundPlan(args)
-    _import_dbus_next()
-    from dbus_next import Variant
+    from .busclient import Variant
 
     options: Dict[str, Any] = {}
     if plan.peer:
@@ -874,8 +821,8 @@ def cmd_outbound(args: argparse.Namespace) -> Output:
     if plan.trust_pem is not None:
         options["trust_pem"] = Variant("s", plan.trust_pem)
 
-    async def work(client: Client) -> Tuple[List[Any], str]:
-        return await _request_with_s2cs(
+    def work(client: Client) -> Tuple[List[Any], str]:
+        return _request_with_s2cs(
             client,
             "OutboundRequest",
             "sasaqua{sv}",
@@ -904,8 +851,8 @@ def cmd_release(args: argparse.Namespace) -> Output:
         )
     if args.all:
 
-        async def release_all(client: Client) -> int:
-            (count,) = await client.call("ReleaseAll")
+        def release_all(client: Client) -> int:
+            (count,) = client.call("ReleaseAll")
             return int(count)
 
         count = run_bus(args, release_all)
@@ -921,8 +868,8 @@ def cmd_release(args: argparse.Namespace) -> Output:
 
     uid = parse_uid(args.uid)
 
-    async def release(client: Client) -> None:
-        await client.call("Release", "s", [uid])
+    def release(client: Client) -> None:
+        client.call("Release", "s", [uid])
 
     run_bus(args, release)
     return f"Released {uid}.\n", {"released": [uid]}
@@ -933,16 +880,16 @@ def cmd_rearm(args: argparse.Namespace) -> Output:
 
     uid = parse_uid(args.uid)
 
-    async def rearm(client: Client) -> None:
-        await client.call("RearmEndpoint", "s", [uid])
+    def rearm(client: Client) -> None:
+        client.call("RearmEndpoint", "s", [uid])
 
     run_bus(args, rearm)
     return f"Re-armed {uid}: the next claim gets a new key.\n", {"rearmed": uid}
 
 
 def cmd_list(args: argparse.Namespace) -> Output:
-    async def work(client: Client) -> List[Any]:
-        (rows,) = await client.call("ListEndpoints")
+    def work(client: Client) -> List[Any]:
+        (rows,) = client.call("ListEndpoints")
         return rows
 
     rows = run_bus(args, work)
@@ -959,8 +906,8 @@ def cmd_status(args: argparse.Namespace) -> Output:
 
     uid = parse_uid(args.uid)
 
-    async def work(client: Client) -> Dict[str, Any]:
-        (objects,) = await client.call("GetManagedObjects", interface=OBJECT_MANAGER_IFACE)
+    def work(client: Client) -> Dict[str, Any]:
+        (objects,) = client.call("GetManagedObjects", interface=OBJECT_MANAGER_IFACE)
         return objects
 
     objects = run_bus(args, work)

@@ -323,7 +323,9 @@ class Manager:
                     f"relay {ep.unit} is not listening on {', '.join(map(str, ep.listeners))} "
                     f"after {self.cfg.relay_start_timeout:g}s: see 'scistreamctl logs {ep.uid}'")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            # stunnel listens some 10-40 ms after systemd reports it started: poll
+            # finely there, where every millisecond is the caller's.
+            delay = min(delay * 1.5, 0.01)
 
     async def _teardown(self, ep: Endpoint) -> None:
         """Stop the unit, remove keys and state, free ports, drop the object. Idempotent."""
