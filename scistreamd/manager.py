@@ -470,12 +470,20 @@ class Manager:
         self._refreshing[key] = asyncio.ensure_future(self._refresh(key))
 
     async def _refresh(self, key: Tuple[str, Role]) -> None:
+        retry = ""
         try:
             await asyncio.sleep(0.01)  # coalesce a burst of PropertiesChanged
             ep = self.endpoints.get(key)
             if ep is None or self._not_monitored(ep):
                 return
-            st = await self.systemd.status(ep.unit)
+            try:
+                st = await self.systemd.status(ep.unit)
+            except SystemdError as e:
+                # systemd or the bus is busy (e.g. LimitsExceeded): the change
+                # must not be lost, so ask again shortly.
+                logger.warning("reading the state of %s failed, retrying: %s", ep.unit, e)
+                retry = unit_object_path(ep.unit)
+                return
             # A release or re-arm may have begun meanwhile: its state wins.
             if self.endpoints.get(key) is not ep or self._not_monitored(ep):
                 return
@@ -484,6 +492,8 @@ class Manager:
             logger.exception("refreshing endpoint state failed")
         finally:
             self._refreshing.pop(key, None)
+            if retry:
+                asyncio.get_running_loop().call_later(0.5, self._on_unit_change, retry)
 
     def _not_monitored(self, ep: Endpoint) -> bool:
         return ep.state in (State.STARTING, State.RELEASING) or ep.key in self._restarting

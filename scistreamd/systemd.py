@@ -26,6 +26,10 @@ PROPS = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+#: Calls to systemd awaiting their reply at once. dbus-daemon refuses more than
+#: max_replies_per_connection (128 on Debian's system bus) pending replies per
+#: connection with LimitsExceeded; stay well below it, whatever the load.
+MAX_INFLIGHT = 32
 UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"
 
 
@@ -76,6 +80,7 @@ class Systemd:
         self._jobs: Dict[str, asyncio.Future] = {}
         self._finished_jobs: Dict[str, str] = {}
         self._unit_listeners: List[Callable[[str], None]] = []
+        self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
 
     async def setup(self) -> None:
         # Match rules before anything is started: JobRemoved can arrive
@@ -127,9 +132,10 @@ class Systemd:
     # ------------------------------------------------------------------ calls
     async def _call(self, dest: str, path: str, iface: str, member: str, signature: str,
                     body: Sequence[Any]) -> List[Any]:
-        reply = await self._bus.call(Message(destination=dest, path=path, interface=iface,
-                                             member=member, signature=signature,
-                                             body=list(body)))
+        msg = Message(destination=dest, path=path, interface=iface, member=member,
+                      signature=signature, body=list(body))
+        async with self._inflight:
+            reply = await self._bus.call(msg)
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body else ""
             raise SystemdError(reply.error_name or "unknown", str(text))
@@ -211,15 +217,11 @@ class Systemd:
                           result=result, n_restarts=n_restarts, main_pid=main_pid,
                           load_state=load_state)
 
-    async def n_restarts(self, names: Sequence[str], batch: int = 128) -> Dict[str, int]:
-        """NRestarts of many services, asked concurrently (a bounded batch at a time)."""
-        out: Dict[str, int] = {}
-        for i in range(0, len(names), batch):
-            chunk = names[i:i + batch]
-            values = await asyncio.gather(*(self._service_property(n, "NRestarts", 0)
-                                            for n in chunk))
-            out.update(zip(chunk, values))
-        return out
+    async def n_restarts(self, names: Sequence[str]) -> Dict[str, int]:
+        """NRestarts of many services, asked concurrently (at most MAX_INFLIGHT at a time)."""
+        values = await asyncio.gather(*(self._service_property(n, "NRestarts", 0)
+                                        for n in names))
+        return dict(zip(names, values))
 
     async def get_properties(self, name: str, iface: str = SERVICE_IFACE) -> Dict[str, Any]:
         (props,) = await self._call(SYSTEMD, unit_object_path(name), PROPS, "GetAll", "s",

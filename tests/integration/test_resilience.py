@@ -296,25 +296,34 @@ def test_torn_and_corrupt_state_files_at_startup(s1, restore):
     assert residue(s1) == []
 
 
-@pytest.mark.parametrize("how", ["unit-stopped-while-down", "shutdown"])
+@pytest.mark.parametrize("how", ["unit-stopped-while-down", "shutdown", "from-0.1.0-layout"])
 def test_state_without_unit_is_recreated_from_persisted_key(s1, s2, apps, restore, how):
     """Decision: persisted state ``active`` with no relay unit (a reboot, or the
     unit stopped while the daemon was down) is recreated from the persisted,
     root-only key: same listeners, same key, so the peer's half that already
     holds the key keeps working without a new claim. ``shutdown`` stops the
     daemon and scistream.slice in one transaction, as a poweroff does: the
-    daemon must not record its relays as failed on the way down."""
+    daemon must not record its relays as failed on the way down.
+    ``from-0.1.0-layout``: the key directory as 0.1.0 wrote it (root-only,
+    config reading the key from /run/credentials) is brought to this layout."""
     apps.start(s1, "echo-reboot", "python3", HOSTTOOL, "echo", "5321", "--tag", "R:")
     uid, l1, l2 = tunnel(s1, s2, 5321)
     assert ask(s2, l2, "before") == "R:before"
     key = psk_digest(s1, uid, "inbound")
     before = listed(s1)
 
+    d = key_dir(uid, "inbound")
     if how == "shutdown":
         s1.run(["systemctl", "stop", SERVICE, "scistream.slice"])
     else:
         s1.run(["systemctl", "stop", SERVICE])
         s1.run(["systemctl", "stop", relay_unit(uid, "inbound")])
+    if how == "from-0.1.0-layout":
+        unit = relay_unit(uid, "inbound")
+        s1.run(["sh", "-c", f"chown -R root:root {d} && chmod 0700 {d} && "
+                            f"chmod 0600 {d}/psk {d}/stunnel.conf && "
+                            "sed -i 's|^PSKsecrets = .*|PSKsecrets = "
+                            f"/run/credentials/{unit}/psk|' {d}/stunnel.conf"])
     assert unit_props(s1, relay_unit(uid, "inbound"), "ActiveState")["ActiveState"] \
         == "inactive"
     assert not listening(s1, l1)
@@ -327,6 +336,9 @@ def test_state_without_unit_is_recreated_from_persisted_key(s1, s2, apps, restor
     assert psk_digest(s1, uid, "inbound") == key
     assert f"recreating relay {relay_unit(uid, 'inbound')}" in journal(s1)
     assert ask(s2, l2, "after") == "R:after"
+    assert s1.run(["stat", "-c", "%a %U:%G", d, f"{d}/psk"]).stdout.split() == [
+        "750", "root:scistream-relay", "440", "root:scistream-relay"]
+    assert "PSKsecrets = /run/scistream-relay/psk" in read(s1, f"{d}/stunnel.conf")
 
     for host in (s1, s2):
         assert host.ctl("release", uid).returncode == 0
