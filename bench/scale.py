@@ -13,9 +13,10 @@ after the other through a long-lived D-Bus client, then measure
   every endpoint; all N are then checked to be listed and active.
 
 Where the time goes: the restart with no endpoints (``restart_empty_s``), the
-per-endpoint slope, what the per-endpoint systemd reads of re-adoption cost
-from a client (two GetAll) against one ListUnitsByPatterns for all, and the
-systemd floor (systemd-run of a stunnel until it listens) at each N.
+per-endpoint slope, what re-adoption asks systemd (one ListUnitsByPatterns for
+all relays, one Get of NRestarts per relay) timed from a client, for reference
+the two GetAll per relay that 0.1.0 made, and the systemd floor (systemd-run of
+a stunnel until it listens) at each N.
 
 max_endpoints and port_range are raised with a conf.d drop-in in the host.
 Before each batch the memory it will need is estimated from the relays so far;
@@ -81,14 +82,20 @@ def _unit_path(unit: str) -> str:
 
 
 def _adopt_costs(d: H.DbusDriver, rows: List[Any], sample: int = 20) -> Dict[str, Any]:
-    """What re-adoption asks systemd per endpoint today, and the batched alternative.
-
-    Per endpoint the daemon reads GetAll(Unit) and GetAll(Service) of its relay;
-    one ListUnitsByPatterns returns the state of all relays at once.
+    """What re-adoption asks systemd: one ListUnitsByPatterns for all relays and
+    one Get(NRestarts) per relay; and, for reference, the two GetAll per relay
+    (Unit and Service) that 0.1.0 read instead.
     """
     per_unit: List[float] = []
+    per_unit_getall: List[float] = []
     for row in rows[:sample]:
         path = _unit_path(f"scistream-{row[1]}-{row[0]}.service")
+        r = d.call("Get", "ss", ["org.freedesktop.systemd1.Service", "NRestarts"], path=path,
+                   dest="org.freedesktop.systemd1", iface="org.freedesktop.DBus.Properties",
+                   discard=True)
+        if "error" in r:
+            raise H.BenchError(f"Get {path}: {r['error']}: {r['message']}")
+        per_unit.append(r["ms"])
         total = 0.0
         for iface in ("org.freedesktop.systemd1.Unit", "org.freedesktop.systemd1.Service"):
             r = d.call("GetAll", "s", [iface], path=path, dest="org.freedesktop.systemd1",
@@ -96,14 +103,15 @@ def _adopt_costs(d: H.DbusDriver, rows: List[Any], sample: int = 20) -> Dict[str
             if "error" in r:
                 raise H.BenchError(f"GetAll {path}: {r['error']}: {r['message']}")
             total += r["ms"]
-        per_unit.append(total)
+        per_unit_getall.append(total)
     batch: List[float] = []
     for _ in range(3):
         r = d.call("ListUnitsByPatterns", "asas", [[], ["scistream-*-*.service"]],
                    path="/org/freedesktop/systemd1", dest="org.freedesktop.systemd1",
                    iface="org.freedesktop.systemd1.Manager", discard=True)
         batch.append(r["ms"])
-    return {"status_getall_ms_per_endpoint": summary(per_unit, digits=2),
+    return {"get_nrestarts_ms_per_endpoint": summary(per_unit, digits=2),
+            "status_getall_ms_per_endpoint_0_1_0": summary(per_unit_getall, digits=2),
             "list_units_by_patterns_ms": summary(batch, digits=1)}
 
 
