@@ -295,6 +295,7 @@ class Manager:
         props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.uid, ep.role))
         # A failed unit of the same name (an earlier crash) would block the start.
         await self.systemd.reset_failed(ep.unit)
+        t0 = time.monotonic()
         try:
             result = await self.systemd.start_transient(ep.unit, props,
                                                         timeout=self.cfg.relay_start_timeout)
@@ -306,7 +307,10 @@ class Manager:
         if result != "done":
             raise RelayFailed(f"{ep.unit} failed to start (job {result}): "
                               f"see 'scistreamctl logs {ep.uid}'")
+        t1 = time.monotonic()
         await self._wait_listening(ep)
+        logger.debug("%s: started in %.1f ms, listening %.1f ms later", ep.unit,
+                     (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
 
     async def _wait_listening(self, ep: Endpoint) -> None:
         deadline = time.monotonic() + self.cfg.relay_start_timeout
