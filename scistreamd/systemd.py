@@ -20,7 +20,6 @@ logger = logging.getLogger(__name__)
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
-UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPS = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
@@ -30,7 +29,6 @@ NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 #: max_replies_per_connection (128 on Debian's system bus) pending replies per
 #: connection with LimitsExceeded; stay well below it, whatever the load.
 MAX_INFLIGHT = 32
-UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"
 
 
 class SystemdError(Exception):
@@ -171,19 +169,12 @@ class Systemd:
             raise
         return await self._wait_job(job, timeout)
 
-    async def restart(self, name: str, timeout: float = 30) -> str:
-        (job,) = await self._manager_call("RestartUnit", "ss", [name, "replace"])
-        return await self._wait_job(job, timeout)
-
     async def reset_failed(self, name: str) -> None:
         try:
             await self._manager_call("ResetFailedUnit", "s", [name])
         except SystemdError as e:
             if e.name != NO_SUCH_UNIT:
                 raise
-
-    async def kill(self, name: str, who: str, signal: int) -> None:
-        await self._manager_call("KillUnit", "ssi", [name, who, signal])
 
     async def list_units(self, patterns: Sequence[str]) -> List[Tuple[str, str, str]]:
         """(name, active_state, sub_state) of loaded units matching the glob patterns."""
@@ -222,8 +213,3 @@ class Systemd:
         values = await asyncio.gather(*(self._service_property(n, "NRestarts", 0)
                                         for n in names))
         return dict(zip(names, values))
-
-    async def get_properties(self, name: str, iface: str = SERVICE_IFACE) -> Dict[str, Any]:
-        (props,) = await self._call(SYSTEMD, unit_object_path(name), PROPS, "GetAll", "s",
-                                    [iface])
-        return {k: v.value for k, v in props.items()}

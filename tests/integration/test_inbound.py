@@ -239,7 +239,8 @@ def test_relay_key_never_leaves_its_root_only_files(clean, s1):
     # and the host's mount table holds no key directory.
     assert s1.run(["ls", "-A", "/run/scistream-relay"]).stdout == ""
     host_mounts = s1.run(["cat", "/proc/self/mountinfo"]).stdout
-    assert "scistream" not in host_mounts and "/run/credentials" not in host_mounts
+    for needle in ("/run/scistream-relay", "/run/credentials", f"{uid}-inbound"):
+        assert needle not in host_mounts, f"{needle} is mounted on the host"
 
     # As the relay's own user (dynamic uid, group scistream-relay), in its own
     # namespace: its key is readable at /run/scistream-relay, no other key
