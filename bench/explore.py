@@ -47,6 +47,11 @@ UNIT_VARIANTS: Dict[str, List[str]] = {
     "memmax": ["MemoryMax=256M"],
     "seccomp": SECCOMP_PROPS,
     "dynamicuser": ["DynamicUser=yes"],
+    # Scheduling: what the relay unit could ask of the CPU scheduler on a host
+    # whose cores are shared with the applications (as on the 2-core test bed).
+    "sched_batch": ["CPUSchedulingPolicy=batch"],
+    "nice_minus5": ["Nice=-5"],
+    "batch_nice_minus5": ["CPUSchedulingPolicy=batch", "Nice=-5"],
 }
 
 

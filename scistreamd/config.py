@@ -36,6 +36,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/scistream/scistreamd.toml")
 
 #: Python logging level names accepted for ``log_level``.
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: relay_cpu_scheduling values: the non-realtime policies (RestrictRealtime= holds).
+RELAY_SCHEDULING = ("other", "batch")
 
 _MEMORY = re.compile(r"([0-9]{1,15})([KMGT]?)")
 _MEMORY_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -70,6 +72,13 @@ class Config:
     relay_memory_max: int = 256 * 1024**2
     #: stunnel runs a thread per connection: this caps connections per relay.
     relay_tasks_max: int = 4096
+    #: Nice= of each relay. A gateway's job is relaying: when its cores are shared
+    #: with other work, relays come first (bench/results/evidence-explore-scheduling.json).
+    relay_nice: int = -5
+    #: CPUSchedulingPolicy= of each relay: "batch" (bulk streaming: fewer wakeup
+    #: preemptions, less CPU per GB) or "other" (the default policy; lower latency
+    #: for small interactive exchanges).
+    relay_cpu_scheduling: str = "batch"
     relay_start_timeout: float = 10.0
     relay_ciphersuites: str = DEFAULT_CIPHERSUITES
     relay_log_level: str = "notice"
@@ -204,6 +213,8 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "stunnel": _path,
     "relay_memory_max": _memory,
     "relay_tasks_max": lambda v: _int(v, 1, 1_000_000),
+    "relay_nice": lambda v: _int(v, -20, 19),
+    "relay_cpu_scheduling": _choice(RELAY_SCHEDULING),
     "relay_start_timeout": _seconds,
     "relay_ciphersuites": parse_ciphersuites,
     "relay_log_level": parse_stunnel_log_level,

@@ -31,6 +31,8 @@ from .relay import RELAY_KEY_DIR, relay_file_path, stunnel_command
 from .store import CONF_FILE
 
 USEC = 1_000_000
+#: Linux policy numbers (sched.h) of config.RELAY_SCHEDULING.
+SCHED_POLICY = {"other": 0, "batch": 3}
 LIMIT_NOFILE = 65536  # two descriptors per relayed connection
 
 
@@ -87,6 +89,8 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List
         ("LimitNOFILE", Variant("t", LIMIT_NOFILE)),
         ("LimitNOFILESoft", Variant("t", LIMIT_NOFILE)),
         ("TasksMax", Variant("t", cfg.relay_tasks_max)),
+        ("Nice", Variant("i", cfg.relay_nice)),
+        ("CPUSchedulingPolicy", Variant("i", SCHED_POLICY[cfg.relay_cpu_scheduling])),
     ]
     if cfg.relay_memory_max:
         props.append(("MemoryMax", Variant("t", cfg.relay_memory_max)))

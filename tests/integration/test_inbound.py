@@ -172,7 +172,7 @@ def test_relay_unit_has_the_sandbox_properties(clean, s1):
              "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
              "CapabilityBoundingSet", "AmbientCapabilities", "RestrictAddressFamilies",
              "MemoryMax", "TasksMax", "LogExtraFields", "PartOf", "BindsTo", "User",
-             "ControlGroup")
+             "ControlGroup", "Nice", "CPUSchedulingPolicy")
     assert (p["LoadState"], p["ActiveState"]) == ("loaded", "active"), p
     expected = {"Type": "exec", "Restart": "on-failure", "Slice": "scistream.slice",
                 "DynamicUser": "yes", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
@@ -180,6 +180,8 @@ def test_relay_unit_has_the_sandbox_properties(clean, s1):
                 "CapabilityBoundingSet": "", "AmbientCapabilities": "",
                 "MemoryMax": str(DEFAULTS.relay_memory_max),
                 "TasksMax": str(DEFAULTS.relay_tasks_max),
+                # Scheduling from the config: Nice -5, SCHED_BATCH (3).
+                "Nice": "-5", "CPUSchedulingPolicy": "3",
                 # Relays outlive the daemon: nothing binds them to scistreamd.
                 "PartOf": "", "BindsTo": ""}
     assert {k: p[k] for k in expected} == expected
@@ -212,6 +214,9 @@ def test_relay_unit_has_the_sandbox_properties(clean, s1):
     for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[cap], 16) == 0, f"{cap} = {status[cap].strip()}"
     assert status["NoNewPrivs"].strip() == "1"
+    # ... and the scheduler: nice -5, policy SCHED_BATCH.
+    sched = s1.run(["ps", "-o", "ni=,cls=", "-p", str(pid)]).stdout.split()
+    assert sched == ["-5", "B"], sched
     assert s1.run(["cat", f"/proc/{pid}/comm"]).stdout.strip().startswith("stunnel")
     # The listener belongs to that process.
     ss = s1.run(["ss", "-Htlnp", f"src {listeners[0]}"]).stdout
@@ -305,7 +310,8 @@ def test_relay_sandbox_survives_daemon_reload(clean, s1):
              "ProtectHome", "PrivateTmp", "PrivateDevices", "CapabilityBoundingSet",
              "RestrictAddressFamilies", "MemoryMax", "TasksMax", "LogExtraFields",
              "RestrictNamespaces", "MemoryDenyWriteExecute", "ProtectKernelTunables",
-             "ProtectControlGroups", "RestrictSUIDSGID", "LockPersonality", "UMask")
+             "ProtectControlGroups", "RestrictSUIDSGID", "LockPersonality", "UMask",
+             "BindReadOnlyPaths", "SupplementaryGroups", "Nice", "CPUSchedulingPolicy")
     before = show(s1, unit, *props)
     assert before["RestrictNamespaces"] == "yes"
     s1.run(["systemctl", "daemon-reload"])

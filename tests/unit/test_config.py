@@ -51,6 +51,7 @@ def test_defaults() -> None:
     assert c.stunnel == Path("/usr/bin/stunnel4")
     assert c.relay_memory_max == 256 * 1024 * 1024
     assert c.relay_tasks_max == 4096
+    assert (c.relay_nice, c.relay_cpu_scheduling) == (-5, "batch")
     assert c.relay_start_timeout == 10.0
     assert c.relay_ciphersuites == (
         "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
@@ -100,6 +101,8 @@ peer_enabled = false
 stunnel = "/usr/bin/stunnel"
 relay_memory_max = "1G"
 relay_tasks_max = 16
+relay_nice = 0
+relay_cpu_scheduling = "other"
 relay_start_timeout = 2.5
 relay_ciphersuites = "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
 relay_log_level = "debug"
@@ -119,6 +122,7 @@ log_level = "debug"
     assert c.stunnel == Path("/usr/bin/stunnel")
     assert c.relay_memory_max == 1024**3
     assert c.relay_tasks_max == 16
+    assert (c.relay_nice, c.relay_cpu_scheduling) == (0, "other")
     assert c.relay_start_timeout == 2.5
     assert c.relay_ciphersuites == "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
     assert c.relay_log_level == "debug"
@@ -314,6 +318,14 @@ BAD_VALUES = [
     ("relay_tasks_max", "0"),
     ("relay_tasks_max", '"64"'),
     ("relay_tasks_max", "false"),
+    ("relay_nice", "-21"),
+    ("relay_nice", "20"),
+    ("relay_nice", '"-5"'),
+    ("relay_nice", "true"),
+    ("relay_cpu_scheduling", '"fifo"'),
+    ("relay_cpu_scheduling", '"rr"'),
+    ("relay_cpu_scheduling", '"Batch"'),
+    ("relay_cpu_scheduling", "3"),
     ("relay_ciphersuites", '"eNULL"'),
     ("relay_ciphersuites", '"ALL:!aNULL"'),
     ("relay_ciphersuites", '""'),
