@@ -36,8 +36,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/scistream/scistreamd.toml")
 
 #: Python logging level names accepted for ``log_level``.
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-#: relay_cpu_scheduling values: the non-realtime policies (RestrictRealtime= holds).
-RELAY_SCHEDULING = ("other", "batch")
+#: relay_cpu_scheduling values, the non-realtime policies (RestrictRealtime= holds),
+#: and their Linux policy numbers (sched.h) for CPUSchedulingPolicy=.
+RELAY_SCHEDULING = {"other": 0, "batch": 3}
 
 _MEMORY = re.compile(r"([0-9]{1,15})([KMGT]?)")
 _MEMORY_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -190,11 +191,11 @@ def _memory(value: object) -> int:
     return size
 
 
-def _choice(names: Tuple[str, ...]) -> Callable[[object], str]:
+def _choice(names: Tuple[str, ...], what: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if isinstance(value, str) and value in names:
             return value
-        raise _Bad(f"{value!r:.60} is not a level: use one of {', '.join(names)}")
+        raise _Bad(f"{value!r:.60} is not a {what}: use one of {', '.join(names)}")
 
     return parse
 
@@ -214,14 +215,14 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "relay_memory_max": _memory,
     "relay_tasks_max": lambda v: _int(v, 1, 1_000_000),
     "relay_nice": lambda v: _int(v, -20, 19),
-    "relay_cpu_scheduling": _choice(RELAY_SCHEDULING),
+    "relay_cpu_scheduling": _choice(tuple(RELAY_SCHEDULING), "scheduling policy"),
     "relay_start_timeout": _seconds,
     "relay_ciphersuites": parse_ciphersuites,
     "relay_log_level": parse_stunnel_log_level,
     "state_dir": _path,
     "key_dir": _path,
     "max_endpoints": lambda v: _int(v, 1, 100_000),
-    "log_level": _choice(LOG_LEVELS),
+    "log_level": _choice(LOG_LEVELS, "level"),
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}
 

@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Protocol, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
 
 from . import RELAY_GROUP
 from .config import Config
@@ -243,12 +243,7 @@ class Manager:
                 peer.claim_endpoint, peer_addr, uid, listeners=remote,
                 trust_pem=opts.get("trust_pem"), **self._peer_client())
             # The peer checked them too; an answer is still untrusted input.
-            unknown = [str(r) for r in remote if r not in info.listeners]
-            if unknown:
-                raise PeerRejected(
-                    f"{', '.join(unknown)} is not a listener of tunnel {uid} at the peer "
-                    f"(it has {', '.join(str(x) for x in info.listeners)}): pass the "
-                    "listeners the inbound request printed")
+            _require_listeners(uid, remote, info.listeners, " at the peer")
             ep = Endpoint(
                 uid=uid, role=Role.OUTBOUND,
                 listeners=tuple(HostPort(self.cfg.listen_address, p) for p in held),
@@ -316,8 +311,11 @@ class Manager:
         deadline = time.monotonic() + self.cfg.relay_start_timeout
         delay = 0.002
         while not _listening(ep.listeners):
-            st = await self.systemd.status(ep.unit)
-            if st.active_state not in ("active", "activating", "reloading"):
+            # Polled every few ms while the caller waits: only the one small call
+            # that says whether the relay still runs; its full status on failure.
+            _load, active, _sub = await self.systemd.unit_state(ep.unit)
+            if active not in ("active", "activating", "reloading"):
+                st = await self.systemd.status(ep.unit)
                 raise RelayFailed(
                     f"relay {ep.unit} exited ({st.active_state}/{st.result or st.sub_state}) "
                     f"before listening on {', '.join(map(str, ep.listeners))}: a port may be "
@@ -381,12 +379,7 @@ class Manager:
             ep = self.endpoints.get((uid, Role.INBOUND))
             if ep is None:
                 raise NotFound(f"no inbound endpoint {uid} here")
-            unknown = [str(h) for h in listeners if h not in ep.listeners]
-            if unknown:
-                raise PeerRejected(
-                    f"{', '.join(unknown)} is not a listener of tunnel {uid} (it has "
-                    f"{', '.join(map(str, ep.listeners))}): pass the listeners the inbound "
-                    "request printed")
+            _require_listeners(uid, listeners, ep.listeners)
             if ep.claimed_by:
                 raise PeerRejected(
                     f"the key of {uid} was already claimed by another peer: ask the inbound "
@@ -597,6 +590,16 @@ class Manager:
                 logger.warning("removing orphan key directory %s", name)
                 self.keys.remove(uid, role)
         logger.info("adopted %d endpoints", len(self.endpoints))
+
+
+def _require_listeners(uid: str, asked: Iterable[HostPort], have: Sequence[HostPort],
+                       where: str = "") -> None:
+    """PeerRejected naming each of ``asked`` that is not a listener of tunnel ``uid``."""
+    unknown = [str(h) for h in asked if h not in have]
+    if unknown:
+        raise PeerRejected(
+            f"{', '.join(unknown)} is not a listener of tunnel {uid}{where} (it has "
+            f"{', '.join(map(str, have))}): pass the listeners the inbound request printed")
 
 
 def _relay_gid() -> Optional[int]:

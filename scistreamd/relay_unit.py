@@ -25,14 +25,12 @@ from typing import Any, List, Tuple
 from dbus_next import Variant
 
 from . import RELAY_GROUP, SLICE
-from .config import Config
+from .config import RELAY_SCHEDULING, Config
 from .model import Endpoint
 from .relay import RELAY_KEY_DIR, relay_file_path, stunnel_command
 from .store import CONF_FILE
 
 USEC = 1_000_000
-#: Linux policy numbers (sched.h) of config.RELAY_SCHEDULING.
-SCHED_POLICY = {"other": 0, "batch": 3}
 LIMIT_NOFILE = 65536  # two descriptors per relayed connection
 
 
@@ -90,7 +88,7 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List
         ("LimitNOFILESoft", Variant("t", LIMIT_NOFILE)),
         ("TasksMax", Variant("t", cfg.relay_tasks_max)),
         ("Nice", Variant("i", cfg.relay_nice)),
-        ("CPUSchedulingPolicy", Variant("i", SCHED_POLICY[cfg.relay_cpu_scheduling])),
+        ("CPUSchedulingPolicy", Variant("i", RELAY_SCHEDULING[cfg.relay_cpu_scheduling])),
     ]
     if cfg.relay_memory_max:
         props.append(("MemoryMax", Variant("t", cfg.relay_memory_max)))

@@ -190,20 +190,28 @@ class Systemd:
             return default
         return value.value
 
+    async def unit_state(self, name: str) -> Tuple[str, str, str]:
+        """(load_state, active_state, sub_state) of a unit, from one small call;
+        ("not-found", ABSENT, ABSENT) if systemd has no such unit."""
+        (units,) = await self._manager_call("ListUnitsByNames", "as", [[name]])
+        if not units or units[0][2] == "not-found":
+            return ("not-found", ABSENT, ABSENT)
+        _name, _desc, load_state, active_state, sub_state = units[0][:5]
+        return (load_state, active_state, sub_state)
+
     async def status(self, name: str) -> UnitStatus:
         # Four small calls sent at once (one round trip), not GetAll: a unit's
         # and a service's GetAll replies carry some 300 properties, and parsing
         # them cost milliseconds per call (seconds when re-adopting 1000 relays).
-        listed, result, n_restarts, main_pid = await asyncio.gather(
-            self._manager_call("ListUnitsByNames", "as", [[name]]),
-            self._service_property(name, "Result", ""),
-            self._service_property(name, "NRestarts", 0),
-            self._service_property(name, "MainPID", 0),
-        )
-        units = listed[0]
-        if not units or units[0][2] == "not-found":
-            return UnitStatus(name, ABSENT, ABSENT, "", 0, 0, "not-found")
-        _name, _desc, load_state, active_state, sub_state = units[0][:5]
+        (load_state, active_state, sub_state), result, n_restarts, main_pid = (
+            await asyncio.gather(
+                self.unit_state(name),
+                self._service_property(name, "Result", ""),
+                self._service_property(name, "NRestarts", 0),
+                self._service_property(name, "MainPID", 0),
+            ))
+        if load_state == "not-found":
+            return UnitStatus(name, ABSENT, ABSENT, "", 0, 0, load_state)
         return UnitStatus(name=name, active_state=active_state, sub_state=sub_state,
                           result=result, n_restarts=n_restarts, main_pid=main_pid,
                           load_state=load_state)
