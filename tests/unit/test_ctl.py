@@ -1108,6 +1108,9 @@ def test_ctrl_c_is_exit_130_quietly(peer: Peer) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a test run started in the background (e.g. `cmd &` in a
+        # script) inherits SIGINT ignored, and Python then keeps ignoring it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 10
