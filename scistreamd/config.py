@@ -61,8 +61,11 @@ class Config:
     peer_key: Path = Path("/etc/scistream/server.key")
     #: CA bundle (or the peer's own certificate) that peer daemons' certificates must match.
     peer_trust_file: Path = Path("/etc/scistream/peer-ca.crt")
-    #: None: no client certificates; a path: the peer server requires ones signed by it.
+    #: CA(s) that peer daemons' client certificates must chain to; None: peer_trust_file.
     peer_client_ca: Path | None = None
+    #: Claims (and endpoint state, full health) need a verified client certificate.
+    #: false is a lab opt-out: then whoever knows a uid can claim its key once.
+    peer_require_client_cert: bool = True
     peer_timeout: float = 10.0
     #: Seconds between checks that the peer still holds each outbound endpoint's
     #: inbound half; 0 = never check.
@@ -89,6 +92,11 @@ class Config:
     log_level: str = "info"
     #: Which file set each key (for messages); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def peer_client_ca_file(self) -> Path:
+        """The CA file client certificates on the peer port are verified with."""
+        return self.peer_client_ca if self.peer_client_ca is not None else self.peer_trust_file
 
     @property
     def port_range_text(self) -> str:
@@ -208,6 +216,7 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "peer_key": _path,
     "peer_trust_file": _path,
     "peer_client_ca": _optional_path,
+    "peer_require_client_cert": _bool,
     "peer_timeout": _seconds,
     "peer_check_interval": lambda v: 0.0 if v == 0 and not isinstance(v, bool) else _seconds(v),
     "peer_enabled": _bool,

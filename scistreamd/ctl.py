@@ -8,6 +8,7 @@ bus, so it works against any scistreamd of the same API version.
 Verbs::
 
     inbound-request  --remote_ip IP --receiver_ports PORTS [--num_conn N] [--s2cs H:P]
+                     [--allowed-peer IP|DNS]
     outbound-request [--receiver_ports PORTS] [--num_conn N] [--peer H:P]
                      [--server_cert PEM] UID LISTENER [LISTENER ...]
     release UID | release --all
@@ -257,6 +258,15 @@ def _args_inbound_request(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="only printed in the output (upstream's control server address); "
         "default: this daemon's ListenAddress:PeerPort",
+    )
+    p.add_argument(
+        "--allowed-peer",
+        "--allowed_peer",
+        dest="allowed_peer",
+        metavar="IP|DNS",
+        help="only the peer gateway whose client certificate lists this IP address or DNS "
+        "name (subjectAltName) may claim the tunnel's key; default: any peer whose "
+        "certificate this daemon trusts",
     )
     p.add_argument(
         "--server-cert",
@@ -513,12 +523,16 @@ class InboundPlan:
     """A validated inbound-request."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from .model import parse_ip, parse_port_list
+        from .model import parse_allowed_peer, parse_ip, parse_port_list
 
         self.remote_ip = str(parse_ip(args.remote_ip, "--remote_ip"))
         self.ports = list(parse_port_list(_items(args.receiver_ports), "--receiver_ports"))
         self.num_conn = _count(args.num_conn, "--num_conn")
         self.s2cs = _hostport_text(args.s2cs, "--s2cs") if args.s2cs else None
+        self.allowed_peer = (
+            parse_allowed_peer(args.allowed_peer, "--allowed_peer")
+            if args.allowed_peer is not None else ""
+        )
 
 
 class OutboundPlan:
@@ -605,6 +619,7 @@ STATUS_ORDER = (
     "NRestarts",
     "ClaimedBy",
     "ClaimedAt",
+    "AllowedPeer",
 )
 _TIME_PROPERTIES = frozenset({"CreatedAt", "ClaimedAt"})
 
@@ -789,13 +804,18 @@ def _request_with_s2cs(
 
 def cmd_inbound(args: argparse.Namespace) -> Output:
     plan = InboundPlan(args)
+    options: Dict[str, Any] = {}
+    if plan.allowed_peer:
+        from .busclient import Variant
+
+        options["allowed_peer"] = Variant("s", plan.allowed_peer)
 
     def work(client: Client) -> Tuple[List[Any], str]:
         return _request_with_s2cs(
             client,
             "InboundRequest",
             "saqua{sv}",
-            [plan.remote_ip, plan.ports, plan.num_conn, {}],
+            [plan.remote_ip, plan.ports, plan.num_conn, options],
             plan.s2cs is None,
         )
 

@@ -55,7 +55,7 @@ class _PeerHandler:
     def __init__(self, manager: Any) -> None:
         self._m = manager
 
-    async def claim(self, uid: str, claimant: str, listeners: Any = ()) -> Dict[str, Any]:
+    async def claim(self, uid: str, claimant: Any, listeners: Any = ()) -> Dict[str, Any]:
         return await self._m.claim(uid, claimant, listeners)
 
     async def health(self) -> Dict[str, Any]:
@@ -63,6 +63,25 @@ class _PeerHandler:
 
     async def endpoint_state(self, uid: str) -> Dict[str, Any]:
         return await self._m.endpoint_state(uid)
+
+
+def _client_ca(cfg: Config) -> Optional[Path]:
+    """The CA file for peer client certificates, or None when there is none yet.
+
+    An explicit peer_client_ca must load (else the start fails naming it). The
+    default, peer_trust_file, may be absent on a fresh install: the daemon
+    still starts, and with peer_require_client_cert every claim is refused by
+    name until the trust file is installed and scistreamd restarted.
+    """
+    path = cfg.peer_client_ca_file
+    if cfg.peer_client_ca is None and not path.exists():
+        logger.warning(
+            "peer_trust_file %s does not exist: no peer daemon can be authenticated, so %s; "
+            "install the peer's CA or certificate there and restart scistreamd", path,
+            "every claim of a key is refused" if cfg.peer_require_client_cert else
+            "claims are accepted without client certificates only")
+        return None
+    return path
 
 
 async def _notify(*lines: str) -> None:
@@ -112,7 +131,8 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
         from .peer import PeerServer
 
         peer_server = PeerServer(cfg.listen_address, cfg.peer_port, cfg.peer_cert, cfg.peer_key,
-                                 cfg.peer_client_ca, _PeerHandler(manager), loop,
+                                 _client_ca(cfg), _PeerHandler(manager), loop,
+                                 require_client_cert=cfg.peer_require_client_cert,
                                  timeout=cfg.peer_timeout)
         await peer_server.start()
 

@@ -136,6 +136,10 @@ class EndpointObject(ServiceInterface):
     def Peer(self) -> "s":
         return str(self.ep.peer) if self.ep.peer else ""
 
+    @dbus_property(access=PropertyAccess.READ)
+    def AllowedPeer(self) -> "s":
+        return self.ep.allowed_peer
+
     @method()
     @_dbus_errors
     async def Release(self):

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Set,
 from . import RELAY_GROUP
 from .config import Config
 from .errors import (
+    AccessDenied,
     AlreadyExists,
     ConfigError,
     InvalidArgument,
@@ -39,9 +40,11 @@ from .errors import (
 from .model import (
     Endpoint,
     HostPort,
+    PeerIdentity,
     Role,
     State,
     new_uid,
+    parse_allowed_peer,
     parse_hostport,
     parse_hostport_list,
     parse_ip,
@@ -49,6 +52,7 @@ from .model import (
     parse_options,
     parse_port_list,
     parse_uid,
+    peer_matches,
 )
 from .ports import PortAllocator
 from .relay import new_psk, relay_file_path, render_psk_file, render_stunnel_config
@@ -63,6 +67,8 @@ MSG_REQUEST = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a71")
 MSG_RELEASE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a72")
 MSG_FAILURE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a73")
 MSG_CLAIM = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a74")
+#: A refused claim (same id as peer.MSG_PEER_REFUSED, which the peer port logs).
+MSG_CLAIM_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75")
 
 MAX_TRUST_PEM = 1024 * 1024
 RELAY_PATTERN = "scistream-*-*.service"
@@ -189,7 +195,7 @@ class Manager:
         ip = parse_ip(remote_ip, "remote_ip")
         ports = parse_port_list(receiver_ports, "receiver_ports")
         n = parse_num_conn(num_conn, self.cfg.port_range[1] - self.cfg.port_range[0] + 1)
-        parse_options(options, {})
+        opts = parse_options(options, {"allowed_peer": parse_allowed_peer})
         self._check_capacity()
         uid = new_uid()
         async with self._lock(uid):
@@ -199,7 +205,8 @@ class Manager:
                     uid=uid, role=Role.INBOUND,
                     listeners=tuple(HostPort(self.cfg.listen_address, p) for p in listen),
                     targets=tuple(HostPort(ip, p) for p in ports),
-                    num_conn=n, created_at=time.time())
+                    num_conn=n, created_at=time.time(),
+                    allowed_peer=str(opts.get("allowed_peer", "")))
             except BaseException:
                 self.ports.release(listen)
                 raise
@@ -366,19 +373,32 @@ class Manager:
         return count
 
     # ---------------------------------------------------------- peer side
-    async def claim(self, uid: str, claimant: str,
+    async def claim(self, uid: str, claimant: PeerIdentity,
                     listeners: Iterable[HostPort] = ()) -> Dict[str, Any]:
-        """Hand the key of an inbound endpoint to the first peer that asks.
+        """Hand the key of an inbound endpoint to the first (allowed) peer that asks.
 
         ``listeners`` are the ones the claimant means to connect to: a wrong
         one is refused before the key leaves, so a typo does not use up the
-        single claim. Messages go to the peer verbatim: they name no claimant.
+        single claim. A claimant that is not the endpoint's allowed peer is
+        refused first, consuming nothing. Messages go to the peer verbatim:
+        they name no other claimant and not the allowed peer.
         """
         uid = parse_uid(uid)
         async with self._lock(uid):
             ep = self.endpoints.get((uid, Role.INBOUND))
             if ep is None:
                 raise NotFound(f"no inbound endpoint {uid} here")
+            if not peer_matches(ep.allowed_peer, claimant):
+                shown = (f"names {claimant.names() or 'no IP address or DNS name'}"
+                         if claimant.verified else "is absent")
+                _log(logging.WARNING, MSG_CLAIM_REFUSED, ep,
+                     "refused claim of %s by %s: not the endpoint's allowed peer %s", uid,
+                     claimant, ep.allowed_peer)
+                raise AccessDenied(
+                    f"endpoint {uid} may be claimed only by the peer its inbound request "
+                    f"named, and this claim's certificate {shown}: claim it from that "
+                    "gateway, or ask the inbound side for a new request that names this one "
+                    "(--allowed-peer)")
             _require_listeners(uid, listeners, ep.listeners)
             if ep.claimed_by:
                 raise PeerRejected(
@@ -387,7 +407,7 @@ class Manager:
             if ep.state is not State.ACTIVE:
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
             psk = self.keys.read_psk(uid, Role.INBOUND)
-            self._set(ep, claimed_by=claimant[:200], claimed_at=time.time())
+            self._set(ep, claimed_by=str(claimant)[:200], claimed_at=time.time())
             _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
             return {"uid": uid, "listeners": [str(h) for h in ep.listeners], "psk": psk,
                     "cipher_suites": self.cfg.relay_ciphersuites}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
@@ -40,6 +40,9 @@ _UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 _HOSTPORT_V6 = re.compile(r"\[([^\[\]]*)\]:([^:]*)")
 # Any float of unix seconds is exact below 2**53; later than that is corruption.
 _MAX_TIME = float(2**53)
+# A DNS label (RFC 1123), lower-case: letters, digits, inner hyphens, 1..63 characters.
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_MAX_DNS_NAME = 253
 
 
 def _show(value: object, limit: int = 60) -> str:
@@ -358,6 +361,9 @@ class Endpoint:
     #: why the endpoint failed, for status output.
     detail: str = ""
     n_restarts: int = 0
+    #: inbound: the only peer that may claim the key, by certificate identity
+    #: (canonical text of parse_allowed_peer); "" = any peer the trust accepts.
+    allowed_peer: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -394,6 +400,9 @@ class Endpoint:
         _parse_time(self.claimed_at, "endpoint claimed_at")
         _parse_text(self.claimed_by, "endpoint claimed_by")
         _parse_text(self.detail, "endpoint detail")
+        if parse_allowed_peer(self.allowed_peer, "endpoint allowed_peer") != self.allowed_peer:
+            raise InvalidArgument(
+                f"endpoint allowed_peer {_show(self.allowed_peer)} is not canonical")
 
     @property
     def unit(self) -> str:
@@ -427,6 +436,8 @@ class Endpoint:
             "claimed_at": self.claimed_at,
             "detail": self.detail,
             "n_restarts": self.n_restarts,
+            # Only when set: a record without it still loads in an older daemon.
+            **({"allowed_peer": self.allowed_peer} if self.allowed_peer else {}),
         }
 
     @classmethod
@@ -439,7 +450,8 @@ class Endpoint:
         if not isinstance(d, dict):
             raise InvalidArgument(f"endpoint record must be an object, not {_show(d)}")
         required = {"uid", "role", "listeners", "targets", "num_conn", "created_at"}
-        optional = {"state", "peer", "claimed_by", "claimed_at", "detail", "n_restarts"}
+        optional = {"state", "peer", "claimed_by", "claimed_at", "detail", "n_restarts",
+                    "allowed_peer"}
         unknown = [k for k in d if k not in required | optional]
         if unknown:
             raise InvalidArgument(
@@ -468,6 +480,7 @@ class Endpoint:
             claimed_at=_parse_time(d.get("claimed_at", 0.0), "claimed_at"),
             detail=_parse_text(d.get("detail", ""), "detail"),
             n_restarts=n_restarts,
+            allowed_peer=parse_allowed_peer(d.get("allowed_peer", ""), "allowed_peer"),
         )
 
 
@@ -476,6 +489,90 @@ def _parse_stored_hostports(values: object, what: str) -> Tuple[HostPort, ...]:
     if not isinstance(values, list):
         raise InvalidArgument(f"{what} must be a list, not {_show(values)}")
     return parse_hostport_list(values, what)
+
+
+# ---------------------------------------------------------------------------
+# Peer identity: who may claim an inbound endpoint's key over the peer port
+
+
+def parse_allowed_peer(value: object, what: str = "allowed_peer") -> str:
+    """The peer allowed to claim an endpoint, by certificate identity; canonical text.
+
+    An IP literal (canonical form: IPv6 compressed, lower-case) is compared
+    with the IP subjectAltNames of the claimant's verified certificate; a DNS
+    name (lower-case, no trailing dot) with its DNS subjectAltNames, exactly.
+    No wildcards: an endpoint names one peer. "" means any trusted peer.
+    """
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string (an IP address or DNS name), "
+                              f"not {_show(value)}")
+    if value == "":
+        return ""
+    if ":" in value or re.fullmatch(r"[0-9.]+", value):
+        return str(parse_ip(value, what))
+    # ASCII first: str.lower() maps e.g. KELVIN SIGN to "k".
+    name = _dns_key(value)
+    labels = name.split(".")
+    if (not value.isascii() or len(name) > _MAX_DNS_NAME
+            or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()):
+        raise InvalidArgument(
+            f"{what} {_show(value)} is neither an IP address nor a DNS name: give the IP "
+            "address or DNS name that the peer gateway's certificate lists as "
+            "subjectAltName, e.g. 192.168.150.2 or gw2.example.org (no wildcards)")
+    return name
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who asks on the peer port: its address, and what its verified certificate names.
+
+    ``verified`` is True only for a client certificate that chained to the
+    trusted CA(s) in the TLS handshake; the names are its subjectAltNames.
+    """
+
+    address: str
+    verified: bool = False
+    ips: Tuple[IPAddress, ...] = field(default=())
+    dns_names: Tuple[str, ...] = field(default=())
+    common_name: str = ""
+
+    def names(self) -> str:
+        """The certificate's identity as text: IP:a,DNS:b (CN=c when it has no SAN)."""
+        parts = [f"IP:{ip}" for ip in self.ips] + [f"DNS:{d}" for d in self.dns_names]
+        if not parts and self.common_name:
+            parts = [f"CN={self.common_name}"]
+        return ",".join(parts)
+
+    def __str__(self) -> str:
+        """For ClaimedBy and the journal: "ip:port" plus " cert <names>" when verified."""
+        if not self.verified:
+            return self.address
+        return f"{self.address} cert {self.names() or '(no names)'}"
+
+
+def _dns_key(name: str) -> str:
+    name = name.lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+def peer_matches(allowed: str, who: PeerIdentity) -> bool:
+    """Whether ``who`` is the peer ``allowed`` (canonical, see parse_allowed_peer) names.
+
+    "" allows anyone. Otherwise only a verified certificate counts: an IP is
+    matched against its IP SANs (IPv4 never equals an IPv4-mapped IPv6), a DNS
+    name case-insensitively against its DNS SANs, exactly (a wildcard SAN
+    names many hosts, so it never matches one name).
+    """
+    if not allowed:
+        return True
+    if not who.verified:
+        return False
+    try:
+        want_ip = ip_address(allowed)
+    except ValueError:
+        return any(_dns_key(d) == allowed for d in who.dns_names if "*" not in d)
+    return any(type(ip) is type(want_ip) and ip == want_ip for ip in who.ips)
 
 
 # ---------------------------------------------------------------------------

@@ -19,8 +19,16 @@ and every field is parsed before it is returned.
 
 API (JSON over HTTPS, one request per connection)::
 
-    GET  /v1/health                 -> 200 {"version": ..., ...}
+    GET  /v1/health                 -> 200 {"status": "ok"} (+ "version", ... for a
+                                       verified client certificate)
+    GET  /v1/endpoints/<uid>        -> 200 {"uid", "state"}
     POST /v1/endpoints/<uid>/claim  {} -> 200 {"uid", "listeners", "psk", "cipher_suites"}
+
+Peer authentication: with a client CA the server asks every client for a
+certificate (CERT_OPTIONAL): one that does not chain to the CA fails the
+handshake; none at all completes it, so that with ``require_client_cert``
+the claim and state requests get a named 403 AccessDenied (saying what to
+configure) instead of a bare TLS alert. Who asked is a :class:`PeerIdentity`.
 
 Errors are ``{"error": "<Name>", "message": "..."}``: 400 InvalidArgument,
 403 AccessDenied, 404 NotFound (no such endpoint) or UnknownPath, 405
@@ -43,6 +51,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -64,7 +73,15 @@ from .errors import (
     PeerUnreachable,
     ScistreamError,
 )
-from .model import MAX_LIST_LEN, HostPort, IPAddress, parse_hostport, parse_hostport_list, parse_uid
+from .model import (
+    MAX_LIST_LEN,
+    HostPort,
+    IPAddress,
+    PeerIdentity,
+    parse_hostport,
+    parse_hostport_list,
+    parse_uid,
+)
 from .relay import parse_ciphersuites, parse_psk
 
 logger = logging.getLogger(__name__)
@@ -75,6 +92,9 @@ DEFAULT_PEER_PORT = 5000
 MAX_RESPONSE = 64 * 1024
 #: Thread name prefix of everything the server runs (tests look for leftovers).
 THREAD_PREFIX = "scistreamd-peer"
+#: journald MESSAGE_ID of a refused peer request (no or untrusted certificate, not
+#: the endpoint's allowed peer); manager.MSG_CLAIM_REFUSED is the same id.
+MSG_PEER_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75")
 
 # After the response, keep reading (and discarding) for a moment before the
 # close: closing a socket with unread input makes the kernel send RST, which
@@ -127,12 +147,13 @@ class PeerHandler(Protocol):
     Both run on the daemon's event loop. ``claim`` returns a JSON-safe dict
     ``{"uid", "listeners": ["ip:port", ...], "psk": "<64 hex>", "cipher_suites"}``
     and raises NotFound (no such inbound endpoint), PeerRejected (already
-    claimed) or InvalidArgument; ``claimant`` is ``"ip:port"`` of the peer plus
-    ``" CN=<name>"`` when it presented a (verified) client certificate.
+    claimed), AccessDenied (not the endpoint's allowed peer) or
+    InvalidArgument; ``claimant`` is the peer's address and, when it
+    presented a verified client certificate, that certificate's names.
     """
 
     async def claim(
-        self, uid: str, claimant: str, listeners: Tuple[HostPort, ...] = ()
+        self, uid: str, claimant: PeerIdentity, listeners: Tuple[HostPort, ...] = ()
     ) -> Dict[str, Any]: ...
 
     async def endpoint_state(self, uid: str) -> Dict[str, Any]: ...
@@ -196,6 +217,11 @@ class _Listener:
 class PeerServer:
     """The TLS peer port of this daemon.
 
+    ``client_ca``: PEM CA(s) that client certificates must chain to (None: no
+    client certificates are asked for). ``require_client_cert``: claims and
+    endpoint state need a verified client certificate (else 403 AccessDenied),
+    and health answers without one reveal nothing but {"status": "ok"}.
+
     ``timeout`` bounds the TLS handshake, each socket read/write and each call
     into the event loop; a whole connection may live at most ``3 * timeout``.
     At most ``max_connections`` connections are served at once; more are
@@ -212,6 +238,7 @@ class PeerServer:
         handler: PeerHandler,
         loop: asyncio.AbstractEventLoop,
         *,
+        require_client_cert: bool,
         timeout: float = 10.0,
         max_body: int = 64 * 1024,
         max_connections: int = 64,
@@ -237,6 +264,7 @@ class PeerServer:
         self._cert = Path(cert)
         self._key = Path(key)
         self._client_ca = Path(client_ca) if client_ca is not None else None
+        self._require_client_cert = bool(require_client_cert)
         self._handler = handler
         self._loop = loop
         self._timeout = float(timeout)
@@ -280,11 +308,16 @@ class PeerServer:
         )
         self._listener = listener
         listener.thread.start()
-        logger.info(
-            "peer port listening on %s (TLS%s)",
-            self.address,
-            "; client certificates required" if self._client_ca else "",
-        )
+        if self._require_client_cert:
+            mode = "client certificates required" + (
+                f", verified with {self._client_ca}" if self._client_ca else
+                ", but no CA to verify them with: every claim is refused"
+            )
+        else:
+            mode = "client certificates NOT required (peer_require_client_cert = false)" + (
+                f"; presented ones verified with {self._client_ca}" if self._client_ca else ""
+            )
+        logger.info("peer port listening on %s (TLS; %s)", self.address, mode)
 
     async def stop(self) -> None:
         """Stop accepting, cut open connections short and join every thread."""
@@ -362,7 +395,13 @@ class PeerServer:
                     f"cannot load the CA for peer client certificates: {_ssl_reason(e)}; "
                     "give a readable PEM file of the CA(s) that sign peer daemons' certificates",
                 ) from None
-            ctx.verify_mode = ssl.CERT_REQUIRED
+            # Optional at the TLS level: a client without a certificate still gets
+            # an HTTP answer naming the fix (see _RequestHandler._authenticated);
+            # a certificate that does not chain to the CA fails the handshake.
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+            # The trust may be the peer's own CA-issued certificate (pinning), as
+            # on the client side.
+            ctx.verify_flags |= getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0x80000)
         return ctx
 
     def _bind(self) -> _Listener:
@@ -530,8 +569,14 @@ class PeerServer:
             try:
                 tls.do_handshake()
             except ssl.SSLError as e:
-                level = logging.INFO if _is_client_cert_failure(e) else logging.DEBUG
-                logger.log(level, "peer port: TLS handshake with %s failed: %s", conn.who, e)
+                if _is_client_cert_failure(e):
+                    logger.warning(
+                        "peer port: refused %s: its client certificate is not trusted (%s)",
+                        conn.who, _cert_failure_text(e),
+                        extra={"MESSAGE_ID": MSG_PEER_REFUSED.hex},
+                    )
+                else:
+                    logger.debug("peer port: TLS handshake with %s failed: %s", conn.who, e)
                 self._linger(tls)
                 return
             except OSError as e:  # timeout, reset, stopped
@@ -594,6 +639,12 @@ def _is_client_cert_failure(e: ssl.SSLError) -> bool:
         "PEER_DID_NOT_RETURN_A_CERTIFICATE",
         "NO_CERTIFICATES_RETURNED",
     )
+
+
+def _cert_failure_text(e: ssl.SSLError) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError) and getattr(e, "verify_message", ""):
+        return _clean(e.verify_message, 120)
+    return _ssl_reason(e)
 
 
 def _ssl_reason(e: BaseException) -> str:
@@ -753,22 +804,53 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return None
         return doc
 
-    def _claimant(self) -> str:
+    def _identity(self) -> PeerIdentity:
+        """Who is asking: the address, and the names of a verified client certificate."""
         who = _format_client(self.client_address)
+        if self.server._client_ca is None:
+            return PeerIdentity(who)  # no certificate was asked for
         try:
+            # The dict form is empty unless the certificate was verified (CERT_OPTIONAL
+            # fails the handshake for one that does not chain to the CA).
             cert = self.connection.getpeercert()
         except (ValueError, OSError):
             cert = None
-        cn = None
-        for rdn in (cert or {}).get("subject", ()):
-            for key, value in rdn:
-                if key == "commonName" and cn is None:
-                    cn = value
-        return f"{who} CN={_clean(cn, 64)}" if cn else who
+        if not cert:
+            return PeerIdentity(who)
+        return _identity_of(who, cert)
+
+    def _authenticated(self, what: str, uid: str, who: PeerIdentity) -> bool:
+        """False (after a named 403) when a verified client certificate is required and absent."""
+        if who.verified or not self.server._require_client_cert:
+            return True
+        if self.server._client_ca is None:
+            why = "this gateway has no CA to verify peer certificates with"
+            fix = ("its administrator must install the peer's CA or certificate as "
+                   "peer_trust_file (or peer_client_ca) and restart scistreamd")
+        else:
+            why = "no client certificate was presented"
+            fix = ("configure peer_cert/peer_key on the claiming gateway and exchange trust "
+                   "files: each gateway's peer_trust_file must hold the other's CA or "
+                   "certificate")
+        logger.warning(
+            "peer port: refused %s of endpoint %s by %s: %s",
+            what, uid, who, why,
+            extra={"MESSAGE_ID": MSG_PEER_REFUSED.hex, "SCISTREAM_UID": uid},
+        )
+        self._send_error_json(
+            403, AccessDenied.name,
+            f"{why}, and this peer port serves only peers with a trusted client certificate: "
+            f"{fix}",
+        )
+        return False
 
     # -- endpoints -----------------------------------------------------------
 
     def _health(self) -> None:
+        if not self._identity().verified:
+            # Anyone may see that the port is up; the version and counts are for peers.
+            self._respond_ok({"status": "ok"})
+            return
         try:
             info = self.server._call(self.server._handler.health)
         except _HandlerTimeout as e:
@@ -782,6 +864,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send_error_json(500, "Failed", "internal error; see the journal of scistreamd")
             return
         doc = dict(info) if isinstance(info, dict) else {}
+        doc.setdefault("status", "ok")
         doc.setdefault("version", __version__)
         doc.setdefault("api", API_PREFIX.strip("/"))
         self._respond_ok(doc)
@@ -790,6 +873,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         """Whether an inbound endpoint still exists (no key material): for the outbound side."""
         try:
             uid = parse_uid(raw_uid)
+            if not self._authenticated("a state check", uid, self._identity()):
+                return
             result = self.server._call(lambda: self.server._handler.endpoint_state(uid))
         except _HandlerTimeout as e:
             self._send_error_json(503, "Busy", f"the daemon is busy ({e}); try again")
@@ -804,11 +889,19 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self._respond_ok(result if isinstance(result, dict) else {})
 
     def _claim(self, raw_uid: str) -> None:
+        claimant = self._identity()
+        try:
+            uid = parse_uid(raw_uid)
+        except InvalidArgument as e:
+            self._send_failure(e)
+            return
+        # Before the body is read: an unauthenticated client gets nothing processed.
+        if not self._authenticated("a claim", uid, claimant):
+            return
         doc = self._read_json_object()
         if doc is None:
             return
         try:
-            uid = parse_uid(raw_uid)
             # The listeners the claimant will connect to: checked before the key
             # leaves, so a mistyped listener does not use up the one claim.
             listeners = parse_hostport_list(doc.get("listeners", []), "listeners", min_len=0)
@@ -818,7 +911,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except InvalidArgument as e:
             self._send_failure(e)
             return
-        claimant = self._claimant()
         handler = self.server._handler
         try:
             result = self.server._call(lambda: handler.claim(uid, claimant, listeners))
@@ -827,7 +919,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send_error_json(503, "Busy", f"the daemon is busy ({e}); try again")
             return
         except ScistreamError as e:
-            logger.info("peer port: refused claim of endpoint %s by %s: %s", uid, claimant, e)
+            if isinstance(e, AccessDenied):  # the manager logged it, with the endpoint's fields
+                logger.debug("peer port: refused claim of endpoint %s by %s: %s", uid, claimant, e)
+            else:
+                logger.info("peer port: refused claim of endpoint %s by %s: %s", uid, claimant, e)
             self._send_failure(e)
             return
         except Exception:
@@ -849,6 +944,27 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send_error_json(500, "Failed", "internal error; see the journal of scistreamd")
             return
         self._send_json(200, doc)
+
+
+def _identity_of(who: str, cert: Dict[str, Any]) -> PeerIdentity:
+    """A PeerIdentity from ssl's dict form of a verified certificate."""
+    ips: List[IPAddress] = []
+    dns: List[str] = []
+    for kind, value in cert.get("subjectAltName", ()):
+        if not isinstance(value, str):
+            continue
+        if kind == "IP Address":
+            # ssl prints IPv6 SANs in full upper-case form: parse, do not compare text.
+            with contextlib.suppress(ValueError):
+                ips.append(ipaddress.ip_address(value.strip()))
+        elif kind == "DNS":
+            dns.append(_clean(value, 253))
+    cn = ""
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and not cn:
+                cn = _clean(value, 64)
+    return PeerIdentity(who, True, tuple(ips[:16]), tuple(dns[:16]), cn)
 
 
 # ===========================================================================
@@ -1021,10 +1137,11 @@ def _transport_error(
             )
     for c in causes:
         if isinstance(c, ssl.SSLError) and getattr(c, "reason", None) in _CLIENT_CERT_ALERTS:
-            return PeerRejected(
+            return AccessDenied(
                 f"peer scistreamd at {peer} refused the TLS handshake ({c.reason}): it accepts "
-                "only peers with a client certificate it trusts; configure this daemon's client "
-                "certificate and key, signed by a CA the peer trusts"
+                "only peers with a client certificate it trusts; this daemon's peer_cert must "
+                "be signed by a CA in the peer's peer_trust_file (or be in it): exchange trust "
+                "files with the peer's administrator"
             )
     for c in causes:
         if isinstance(
@@ -1156,7 +1273,8 @@ def _status_error(peer: HostPort, status: int, doc: Any, uid: str | None) -> Sci
     name = doc.get("error") if isinstance(doc, dict) else None
     msg = doc.get("message") if isinstance(doc, dict) else None
     name = _clean(name, 40) if isinstance(name, str) else ""
-    msg = _clean(msg) if isinstance(msg, str) else ""
+    # Room for the peer's whole message: its refusals name the fix at the end.
+    msg = _clean(msg, 480) if isinstance(msg, str) else ""
     said = f" (peer says: {msg})" if msg else ""
     if status == 400:
         return InvalidArgument(f"peer scistreamd at {peer} refused the request{said}")
@@ -1171,7 +1289,8 @@ def _status_error(peer: HostPort, status: int, doc: Any, uid: str | None) -> Sci
             "out once: release the endpoint on the inbound side and make a new inbound request"
         )
     if status == 403:
-        return PeerRejected(
+        # Keeps its name (AccessDenied, exit 9): the peer does not accept this gateway.
+        return AccessDenied(
             f"peer scistreamd at {peer} refused access{said}; ask its administrator to allow "
             "this gateway"
         )
@@ -1271,10 +1390,12 @@ def claim_endpoint(
     - InvalidArgument: bad ``uid``/``peer``, unloadable trust or client
       certificate, or the peer said 400;
     - PeerUnreachable: refused, timed out, no route, or the peer said 503 (busy);
-    - PeerRejected: untrusted or mismatched certificate, the peer refused our
-      TLS handshake (client certificate), the key was already claimed (409),
-      403, any other status, or the answer is garbage (not JSON, too large,
-      wrong uid, malformed listeners/key/suites);
+    - AccessDenied: the peer does not accept this gateway: it refused our
+      client certificate (or its absence) in the handshake, or said 403
+      (no trusted certificate, or not the endpoint's allowed peer);
+    - PeerRejected: untrusted or mismatched server certificate, the key was
+      already claimed (409), any other status, or the answer is garbage (not
+      JSON, too large, wrong uid, malformed listeners/key/suites);
     - NotFound: the peer has no such endpoint (404 NotFound).
     """
     trust = dict(trust_file=trust_file, trust_pem=trust_pem, client_cert=client_cert,

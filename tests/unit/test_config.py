@@ -46,6 +46,9 @@ def test_defaults() -> None:
     assert c.peer_key == Path("/etc/scistream/server.key")
     assert c.peer_trust_file == Path("/etc/scistream/peer-ca.crt")
     assert c.peer_client_ca is None
+    # Mutual TLS by default; client certificates verified with the trust file.
+    assert c.peer_require_client_cert is True
+    assert c.peer_client_ca_file == Path("/etc/scistream/peer-ca.crt")
     assert c.peer_timeout == 10.0
     assert c.peer_enabled is True
     assert c.stunnel == Path("/usr/bin/stunnel4")
@@ -96,6 +99,7 @@ peer_cert = "/srv/sci/server.crt"
 peer_key = "/srv/sci/server.key"
 peer_trust_file = "/srv/sci/ca.crt"
 peer_client_ca = "/srv/sci/clients.crt"
+peer_require_client_cert = false
 peer_timeout = 2
 peer_enabled = false
 stunnel = "/usr/bin/stunnel"
@@ -117,6 +121,8 @@ log_level = "debug"
     assert c.peer_port == 5001
     assert c.port_range == (6000, 6099)
     assert c.peer_client_ca == Path("/srv/sci/clients.crt")
+    assert c.peer_client_ca_file == Path("/srv/sci/clients.crt")
+    assert c.peer_require_client_cert is False
     assert c.peer_timeout == 2.0 and isinstance(c.peer_timeout, float)
     assert c.peer_enabled is False
     assert c.stunnel == Path("/usr/bin/stunnel")
@@ -156,9 +162,20 @@ def test_memory_forms(main: Path, value: str, expected: int) -> None:
     assert load_config(main).relay_memory_max == expected
 
 
-def test_empty_peer_client_ca_means_off(main: Path) -> None:
-    write(main, 'peer_client_ca = ""\n')
-    assert load_config(main).peer_client_ca is None
+def test_empty_peer_client_ca_means_the_trust_file(main: Path) -> None:
+    write(main, 'peer_client_ca = ""\npeer_trust_file = "/srv/peers.pem"\n')
+    c = load_config(main)
+    assert c.peer_client_ca is None
+    assert c.peer_client_ca_file == Path("/srv/peers.pem")
+    assert c.peer_require_client_cert is True  # "" never turns mutual TLS off
+
+
+def test_lab_opt_out_in_a_dropin(main: Path) -> None:
+    write(main, "")
+    write(main.parent / "conf.d" / "50-lab.toml", "peer_require_client_cert = false\n")
+    c = load_config(main)
+    assert c.peer_require_client_cert is False
+    assert c.sources["peer_require_client_cert"].endswith("50-lab.toml")
 
 
 # --- drop-ins ----------------------------------------------------------------
@@ -291,6 +308,9 @@ BAD_VALUES = [
     ("peer_cert", "1"),
     ("peer_client_ca", '"ca.crt"'),
     ("peer_client_ca", "false"),
+    ("peer_require_client_cert", '"false"'),
+    ("peer_require_client_cert", "0"),
+    ("peer_require_client_cert", '"no"'),
     ("stunnel", '"stunnel4"'),
     ("stunnel", '"/usr/bin/stunnel4 -x"'),
     ("state_dir", '"var/lib"'),

@@ -131,6 +131,7 @@ def _endpoint_props(uid: str, role: str) -> Dict[str, Any]:
         "ClaimedBy": "192.168.150.2" if inbound else "",
         "ClaimedAt": CREATED_US + 1_000_000 if inbound else 0,
         "Peer": "" if inbound else "192.168.150.1:5000",
+        "AllowedPeer": "",
     }
 
 
@@ -276,6 +277,10 @@ class TestEndpoint(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Peer(self) -> S:
         return self.p["Peer"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def AllowedPeer(self) -> S:
+        return self.p["AllowedPeer"]
 
     @method()
     def Release(self):
@@ -571,6 +576,16 @@ def test_usage_errors_are_one_line_exit_2(
             ["inbound-request", "--remote_ip", "1.2.3.4\nX=1", "--receiver_ports", "5300"],
             "--remote_ip",
         ),
+        (
+            ["inbound-request", "--remote_ip", "1.2.3.4", "--receiver_ports", "5300",
+             "--allowed-peer", "*.example.org"],
+            "--allowed_peer",
+        ),
+        (
+            ["inbound-request", "--remote_ip", "1.2.3.4", "--receiver_ports", "5300",
+             "--allowed_peer", "192.168.150.2\nx"],
+            "--allowed_peer",
+        ),
         (["outbound-request", "not-a-uid", "1.2.3.4:5100"], "is not a tunnel uid"),
         (["outbound-request", UID, "1.2.3.4"], "has no port"),
         (["outbound-request", "--remote_ip", "nope", UID, "1.2.3.4:5"], "--remote_ip"),
@@ -671,6 +686,7 @@ def test_format_status_has_every_property() -> None:
     values = {k.rstrip(): v.strip() for k, v in lines.items()}
     assert values["ClaimedAt"] == "never"
     assert values["ClaimedBy"] == "-"
+    assert values["AllowedPeer"] == "-"
     assert values["StateDetail"] == "-"
     assert values["CreatedAt"] == ctl.format_time_us(CREATED_US)
     assert values["Listeners"] == "192.168.150.2:5100"
@@ -749,6 +765,18 @@ def test_inbound_request_guide_command(peer: Peer, capsys: pytest.CaptureFixture
         "Listeners: ['192.168.150.1:5100']\n"
     )
     assert peer.state.calls == [("InboundRequest", ("192.168.150.1", [5300], 1, {}))]
+
+
+def test_inbound_request_allowed_peer_is_sent_canonical(
+    peer: Peer, capsys: pytest.CaptureFixture
+) -> None:
+    base = ["inbound-request", "--remote_ip", "192.168.150.1", "--receiver_ports", "5300"]
+    assert run([*base, "--allowed-peer", "2001:DB8::0:1"], capsys)[0] == 0
+    assert run([*base, "--allowed_peer", "GW2.Example.ORG."], capsys)[0] == 0
+    assert [c[1][3] for c in peer.state.calls] == [
+        {"allowed_peer": "2001:db8::1"},
+        {"allowed_peer": "gw2.example.org"},
+    ]
 
 
 def test_inbound_request_default_s2cs_and_json(peer: Peer, capsys: pytest.CaptureFixture) -> None:

@@ -15,11 +15,13 @@ from scistreamd.errors import InvalidArgument
 from scistreamd.model import (
     Endpoint,
     HostPort,
+    PeerIdentity,
     Role,
     State,
     endpoint_object_path,
     escape_object_path_component,
     new_uid,
+    parse_allowed_peer,
     parse_endpoint_object_path,
     parse_hostport,
     parse_hostport_list,
@@ -31,6 +33,7 @@ from scistreamd.model import (
     parse_role,
     parse_state,
     parse_uid,
+    peer_matches,
     split_list,
     unescape_object_path_component,
 )
@@ -479,6 +482,29 @@ def test_endpoint_from_dict_defaults_optional_fields() -> None:
     assert Endpoint.from_dict(d) == make_inbound()
 
 
+def test_endpoint_allowed_peer_is_stored_only_when_set() -> None:
+    # A record without it (an older daemon's, or an endpoint open to any peer) loads.
+    assert "allowed_peer" not in make_inbound().to_dict()
+    assert Endpoint.from_dict(make_inbound().to_dict()).allowed_peer == ""
+    ep = make_inbound(allowed_peer="2001:db8::2")
+    d = json.loads(json.dumps(ep.to_dict()))
+    assert d["allowed_peer"] == "2001:db8::2"
+    assert Endpoint.from_dict(d) == ep
+
+
+@pytest.mark.parametrize("bad", ["*.example.org", "a b", 5, "192.168.150.2\n", "::"])
+def test_endpoint_allowed_peer_corruption_is_rejected(bad: object) -> None:
+    d = make_inbound().to_dict()
+    d["allowed_peer"] = bad
+    with pytest.raises(InvalidArgument, match="allowed_peer"):
+        Endpoint.from_dict(d)
+
+
+def test_endpoint_allowed_peer_must_be_canonical() -> None:
+    with pytest.raises(InvalidArgument, match="canonical"):
+        make_inbound(allowed_peer="GW2.example.org")
+
+
 def test_endpoint_from_dict_normalises_uid_case() -> None:
     d = make_inbound().to_dict()
     d["uid"] = UID.upper()
@@ -631,3 +657,83 @@ def test_endpoint_object_path() -> None:
 def test_parse_endpoint_object_path_rejects(bad: object) -> None:
     with pytest.raises(InvalidArgument):
         parse_endpoint_object_path(bad)
+
+
+# --- peer identity -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("", ""),
+        ("192.168.150.2", "192.168.150.2"),
+        ("2001:DB8:0:0:0:0:0:1", "2001:db8::1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("::ffff:192.168.150.2", "::ffff:c0a8:9602"),
+        ("gw2.example.org", "gw2.example.org"),
+        ("GW2.Example.ORG.", "gw2.example.org"),
+        ("server2", "server2"),
+        ("cafe", "cafe"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("a-b.c-d.e1", "a-b.c-d.e1"),
+        ("a" * 63 + ".org", "a" * 63 + ".org"),
+    ],
+)
+def test_parse_allowed_peer_good(text: str, canonical: str) -> None:
+    assert parse_allowed_peer(text) == canonical
+    assert parse_allowed_peer(canonical) == canonical  # idempotent
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "*.example.org", "*", "gw2.*.org", "-gw.org", "gw-.org", "gw..org", ".gw.org",
+        "gw_2.org", "a" * 64 + ".org", ".".join(["a" * 60] * 5), "gw2.example.org..",
+        "1.2.3", "1.2.3.400", "192.168.150.2:5000", "[::1]", "fe80::1%eth0", "0.0.0.0",
+        "::", "224.0.0.1", "gw2.example.org\n", "gw 2", "b\u00fccher.example",
+        "\u212aelvin.example", "x" * 1000, 42, None, b"gw2",
+    ],
+)
+def test_parse_allowed_peer_bad(bad: object) -> None:
+    with pytest.raises(InvalidArgument, match="--allowed|allowed_peer"):
+        parse_allowed_peer(bad, "allowed_peer")
+
+
+
+
+def ident(ips=(), dns=(), verified=True) -> PeerIdentity:
+    return PeerIdentity("192.168.150.2:41234", verified, tuple(ip_address(i) for i in ips),
+                        tuple(dns), "gw2")
+
+
+@pytest.mark.parametrize(
+    "allowed, who, expected",
+    [
+        ("", ident(verified=False), True),  # no restriction
+        ("192.168.150.2", ident(["192.168.150.2"]), True),
+        ("192.168.150.2", ident(["192.168.150.3", "192.168.150.2"]), True),
+        ("192.168.150.2", ident(["192.168.150.3"]), False),
+        ("192.168.150.2", ident(["::ffff:192.168.150.2"]), False),  # mapped is another SAN
+        ("192.168.150.2", ident(dns=["192.168.150.2"]), False),  # a DNS SAN is not an IP SAN
+        ("192.168.150.2", ident(["192.168.150.2"], verified=False), False),
+        ("2001:db8::1", ident(["2001:db8:0:0:0:0:0:1"]), True),
+        ("2001:db8::1", ident(["2001:db8::2"]), False),
+        ("gw2.example.org", ident(dns=["GW2.Example.Org"]), True),
+        ("gw2.example.org", ident(dns=["gw2.example.org."]), True),
+        ("gw2.example.org", ident(dns=["*.example.org"]), False),  # no wildcards
+        ("gw2.example.org", ident(dns=["gw2.example.org.evil"]), False),
+        ("gw2.example.org", ident(dns=["x.gw2.example.org"]), False),
+        ("gw2.example.org", ident(["192.168.150.2"]), False),
+        ("gw2", ident(), False),  # the CN never counts
+        ("gw2.example.org", ident(dns=["gw2.example.org"], verified=False), False),
+    ],
+)
+def test_peer_matches(allowed: str, who: PeerIdentity, expected: bool) -> None:
+    assert peer_matches(allowed, who) is expected
+
+
+def test_peer_identity_text() -> None:
+    assert str(ident(verified=False)) == "192.168.150.2:41234"
+    assert str(ident(["192.168.150.2", "2001:db8::1"], ["gw2.example.org"])) == (
+        "192.168.150.2:41234 cert IP:192.168.150.2,IP:2001:db8::1,DNS:gw2.example.org")
+    assert str(ident()) == "192.168.150.2:41234 cert CN=gw2"

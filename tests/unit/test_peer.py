@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from scistreamd import __version__
 from scistreamd.errors import (
+    AccessDenied,
     ConfigError,
     InvalidArgument,
     NotFound,
@@ -38,8 +39,9 @@ from scistreamd.errors import (
     PeerUnreachable,
     ScistreamError,
 )
-from scistreamd.model import HostPort
+from scistreamd.model import HostPort, PeerIdentity
 from scistreamd.peer import (
+    MSG_PEER_REFUSED,
     THREAD_PREFIX,
     PeerEndpoint,
     PeerServer,
@@ -81,6 +83,7 @@ class PKI:
     self_signed_server: Pair  # SAN 127.0.0.1, its own issuer
     client: Pair  # CN gateway-b, issued by ca
     other_client: Pair  # CN intruder, issued by other_ca
+    named_client: Pair  # CN gateway-c, SAN IP 127.0.0.1, ::1, DNS Gw-C.Example.org, by ca
 
 
 def _name(cn: str) -> x509.Name:
@@ -96,6 +99,7 @@ def _issue(
     ips: Tuple[str, ...] = (),
     usage: x509.ObjectIdentifier | None = None,
     key_usage: bool = True,
+    dns: Tuple[str, ...] = (),
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     issuer_name = issuer[0].subject if issuer else _name(cn)
@@ -127,11 +131,10 @@ def _issue(
             decipher_only=False,
         )
         b = b.add_extension(ku, critical=True)
-    if ips:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(i)) for i in ips]),
-            critical=False,
-        )
+    if ips or dns:
+        names: List[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        names += [x509.DNSName(d) for d in dns]
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if usage is not None:
         b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     return b.sign(signer, hashes.SHA256())
@@ -168,7 +171,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         k = key()
         return _write(d, name, _issue(cn, k, issuer, ips=ips, usage=usage), k)
 
-    ss_key = key()
+    ss_key, named_key = key(), key()
     # Like `openssl req -x509` makes them (the guide's server.crt): CA:TRUE, no key usage.
     self_signed = _issue(
         "self-signed gateway", ss_key, None, ca=True, ips=("127.0.0.1",), key_usage=False
@@ -182,6 +185,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         self_signed_server=_write(d, "self-signed", self_signed, ss_key),
         client=leaf("client", "gateway-b", (ca, ca_key), (), cli),
         other_client=leaf("other-client", "intruder", (other, other_key), (), cli),
+        named_client=_write(
+            d, "named-client",
+            _issue("gateway-c", named_key, (ca, ca_key), ips=("127.0.0.1", "::1"),
+                   dns=("Gw-C.Example.org",), usage=cli),
+            named_key,
+        ),
     )
 
 
@@ -198,10 +207,11 @@ class Gateway:
             UID2: ["192.168.150.1:5102"],
         }
         self.claims: Dict[str, str] = {}
+        self.identities: Dict[str, PeerIdentity] = {}
         self.fail: BaseException | None = None
         self.stall = False
 
-    async def claim(self, uid: str, claimant: str, listeners: Any = ()) -> Dict[str, Any]:
+    async def claim(self, uid: str, claimant: PeerIdentity, listeners: Any = ()) -> Dict[str, Any]:
         if self.stall:
             await asyncio.sleep(3600)
         if self.fail is not None:
@@ -213,7 +223,8 @@ class Gateway:
         unknown = [str(h) for h in listeners if str(h) not in self.endpoints[uid]]
         if unknown:
             raise PeerRejected(f"{unknown} are not listeners of {uid}")
-        self.claims[uid] = claimant
+        self.claims[uid] = str(claimant)
+        self.identities[uid] = claimant
         return {"uid": uid, "listeners": self.endpoints[uid], "psk": PSK, "cipher_suites": SUITES}
 
     async def health(self) -> Dict[str, Any]:
@@ -255,11 +266,13 @@ def make_server(
         host: str = "127.0.0.1",
         pair: Pair | None = None,
         client_ca: Path | None = None,
+        require_client_cert: bool = False,
         **kw: Any,
     ) -> PeerServer:
         pair = pair or pki.server
         srv = PeerServer(
-            ipaddress.ip_address(host), 0, pair.cert, pair.key, client_ca, gateway, loop, **kw
+            ipaddress.ip_address(host), 0, pair.cert, pair.key, client_ca, gateway, loop,
+            require_client_cert=require_client_cert, **kw,
         )
         on_loop(loop, srv.start())
         started.append(srv)
@@ -323,6 +336,7 @@ def test_claim_returns_parsed_endpoint(server: PeerServer, pki: PKI, gateway: Ga
     assert ep.cipher_suites == SUITES
     assert PSK not in repr(ep)  # the key never shows up in logs
     # No client certificate: the claimant is just the peer's address.
+    assert not gateway.identities[UID].verified
     ip, _, port = gateway.claims[UID].partition(":")
     assert ip == "127.0.0.1" and port.isdigit()
 
@@ -400,10 +414,19 @@ def test_self_signed_peer_certificate(make_server: Any, pki: PKI) -> None:
     assert claim(srv, pki, trust_file=pki.self_signed_server.cert).uid == UID
 
 
-def test_health(server: PeerServer, pki: PKI) -> None:
-    info = health(server.address, trust_file=pki.ca, timeout=GUARD)
-    assert info["version"] == __version__
-    assert info["endpoints"] == 2
+def test_health_without_client_certificate_reveals_nothing(server: PeerServer, pki: PKI) -> None:
+    assert health(server.address, trust_file=pki.ca, timeout=GUARD) == {"status": "ok"}
+
+
+def test_health_with_verified_client_certificate(make_server: Any, pki: PKI) -> None:
+    for required in (True, False):
+        srv = make_server(client_ca=pki.ca, require_client_cert=required)
+        assert health(srv.address, trust_file=pki.ca, timeout=GUARD) == {"status": "ok"}
+        info = health(srv.address, trust_file=pki.ca, client_cert=pki.client.cert,
+                      client_key=pki.client.key, timeout=GUARD)
+        assert info["status"] == "ok"
+        assert info["version"] == __version__
+        assert info["endpoints"] == 2
 
 
 # ---------------------------------------------------------------------------
@@ -450,32 +473,79 @@ def test_unloadable_trust_material(server: PeerServer, pki: PKI, tmp_path: Path)
 # mTLS
 
 
-def test_mtls_refuses_client_without_certificate(
-    make_server: Any, pki: PKI, gateway: Gateway
+def test_mtls_refuses_client_without_certificate_by_name(
+    make_server: Any, pki: PKI, gateway: Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
-    srv = make_server(client_ca=pki.ca)
-    with pytest.raises(PeerRejected, match="client certificate"):
+    srv = make_server(client_ca=pki.ca, require_client_cert=True)
+    with pytest.raises(AccessDenied, match="no client certificate.*peer_cert/peer_key.*trust"):
         claim(srv, pki)
     assert not gateway.claims
+    # The raw answer: a named JSON error, not a TLS alert; the claim body was not needed.
+    status, _, body = https(srv, pki, "POST", f"/v1/endpoints/{UID}/claim", b"{}",
+                            {"Content-Length": "2"})
+    assert status == 403 and json.loads(body)["error"] == "AccessDenied"
+    # The state check needs the certificate too.
+    with pytest.raises(AccessDenied):
+        endpoint_state(srv.address, UID, trust_file=pki.ca, timeout=GUARD)
+    refusals = [r for r in caplog.records if getattr(r, "MESSAGE_ID", "") == MSG_PEER_REFUSED.hex]
+    assert refusals and all("127.0.0.1:" in r.getMessage() for r in refusals)
+    assert all(PSK not in r.getMessage() for r in caplog.records)
+    # With a trusted certificate afterwards: the claim was not used up.
+    assert claim(srv, pki, client_cert=pki.client.cert, client_key=pki.client.key).psk == PSK
 
 
 def test_mtls_refuses_certificate_from_other_ca(
     make_server: Any, pki: PKI, gateway: Gateway
 ) -> None:
-    srv = make_server(client_ca=pki.ca)
-    with pytest.raises(PeerRejected, match="client certificate"):
-        claim(srv, pki, client_cert=pki.other_client.cert, client_key=pki.other_client.key)
+    for required in (True, False):  # a presented certificate must verify, opt-out or not
+        srv = make_server(client_ca=pki.ca, require_client_cert=required)
+        with pytest.raises(AccessDenied, match="client certificate"):
+            claim(srv, pki, client_cert=pki.other_client.cert,
+                  client_key=pki.other_client.key)
+        with pytest.raises(AccessDenied, match="client certificate"):
+            claim(srv, pki, client_cert=pki.self_signed_server.cert,
+                  client_key=pki.self_signed_server.key)
     assert not gateway.claims
 
 
-def test_mtls_accepts_trusted_client_and_records_cn(
+def test_mtls_accepts_trusted_client_and_records_identity(
     make_server: Any, pki: PKI, gateway: Gateway
 ) -> None:
-    srv = make_server(client_ca=pki.ca)
+    srv = make_server(client_ca=pki.ca, require_client_cert=True)
     ep = claim(srv, pki, client_cert=pki.client.cert, client_key=pki.client.key)
     assert ep.psk == PSK
     assert gateway.claims[UID].startswith("127.0.0.1:")
-    assert gateway.claims[UID].endswith(" CN=gateway-b")
+    # No subjectAltName: the CN stands in, for the record only.
+    assert gateway.claims[UID].endswith(" cert CN=gateway-b")
+    ep2 = claim(srv, pki, UID2, client_cert=pki.named_client.cert,
+                client_key=pki.named_client.key)
+    assert ep2.uid == UID2
+    who = gateway.identities[UID2]
+    assert who.verified and who.common_name == "gateway-c"
+    # ssl prints IPv6 SANs as 0:0:...:1: parsed into addresses, not kept as text.
+    assert who.ips == (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+    assert who.dns_names == ("Gw-C.Example.org",)
+    assert gateway.claims[UID2].endswith(" cert IP:127.0.0.1,IP:::1,DNS:Gw-C.Example.org")
+
+
+def test_lab_opt_out_accepts_claims_without_certificate(
+    make_server: Any, pki: PKI, gateway: Gateway
+) -> None:
+    srv = make_server(client_ca=pki.ca, require_client_cert=False)
+    assert claim(srv, pki).psk == PSK
+    assert not gateway.identities[UID].verified
+    assert gateway.claims[UID].partition(":")[0] == "127.0.0.1"
+    assert endpoint_state(srv.address, UID, trust_file=pki.ca, timeout=GUARD) == "active"
+
+
+def test_required_certificate_without_ca_refuses_every_claim_by_name(
+    make_server: Any, pki: PKI, gateway: Gateway
+) -> None:
+    # The daemon's start with a missing peer_trust_file: up, but nobody is authenticated.
+    srv = make_server(client_ca=None, require_client_cert=True)
+    with pytest.raises(AccessDenied, match="no CA to verify.*peer_trust_file.*restart"):
+        claim(srv, pki, client_cert=pki.client.cert, client_key=pki.client.key)
+    assert not gateway.claims
 
 
 # ---------------------------------------------------------------------------
@@ -598,7 +668,7 @@ def test_slowloris_does_not_block_claims(server: PeerServer, pki: PKI) -> None:
         half = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
         half.sendall(b"POST /v1/endpoints/")
         assert claim(server, pki).uid == UID
-        assert health(server.address, trust_file=pki.ca, timeout=GUARD)["version"]
+        assert health(server.address, trust_file=pki.ca, timeout=GUARD)["status"] == "ok"
         half.close()
     finally:
         for s in idle:
@@ -838,7 +908,8 @@ def test_stop_leaves_no_thread_and_closes_port(
     pki: PKI, loop: asyncio.AbstractEventLoop, gateway: Gateway
 ) -> None:
     before = set(threading.enumerate())
-    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, None, gateway, loop)
+    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, None, gateway, loop,
+                     require_client_cert=False)
     on_loop(loop, srv.start())
     port = srv.address.port
     claim(srv, pki)
@@ -861,7 +932,8 @@ def test_async_context_manager(pki: PKI, loop: asyncio.AbstractEventLoop, gatewa
 
     async def main() -> None:
         async with PeerServer(
-            LOCAL, 0, pki.server.cert, pki.server.key, None, gateway, asyncio.get_running_loop()
+            LOCAL, 0, pki.server.cert, pki.server.key, None, gateway, asyncio.get_running_loop(),
+            require_client_cert=False,
         ) as srv:
             # The blocking client runs off the loop, as the daemon does it.
             ep = await asyncio.get_running_loop().run_in_executor(
@@ -881,7 +953,8 @@ def test_port_in_use_is_a_clear_error(
 ) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        srv = PeerServer(LOCAL, port, pki.server.cert, pki.server.key, None, gateway, loop)
+        srv = PeerServer(LOCAL, port, pki.server.cert, pki.server.key, None, gateway, loop,
+                         require_client_cert=False)
         with pytest.raises(ScistreamError, match=f"127.0.0.1:{port}.*in use.*peer_port"):
             on_loop(loop, srv.start())
     assert peer_threads() == []
@@ -891,16 +964,19 @@ def test_unreadable_tls_material_is_config_error(
     pki: PKI, loop: asyncio.AbstractEventLoop, gateway: Gateway, tmp_path: Path
 ) -> None:
     missing = tmp_path / "nope.crt"
-    srv = PeerServer(LOCAL, 0, missing, pki.server.key, None, gateway, loop)
+    srv = PeerServer(LOCAL, 0, missing, pki.server.key, None, gateway, loop,
+                     require_client_cert=True)
     with pytest.raises(ConfigError, match="nope.crt"):
         on_loop(loop, srv.start())
     # Certificate and key that do not belong together.
-    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.client.key, None, gateway, loop)
+    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.client.key, None, gateway, loop,
+                     require_client_cert=True)
     with pytest.raises(ConfigError, match="key"):
         on_loop(loop, srv.start())
     garbage = tmp_path / "ca.pem"
     garbage.write_text("not a CA\n")
-    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, garbage, gateway, loop)
+    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, garbage, gateway, loop,
+                     require_client_cert=True)
     with pytest.raises(ConfigError, match="ca.pem"):
         on_loop(loop, srv.start())
     assert peer_threads() == []
