@@ -336,8 +336,10 @@ def main() -> int:
 #                                    call; a line [call, ...] runs those calls concurrently and
 #                                    answers a list. Body values follow the signature; a variant
 #                                    is ["sig", value], "ay" a list of ints. First line: READY.
-#   ... peerhttp HOST PORT           JSON lines in, JSON lines out: one TLS connection (test CA)
-#                                    and one raw HTTP request per line (see _peer_request).
+#   ... peerhttp HOST PORT [--cert C --key K]
+#                                    JSON lines in, JSON lines out: one TLS connection (test CA)
+#                                    and one raw HTTP request per line (see _peer_request);
+#                                    --cert/--key: the client certificate to present.
 #   ... peerslow HOST PORT --MODE N  slow/garbage clients of the peer port (see peer_slow).
 #   ... flood HOST PORT N            N TCP connections at once, held until a line on stdin.
 #   ... echoloop PORT [--host H]     multi-line echo server (long-lived connections), counting.
@@ -426,13 +428,16 @@ async def dbus_batch() -> int:
     return 0
 
 
-def _tls_context():
+def _tls_context(cert: str = "", key: str = ""):
     import ssl
 
-    return ssl.create_default_context(cafile=CA_FILE)
+    ctx = ssl.create_default_context(cafile=CA_FILE)
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
 
 
-def _peer_request(host: str, port: int, req: dict) -> dict:
+def _peer_request(host: str, port: int, req: dict, cert: str = "", key: str = "") -> dict:
     """One raw HTTP request on a new TLS connection.
 
     ``req``: "method", "path" (text), "headers" [[name, value], ...], "body" (text) or
@@ -461,7 +466,7 @@ def _peer_request(host: str, port: int, req: dict) -> dict:
         data = head.encode("utf-8", "surrogateescape") + b"\r\n" + body
     raw = socket.create_connection((host, port), timeout=req.get("timeout", 60))
     try:
-        s = _tls_context().wrap_socket(raw, server_hostname=host)
+        s = _tls_context(cert, key).wrap_socket(raw, server_hostname=host)
     except ssl.SSLError as e:
         raw.close()
         return {"closed": "TLS", "detail": str(e)}
@@ -492,11 +497,12 @@ def _peer_request(host: str, port: int, req: dict) -> dict:
                 "body": text.decode("utf-8", "replace"), "send_error": sent_error}
 
 
-def peer_http(host: str, port: int) -> int:
+def peer_http(host: str, port: int, cert: str = "", key: str = "") -> int:
     print("READY", flush=True)
     for line in sys.stdin:
         if line.strip():
-            print(json.dumps(_peer_request(host, port, json.loads(line))), flush=True)
+            print(json.dumps(_peer_request(host, port, json.loads(line), cert, key)),
+                  flush=True)
     return 0
 
 
@@ -793,6 +799,8 @@ def _extra_main(argv) -> int:
     ph = sub.add_parser("peerhttp")
     ph.add_argument("host")
     ph.add_argument("port", type=int)
+    ph.add_argument("--cert", default="")
+    ph.add_argument("--key", default="")
     ps = sub.add_parser("peerslow")
     ps.add_argument("host")
     ps.add_argument("port", type=int)
@@ -822,7 +830,7 @@ def _extra_main(argv) -> int:
     if a.cmd == "dbusbatch":
         return asyncio.run(dbus_batch())
     if a.cmd == "peerhttp":
-        return peer_http(a.host, a.port)
+        return peer_http(a.host, a.port, a.cert, a.key)
     if a.cmd == "peerslow":
         modes = {m: getattr(a, m) for m in ("tls_trickle", "tcp_trickle", "tcp_silent",
                                             "tls_silent", "garbage") if getattr(a, m)}

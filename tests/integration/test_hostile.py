@@ -52,6 +52,8 @@ MAX_LIST = 1024
 MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 64
 PEER_TIMEOUT = DEFAULTS.peer_timeout
+#: The host's own peer certificate: the peer port serves claims only to trusted peers.
+PEER_CERT = ("--cert", "/etc/scistream/server.crt", "--key", "/etc/scistream/server.key")
 
 INBOUND_SIG = "saqua{sv}"
 OUTBOUND_SIG = "sasaqua{sv}"
@@ -68,7 +70,8 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 
 ENDPOINT_PROPS = {"Uid": str, "Role": str, "State": str, "StateDetail": str, "Listeners": list,
                   "Targets": list, "NumConn": int, "Unit": str, "CreatedAt": int,
-                  "NRestarts": int, "ClaimedBy": str, "ClaimedAt": int, "Peer": str}
+                  "NRestarts": int, "ClaimedBy": str, "ClaimedAt": int, "Peer": str,
+                  "AllowedPeer": str}
 MANAGER_PROPS = {"Version": str, "PeerPort": int, "ListenAddress": str, "PortRange": list}
 
 #: Sizes. Examples x batch = calls per test; a batch shares one residue check.
@@ -665,7 +668,7 @@ def check_peer_answer(req: dict, out: dict, target: Target) -> None:
 
 @pytest.fixture(scope="module")
 def peer_client(hosts):
-    c = LineTool(hosts[1], "peerhttp", S1_IP, str(PEER_PORT))
+    c = LineTool(hosts[1], "peerhttp", S1_IP, str(PEER_PORT), *PEER_CERT)
     yield c
     c.close()
 
@@ -744,7 +747,7 @@ def test_slow_clients_do_not_block_others_and_are_cut_off(hosts, bus1, bus2, tar
                     timeout=guard + 60)
     try:
         # Meanwhile, from other connections: the legit peer-to-peer path works.
-        legit = LineTool(s2, "peerhttp", S1_IP, str(PEER_PORT))
+        legit = LineTool(s2, "peerhttp", S1_IP, str(PEER_PORT), *PEER_CERT)
         try:
             health = legit.ask({"method": "GET", "path": "/v1/health", "length": None})
         finally:
@@ -830,7 +833,7 @@ def test_connection_flood_is_bounded_and_dbus_stays_responsive(hosts, bus1, bus2
     assert closed["closed_by_server"] + closed["open"] == FLOOD, closed
 
     # Afterwards: served again, and the threads are gone.
-    client = LineTool(s2, "peerhttp", S1_IP, str(PEER_PORT))
+    client = LineTool(s2, "peerhttp", S1_IP, str(PEER_PORT), *PEER_CERT)
     try:
         answer: Optional[dict] = None
         for _ in range(100):

@@ -319,7 +319,9 @@ def test_claim_once_rearm_and_listener_check(clean, s1, s2, apps):
 
     st = s1.ctl("status", uid)
     assert st.returncode == 0, st.stderr
-    assert re.search(r"^ClaimedBy:\s+192\.168\.150\.2:\d+$", st.stdout, re.M), st.stdout
+    # The claimant's address and the identity its (verified) client certificate gave.
+    assert re.search(r"^ClaimedBy:\s+192\.168\.150\.2:\d+ cert IP:192\.168\.150\.2$",
+                     st.stdout, re.M), st.stdout
     assert not re.search(r"^ClaimedAt:\s+never$", st.stdout, re.M), st.stdout
     first_claim = claimed_by(s1, uid)
 
