@@ -980,3 +980,51 @@ def test_unreadable_tls_material_is_config_error(
     with pytest.raises(ConfigError, match="ca.pem"):
         on_loop(loop, srv.start())
     assert peer_threads() == []
+
+
+# ---------------------------------------------------------------------------
+# the daemon's choice of client CA, and the packages' self-signed host certificates
+
+
+def test_client_ca_defaults_to_trust_file_and_tolerates_its_absence(tmp_path: Path) -> None:
+    from scistreamd.config import config_from_mapping
+    from scistreamd.daemon import _client_ca
+
+    trust = tmp_path / "peer-ca.crt"
+    cfg = config_from_mapping({"peer_trust_file": str(trust)})
+    # A fresh install has no trust file yet: the daemon starts, nobody is authenticated.
+    assert _client_ca(cfg) is None
+    trust.write_text("x")
+    assert _client_ca(cfg) == trust
+    explicit = tmp_path / "clients.crt"
+    cfg = config_from_mapping({"peer_trust_file": str(trust), "peer_client_ca": str(explicit)})
+    # An explicit CA is used even when missing: loading it then fails the start by name.
+    assert _client_ca(cfg) == explicit
+
+
+def test_self_signed_host_certificates_authenticate_each_other(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop, gateway: Gateway
+) -> None:
+    """The packages' setup: each gateway's --generate-cert certificate is the other's trust."""
+    from scistreamd import certs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        certs.generate_host_cert_files(d / "server.crt", d / "server.key", d.name, [LOCAL])
+    srv = PeerServer(LOCAL, 0, a / "server.crt", a / "server.key", b / "server.crt", gateway,
+                     loop, require_client_cert=True)
+    on_loop(loop, srv.start())
+    try:
+        ep = claim_endpoint(srv.address, UID, trust_file=a / "server.crt",
+                            client_cert=b / "server.crt", client_key=b / "server.key",
+                            timeout=GUARD)
+        assert ep.psk == PSK
+        assert gateway.claims[UID].endswith(" cert IP:127.0.0.1")
+        # A itself is not trusted as a client by A (its trust is B's certificate).
+        with pytest.raises(AccessDenied):
+            claim_endpoint(srv.address, UID2, trust_file=a / "server.crt",
+                           client_cert=a / "server.crt", client_key=a / "server.key",
+                           timeout=GUARD)
+    finally:
+        on_loop(loop, srv.stop())
