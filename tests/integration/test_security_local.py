@@ -24,6 +24,8 @@ import pytest
 
 from tests.integration.conftest import (
     HOSTTOOL,
+    KEY_DIR,
+    STATE_DIR,
     as_user,
     dbus,
     parse_request_output,
@@ -309,3 +311,98 @@ def test_relay_units_carry_no_uid_and_logs_still_find_everything(s1, clean):
     after = wait_until(lambda: (lambda t: t if "released" in t else None)(logs()), 30,
                        "the release line in scistreamctl logs")
     assert "scistream-relay" in after, "after release the relay's lines are gone from logs"
+
+
+# --------------------------------------------------------------------------
+# upgrade: relays of the previous version, named by their uid
+
+def _make_legacy(s1, uid: str) -> str:
+    """Turn inbound endpoint ``uid`` into what the previous version left: a state
+    record without relay_id, key directory and running unit named by the uid
+    (with the uid in Description and LogExtraFields). Returns that unit."""
+    unit = endpoint_unit(s1, uid, "inbound")
+    relay_id = unit[len("scistream-inbound-"):-len(".service")]
+    legacy_unit = f"scistream-inbound-{uid}.service"
+    legacy_dir = f"{KEY_DIR}/{uid}-inbound"
+    s1.run(["systemctl", "stop", "scistreamd.service"])
+    s1.run(["systemctl", "stop", unit])
+    s1.run(["mv", f"{KEY_DIR}/{relay_id}-inbound", legacy_dir])
+    drop = ("import json,sys; p=sys.argv[1]; d=json.load(open(p)); del d['relay_id']; "
+            "open(p,'w').write(json.dumps(d))")
+    s1.run(["python3", "-c", drop, f"{STATE_DIR}/{uid}-inbound.json"])
+    s1.run(["systemd-run", f"--unit={legacy_unit}", "--slice=scistream.slice", "--quiet",
+            "-p", "Type=exec", "-p", "Restart=on-failure", "-p", "DynamicUser=yes",
+            "-p", f"Description=SciStream inbound relay {uid}",
+            "-p", f"BindReadOnlyPaths={legacy_dir}:/run/scistream-relay",
+            "-p", "SupplementaryGroups=scistream-relay",
+            "-p", f"LogExtraFields=SCISTREAM_UID={uid}",
+            "-p", "LogExtraFields=SCISTREAM_ROLE=inbound",
+            "-p", "SyslogIdentifier=scistream-relay",
+            "/usr/bin/stunnel4", "/run/scistream-relay/stunnel.conf"])
+    return legacy_unit
+
+
+def _ask(s2, listener: str, text: str) -> str:
+    ip, port = listener.rsplit(":", 1)
+    return tool(s2, "request", ip, port, text, "--timeout", "20", check=False).stdout.strip()
+
+
+@pytest.mark.parametrize("how", ["rearm", "recreate"])
+def test_relays_of_the_previous_version_are_adopted_then_renamed(s1, s2, clean, apps, how):
+    """After an upgrade the old relay (named by its uid) is adopted unchanged:
+    same unit, same process, same key, the tunnel keeps working. It keeps that
+    name (and leaks the uid) until a re-arm or a recreation (e.g. after a
+    reboot) moves it to an opaque relay id; its old key directory goes."""
+    apps.start(s1, "legacy-echo", "python3", HOSTTOOL, "echo", "5330", "--tag", "L:")
+    r = s1.ctl("inbound-request", "--remote_ip", S1_IP, "--receiver_ports", "5330")
+    assert r.returncode == 0, r.stderr
+    uid, _s2cs, _role, listeners = parse_request_output(r.stdout)
+    r = s2.ctl("outbound-request", "--remote_ip", S1_IP, f"--server_cert={PEER_CA}", "-",
+               *listeners, input=uid + "\n")
+    assert r.returncode == 0, r.stderr
+    local = parse_request_output(r.stdout)[3][0]
+    try:
+        legacy_unit = _make_legacy(s1, uid)
+        pid = s1.run(["systemctl", "show", "-P", "MainPID", legacy_unit]).stdout.strip()
+        wait_until(lambda: _ask(s2, local, "old") == "L:old", 60, "the legacy relay to serve")
+    finally:
+        s1.run(["systemctl", "start", "scistreamd.service"])
+
+    # Adopted as it is.
+    assert endpoint_unit(s1, uid, "inbound") == legacy_unit
+    props = dbus(s1, "GetManagedObjects", "", [],
+                 iface="org.freedesktop.DBus.ObjectManager")["reply"][0]
+    (state,) = [i[ENDPOINT_IFACE]["State"] for i in props.values()
+                if i.get(ENDPOINT_IFACE, {}).get("Uid") == uid]
+    assert state == "active"
+    assert s1.run(["systemctl", "show", "-P", "MainPID", legacy_unit]).stdout.strip() == pid
+    assert s1.run(["test", "-d", f"{KEY_DIR}/{uid}-inbound"], check=False).returncode == 0
+    assert _ask(s2, local, "adopted") == "L:adopted"
+
+    if how == "rearm":
+        r = s1.ctl("rearm", "-", input=uid + "\n")
+        assert r.returncode == 0, r.stderr
+    else:  # the unit is gone while the daemon is down, as after a reboot
+        s1.run(["systemctl", "stop", "scistreamd.service"])
+        s1.run(["systemctl", "stop", legacy_unit])
+        s1.run(["systemctl", "start", "scistreamd.service"])
+    unit = endpoint_unit(s1, uid, "inbound")
+    assert unit != legacy_unit and uid not in unit, unit
+    relay_id = unit[len("scistream-inbound-"):-len(".service")]
+    assert s1.run(["systemctl", "is-active", unit]).stdout.strip() == "active"
+    assert s1.run(["systemctl", "is-active", legacy_unit], check=False).stdout.strip() \
+        in ("inactive", "unknown")
+    assert s1.run(["ls", KEY_DIR]).stdout.split() == [f"{relay_id}-inbound"]
+    record = json.loads(s1.run(["cat", f"{STATE_DIR}/{uid}-inbound.json"]).stdout)
+    assert record["relay_id"] == relay_id
+    if how == "rearm":  # a new key: the peer claims again
+        assert s2.ctl("release", uid).returncode == 0
+        r = s2.ctl("outbound-request", "--remote_ip", S1_IP, f"--server_cert={PEER_CA}",
+                   "--receiver_ports", local.rsplit(":", 1)[1], "-", *listeners,
+                   input=uid + "\n")
+        assert r.returncode == 0, r.stderr
+    wait_until(lambda: _ask(s2, local, "renamed") == "L:renamed", 60, "the renamed relay")
+    for h in (s1, s2):
+        assert h.ctl("release", uid).returncode == 0
+    apps.stop_all()
+    assert residue(s1) == [] and residue(s2) == []
