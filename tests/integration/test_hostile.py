@@ -399,7 +399,7 @@ def test_quick_rearms_keep_the_relay_and_never_report_a_failure(hosts, bus1, bus
     uid, path, listeners = out["reply"]
     # The relay unit is named by an opaque id: the endpoint's Unit property.
     unit = bus1.call("Get", "ss", [ENDPOINT_IFACE, "Unit"], path=path,
-                     iface="org.freedesktop.DBus.Properties")["reply"][0]
+                     iface="org.freedesktop.DBus.Properties")["reply"][0][1]  # (sig, value)
     signals = SignalWatch(s1, path, until="member:InterfacesRemoved", timeout=120)
     try:
         answers = [bus1.call("RearmEndpoint", "s", [uid]) for _ in range(8)]

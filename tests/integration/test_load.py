@@ -253,10 +253,11 @@ def tunnel_between(hosts, bus1, bus2, num_conn: int = 1):
         assert "reply" in out, out
         made.append(bus2)
         path2, entries = out["reply"]
-        # Relay units are named by an opaque id: each endpoint's Unit property.
+        # Relay units are named by an opaque id: each endpoint's Unit property
+        # (dbusbatch answers a Variant as [signature, value]).
         units = {h.name: bus.call("Get", "ss", ["org.scistream.Tunnel1.Endpoint", "Unit"],
-                                  path=path, iface="org.freedesktop.DBus.Properties")["reply"][0]
-                 for h, bus, path in ((s1, bus1, path1), (s2, bus2, path2))}
+                                  path=path, iface="org.freedesktop.DBus.Properties")
+                 ["reply"][0][1] for h, bus, path in ((s1, bus1, path1), (s2, bus2, path2))}
         yield {"s1": s1, "s2": s2, "uid": uid, "entries": entries, "tag": tag,
                "count_file": count_file, "units": units}
     finally:
