@@ -175,16 +175,23 @@ def make_tunnel(bed: Testbed, ports: Sequence[int]) -> Tuple[str, List[str]]:
     return uid, outbound["listeners"]
 
 
+def _relay_unit(host: Host, uid: str, role: str) -> str:
+    """The relay unit of endpoint (uid, role): ``scistreamctl status``'s Unit."""
+    (ep,) = [e for e in _ctl(host, "status", uid) if e["Role"] == role]
+    return ep["Unit"]
+
+
 def setup_scistreamd(bed: Testbed) -> RelayPath:
     s1, s2 = bed["server1"], bed["server2"]
     uid1, l1 = make_tunnel(bed, IPERF_PORTS[:1])
     uid4, l4 = make_tunnel(bed, IPERF_PORTS)
     p1 = [int(x.rsplit(":", 1)[1]) for x in l1]
     p4 = [int(x.rsplit(":", 1)[1]) for x in l4]
-    units = {s1.name: [f"scistream-inbound-{uid1}.service", f"scistream-inbound-{uid4}.service"],
-             s2.name: [f"scistream-outbound-{uid1}.service",
-                       f"scistream-outbound-{uid4}.service"]}
-    conf = s1.run(["cat", f"/var/lib/scistream/keys/{uid4}-inbound/stunnel.conf"],
+    # Relay units are named by an opaque relay id: the endpoints' Unit property.
+    units = {s1.name: [_relay_unit(s1, uid1, "inbound"), _relay_unit(s1, uid4, "inbound")],
+             s2.name: [_relay_unit(s2, uid1, "outbound"), _relay_unit(s2, uid4, "outbound")]}
+    relay_id4 = units[s1.name][1][len("scistream-inbound-"):-len(".service")]
+    conf = s1.run(["cat", f"/var/lib/scistream/keys/{relay_id4}-inbound/stunnel.conf"],
                   check=False).stdout
 
     def teardown() -> None:

@@ -88,8 +88,14 @@ def _adopt_costs(d: H.DbusDriver, rows: List[Any], sample: int = 20) -> Dict[str
     """
     per_unit: List[float] = []
     per_unit_getall: List[float] = []
+    # Relay units are named by an opaque relay id: the endpoint's Unit property.
+    objects = d.call("GetManagedObjects", "", [], iface="org.freedesktop.DBus.ObjectManager")
+    if "error" in objects:
+        raise H.BenchError(f"GetManagedObjects: {objects['error']}: {objects['message']}")
+    unit_of = {(e["Uid"], e["Role"]): e["Unit"] for ifaces in objects["reply"][0].values()
+               for e in [ifaces.get("org.scistream.Tunnel1.Endpoint")] if e}
     for row in rows[:sample]:
-        path = _unit_path(f"scistream-{row[1]}-{row[0]}.service")
+        path = _unit_path(unit_of[(row[0], row[1])])
         r = d.call("Get", "ss", ["org.freedesktop.systemd1.Service", "NRestarts"], path=path,
                    dest="org.freedesktop.systemd1", iface="org.freedesktop.DBus.Properties",
                    discard=True)

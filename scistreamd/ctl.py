@@ -278,6 +278,10 @@ def _args_inbound_request(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: Any local user can read command lines (/proc/PID/cmdline): "-" keeps a uid off them.
+_STDIN_UID = "('-': read it from stdin, off the command line every local user can read)"
+
+
 def _args_outbound_request(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--remote-ip",
@@ -324,7 +328,7 @@ def _args_outbound_request(p: argparse.ArgumentParser) -> None:
         help="the peer daemon's control address (default: the host of the first "
         "LISTENER and this daemon's PeerPort)",
     )
-    p.add_argument("uid", metavar="UID", help="tunnel uid printed by inbound-request")
+    p.add_argument("uid", metavar="UID", help="tunnel uid printed by inbound-request " + _STDIN_UID)
     p.add_argument(
         "listeners",
         nargs="+",
@@ -334,20 +338,21 @@ def _args_outbound_request(p: argparse.ArgumentParser) -> None:
 
 
 def _args_release(p: argparse.ArgumentParser) -> None:
-    p.add_argument("uid", nargs="?", metavar="UID", help="tunnel uid")
+    p.add_argument("uid", nargs="?", metavar="UID", help="tunnel uid " + _STDIN_UID)
     p.add_argument("--all", action="store_true", help="release every endpoint on this host")
 
 
 def _args_rearm(p: argparse.ArgumentParser) -> None:
-    p.add_argument("uid", metavar="UID", help="tunnel uid (of an inbound endpoint here)")
+    p.add_argument("uid", metavar="UID",
+                   help="tunnel uid (of an inbound endpoint here) " + _STDIN_UID)
 
 
 def _args_status(p: argparse.ArgumentParser) -> None:
-    p.add_argument("uid", metavar="UID", help="tunnel uid")
+    p.add_argument("uid", metavar="UID", help="tunnel uid " + _STDIN_UID)
 
 
 def _args_logs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("uid", metavar="UID", help="tunnel uid")
+    p.add_argument("uid", metavar="UID", help="tunnel uid " + _STDIN_UID)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--lines", dest="lines", metavar="N", help="show the last N lines")
 
@@ -389,8 +394,10 @@ _VERB_SPECS: Dict[str, Tuple[str, str, Any]] = {
     ),
     "logs": (
         "show the journal of a tunnel (relay and daemon lines)",
-        "Show journal lines of tunnel UID (journalctl SCISTREAM_UID=UID); reading "
-        "other users' journal needs root or group systemd-journal/adm.",
+        "Show journal lines of tunnel UID: the daemon's (journalctl SCISTREAM_UID=UID) and "
+        "those of its relay units (_SYSTEMD_UNIT=, named by an opaque id that the daemon "
+        "and its journal lines name); reading the system journal needs root or group "
+        "systemd-journal/adm.",
         _args_logs,
     ),
 }
@@ -539,11 +546,11 @@ class OutboundPlan:
     """A validated outbound-request."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from .model import parse_hostport_list, parse_ip, parse_port_list, parse_uid
+        from .model import parse_hostport_list, parse_ip, parse_port_list
 
         if args.remote_ip is not None:
             parse_ip(args.remote_ip, "--remote_ip")
-        self.uid = parse_uid(args.uid)
+        self.uid = read_uid_arg(args.uid)
         words = list(args.listeners)
         if len(words) > 1 and words[0].startswith("[") and words[-1].endswith("]"):
             # The Listeners line pasted unquoted: the shell split "['a', 'b']" into
@@ -884,9 +891,7 @@ def cmd_release(args: argparse.Namespace) -> Output:
             EXIT_USAGE,
             "InvalidArgument",
         )
-    from .model import parse_uid
-
-    uid = parse_uid(args.uid)
+    uid = read_uid_arg(args.uid)
 
     def release(client: Client) -> None:
         client.call("Release", "s", [uid])
@@ -896,9 +901,7 @@ def cmd_release(args: argparse.Namespace) -> Output:
 
 
 def cmd_rearm(args: argparse.Namespace) -> Output:
-    from .model import parse_uid
-
-    uid = parse_uid(args.uid)
+    uid = read_uid_arg(args.uid)
 
     def rearm(client: Client) -> None:
         client.call("RearmEndpoint", "s", [uid])
@@ -922,9 +925,7 @@ def cmd_list(args: argparse.Namespace) -> Output:
 
 
 def cmd_status(args: argparse.Namespace) -> Output:
-    from .model import parse_uid
-
-    uid = parse_uid(args.uid)
+    uid = read_uid_arg(args.uid)
 
     def work(client: Client) -> Dict[str, Any]:
         (objects,) = client.call("GetManagedObjects", interface=OBJECT_MANAGER_IFACE)
@@ -949,10 +950,92 @@ def cmd_status(args: argparse.Namespace) -> Output:
     return format_status(endpoints), endpoints
 
 
-def journalctl_argv(uid: str, follow: bool, lines: int | None, as_json: bool) -> List[str]:
-    argv = [
-        "journalctl",
-        f"SCISTREAM_UID={uid}",
+UID_FROM_STDIN = "-"
+
+
+def read_uid_arg(value: object) -> str:
+    """A UID argument; "-" reads it from stdin (one line).
+
+    Any local user can read a process's command line (/proc/PID/cmdline)
+    while it runs, and a uid is a capability: "-" keeps it off the line.
+    """
+    from .model import parse_uid
+
+    if value == UID_FROM_STDIN:
+        value = sys.stdin.readline(200).strip()
+    return parse_uid(value)
+
+
+def relay_units_in(lines: Sequence[str]) -> List[str]:
+    """The relay units named by journal entries (journalctl -o json lines).
+
+    The daemon's lines about a tunnel carry SCISTREAM_UNIT; anything that is
+    not a relay unit name is ignored (journal fields are untrusted text).
+    """
+    import json
+
+    from .model import parse_relay_unit
+
+    units = set()
+    for line in lines:
+        try:
+            value = json.loads(line).get("SCISTREAM_UNIT")
+            units.add(parse_relay_unit(value))
+        except (ValueError, AttributeError, ScistreamError):
+            continue
+    return sorted(units)
+
+
+def relay_units_from_journal(uid: str) -> List[str]:
+    """Every relay unit the daemon's journal lines about ``uid`` name (also past ones)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["journalctl", f"SCISTREAM_UID={uid}", "-o", "json",
+             "--output-fields=SCISTREAM_UNIT", "--no-pager", "-q"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60,
+            check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # the main journalctl run reports what is wrong
+    return relay_units_in(out.stdout.splitlines())
+
+
+def relay_units_from_daemon(args: argparse.Namespace, uid: str) -> List[str]:
+    """The Unit of each endpoint of ``uid`` the daemon has now; [] if it cannot say."""
+    from .model import parse_relay_unit
+
+    def work(client: Client) -> Dict[str, Any]:
+        (objects,) = client.call("GetManagedObjects", interface=OBJECT_MANAGER_IFACE)
+        return objects
+
+    try:
+        objects = run_bus(args, work)
+    except CtlError:
+        # Daemon down, or the caller may read the journal but not the daemon:
+        # the daemon's journal lines still name the units.
+        return []
+    units = set()
+    for path, ifaces in objects.items():
+        props = ifaces.get(ENDPOINT_IFACE)
+        if path.startswith(ENDPOINT_PATH_PREFIX + "/") and props is not None:
+            plain = {k: _plain(v) for k, v in props.items()}
+            if plain.get("Uid") == uid:
+                try:
+                    units.add(parse_relay_unit(plain.get("Unit")))
+                except ScistreamError:
+                    continue
+    return sorted(units)
+
+
+def journalctl_argv(uid: str, follow: bool, lines: int | None, as_json: bool,
+                    units: Sequence[str] = ()) -> List[str]:
+    """journalctl for the daemon's lines about ``uid`` OR any line of its relay
+    ``units`` (their own, and systemd's about them)."""
+    argv = ["journalctl", f"SCISTREAM_UID={uid}"]
+    for unit in units:
+        argv += ["+", f"_SYSTEMD_UNIT={unit}", "+", f"UNIT={unit}"]
+    argv += [
         "-o",
         "json" if as_json else "short-iso",
         "--no-pager",
@@ -965,16 +1048,17 @@ def journalctl_argv(uid: str, follow: bool, lines: int | None, as_json: bool) ->
 
 
 def cmd_logs(args: argparse.Namespace) -> Output:
-    from .model import parse_uid
-
-    uid = parse_uid(args.uid)
+    uid = read_uid_arg(args.uid)
     lines: int | None = None
     if args.lines is not None:
         text = str(args.lines)
         if not text.isdigit() or len(text) > 9:
             raise InvalidArgument(f"-n {text!r} is not a number of lines: give 0 or more")
         lines = int(text)
-    argv = journalctl_argv(uid, args.follow, lines, args.json)
+    # Relay lines carry no uid (their fields are world-readable): find the
+    # relay units from the daemon, and from its journal for released ones.
+    units = sorted(set(relay_units_from_daemon(args, uid)) | set(relay_units_from_journal(uid)))
+    argv = journalctl_argv(uid, args.follow, lines, args.json, units)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -225,6 +225,12 @@ class ManagerObject(ServiceInterface):
         return list(self._m.cfg.port_range)
 
 
+INTROSPECT = ("org.freedesktop.DBus.Introspectable", "Introspect")
+#: Paths whose introspection anyone may read: the manager and its ancestors.
+#: dbus-next lists as children of path P every exported path *containing* P
+#: ("/endpoint" lists each endpoint), so every other path is privileged.
+PUBLIC_INTROSPECT_PATHS = {"/", "/org", "/org/scistream", MANAGER_PATH}
+
 #: Methods that change things; every other checked call only reads.
 MANAGE_CALLS = {"InboundRequest", "OutboundRequest", "Release", "ReleaseAll", "RearmEndpoint",
                 "Rearm"}
@@ -259,10 +265,14 @@ class Authorizer:
             return None
         # Every path counts, not only ours: dbus-next answers GetManagedObjects
         # on any path (/ included) with every endpoint below it, and Introspect
-        # lists child nodes, i.e. endpoint uids.
+        # lists child nodes, i.e. endpoint uids (even of unrelated paths).
         path = msg.path or ""
         below_endpoints = (path == ENDPOINT_PATH_PREFIX
                            or path.startswith(ENDPOINT_PATH_PREFIX + "/"))
+        if (msg.interface, msg.member) == INTROSPECT:
+            # The manager's node is public, stripped of its children for the
+            # unprivileged (see _refusal); every other path is not.
+            return None if path in PUBLIC_INTROSPECT_PATHS - {MANAGER_PATH} else ACTION_INSPECT
         if (msg.interface, msg.member) in PUBLIC_CALLS and not below_endpoints:
             return None
         if (msg.path == MANAGER_PATH and msg.interface == "org.freedesktop.DBus.Properties"
@@ -281,13 +291,23 @@ class Authorizer:
         if verdict is True:
             return None
         if verdict is False:
-            return Message.new_error(msg, AccessDenied.dbus_name(), _denied_text())
+            return self._refusal(msg)
         # Unknown caller: hold the message, look it up, then dispatch again.
         queue = self._pending.setdefault(key, [])
         queue.append(msg)
         if len(queue) == 1:
             asyncio.ensure_future(self._resolve(key))
         return True
+
+    def _refusal(self, msg: Message) -> Message:
+        """AccessDenied; for the manager's introspection, its node without children:
+        whether any endpoint exists (child "endpoint") is not theirs to know."""
+        introspect = getattr(self._bus, "_introspect_export_path", None)  # dbus-next 0.2
+        if (msg.interface, msg.member) == INTROSPECT and msg.path == MANAGER_PATH and introspect:
+            node = introspect(MANAGER_PATH)
+            node.nodes = []
+            return Message.new_method_return(msg, "s", [node.tostring()])
+        return Message.new_error(msg, AccessDenied.dbus_name(), _denied_text())
 
     async def _resolve(self, key: tuple) -> None:
         sender, action = key

@@ -43,6 +43,7 @@ from .model import (
     PeerIdentity,
     Role,
     State,
+    new_relay_id,
     new_uid,
     parse_allowed_peer,
     parse_hostport,
@@ -75,9 +76,14 @@ RELAY_PATTERN = "scistream-*-*.service"
 
 
 def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> None:
-    """A journal line carrying the endpoint's fields, so journalctl SCISTREAM_UID=x finds it."""
+    """A journal line carrying the endpoint's fields, so journalctl SCISTREAM_UID=x finds it.
+
+    SCISTREAM_UNIT names the relay's unit: scistreamctl logs reads it to find
+    the relay's own lines, which carry no uid (relay_unit.py says why).
+    """
     logger.log(level, text, *args, extra={
-        "MESSAGE_ID": msg_id.hex, "SCISTREAM_UID": ep.uid, "SCISTREAM_ROLE": ep.role.value})
+        "MESSAGE_ID": msg_id.hex, "SCISTREAM_UID": ep.uid, "SCISTREAM_ROLE": ep.role.value,
+        "SCISTREAM_UNIT": ep.unit})
 
 
 class EndpointListener(Protocol):
@@ -267,8 +273,34 @@ class Manager:
             return ep
 
     # ---------------------------------------------------------- create/teardown
+    def _new_relay_id(self) -> str:
+        """A relay id no tracked endpoint uses (64 random bits: a clash is only theory)."""
+        taken = {e.relay_id for e in self.endpoints.values()}
+        while True:
+            relay_id = new_relay_id()
+            if relay_id not in taken:
+                return relay_id
+
+    def _rename_relay(self, ep: Endpoint, psk: str) -> None:
+        """Give a relay still named by its uid (a record of an earlier version) an
+        opaque relay id: new key directory, record, unit name. Its old unit must
+        be stopped; the caller starts the new one. Crash-safe: until the record
+        is saved the old directory stays, and the new one is an orphan adopt() removes.
+        """
+        old_unit, old_id = ep.unit, ep.relay_id
+        ep.relay_id = self._new_relay_id()
+        self._write_keys(ep, psk)
+        self.store.save(ep)
+        self.keys.remove(old_id, ep.role)
+        self._by_unit_path.pop(unit_object_path(old_unit), None)
+        self._by_unit_path[unit_object_path(ep.unit)] = ep.key
+        _log(logging.INFO, MSG_REQUEST, ep, "relay %s renamed %s: unit names no longer carry "
+             "the uid", old_unit, ep.unit)
+
     async def _create(self, ep: Endpoint, psk: str) -> None:
         """Start the relay of a new endpoint whose ports are held; roll back on failure."""
+        if any(e.relay_id == ep.relay_id for e in self.endpoints.values()):
+            ep.relay_id = self._new_relay_id()
         try:
             self._write_keys(ep, psk)
             self.store.save(ep)
@@ -291,10 +323,10 @@ class Manager:
         conf = render_stunnel_config(ep, psk_path=relay_file_path(PSK_FILE),
                                      ciphersuites=self.cfg.relay_ciphersuites,
                                      log_level=self.cfg.relay_log_level)
-        return self.keys.write(ep.uid, ep.role, render_psk_file(ep.uid, psk), conf)
+        return self.keys.write(ep.relay_id, ep.role, render_psk_file(ep.uid, psk), conf)
 
     async def _start_unit(self, ep: Endpoint) -> None:
-        props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.uid, ep.role))
+        props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.relay_id, ep.role))
         # A failed unit of the same name (an earlier crash) would block the start.
         await self.systemd.reset_failed(ep.unit)
         t0 = time.monotonic()
@@ -346,7 +378,7 @@ class Manager:
             await self.systemd.reset_failed(ep.unit)
         except Exception as e:
             logger.debug("reset-failed of %s: %s", ep.unit, e)
-        self.keys.remove(ep.uid, ep.role)
+        self.keys.remove(ep.relay_id, ep.role)
         self.store.delete(ep.uid, ep.role)
         self.ports.release(h.port for h in ep.listeners)
         self._untrack(ep)
@@ -406,7 +438,7 @@ class Manager:
                     f"side to re-arm it ('scistreamctl rearm {uid}') or make a new request")
             if ep.state is not State.ACTIVE:
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
-            psk = self.keys.read_psk(uid, Role.INBOUND)
+            psk = self.keys.read_psk(ep.relay_id, Role.INBOUND, uid)
             self._set(ep, claimed_by=str(claimant)[:200], claimed_at=time.time())
             _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
             return {"uid": uid, "listeners": [str(h) for h in ep.listeners], "psk": psk,
@@ -456,7 +488,8 @@ class Manager:
         """New key for an inbound endpoint and a fresh claim; the old key stops working."""
         (ep,) = self.get(uid, Role.INBOUND)
         async with self._lock(ep.uid):
-            self._write_keys(ep, new_psk())
+            psk = new_psk()
+            self._write_keys(ep, psk)
             # The relay is down for a moment on purpose: the unit monitor must not
             # report that as a failure (see _refresh).
             self._restarting.add(ep.key)
@@ -467,6 +500,8 @@ class Manager:
                 # _start_unit also resets the failed state, so quick re-arms never
                 # hit the unit's start rate limit.
                 await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
+                if ep.legacy_relay_id:
+                    self._rename_relay(ep, psk)
                 await self._start_unit(ep)
             except (SystemdError, asyncio.TimeoutError) as e:
                 raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
@@ -538,7 +573,7 @@ class Manager:
         # The unit's failure reaches us over D-Bus before journald has stored
         # the relay's last stderr lines: give it a moment.
         await asyncio.sleep(0.5)
-        last = await asyncio.to_thread(_last_relay_error, ep.uid)
+        last = await asyncio.to_thread(_last_relay_error, ep.unit)
         if last and self.endpoints.get(ep.key) is ep and ep.state is State.FAILED:
             self._set(ep, detail=f"{why}: {last}; see 'scistreamctl logs {ep.uid}', "
                                  "then release it")
@@ -584,7 +619,11 @@ class Manager:
                 await self.systemd.stop(ep.unit)
                 # Rendered afresh: the config follows this version's layout
                 # (e.g. a key directory written by 0.1.0).
-                self._write_keys(ep, self.keys.read_psk(ep.uid, ep.role))
+                psk = self.keys.read_psk(ep.relay_id, ep.role, ep.uid)
+                if ep.legacy_relay_id:
+                    self._rename_relay(ep, psk)
+                else:
+                    self._write_keys(ep, psk)
                 await self._start_unit(ep)
                 self._set(ep, state=State.ACTIVE, detail="")
             except Exception as e:
@@ -600,15 +639,16 @@ class Manager:
                 logger.warning("stopping orphan relay %s (no state for it)", name)
                 await self.systemd.stop(name)
                 await self.systemd.reset_failed(name)
-        known_keys = {f"{ep.uid}-{ep.role.value}" for ep in self.endpoints.values()}
+        known_keys = {self.keys.endpoint_dir(ep.relay_id, ep.role).name
+                      for ep in self.endpoints.values()}
         for name in self.keys.names():
             if name not in known_keys:
                 try:
-                    uid, role = parse_name(name)
+                    relay_id, role = parse_name(name)
                 except InvalidArgument:
                     continue
                 logger.warning("removing orphan key directory %s", name)
-                self.keys.remove(uid, role)
+                self.keys.remove(relay_id, role)
         logger.info("adopted %d endpoints", len(self.endpoints))
 
 
@@ -635,8 +675,8 @@ def _relay_gid() -> Optional[int]:
             "create it now") from None
 
 
-def _last_relay_error(uid: str) -> str:
-    """The relay's last error line, for StateDetail.
+def _last_relay_error(unit: str) -> str:
+    """The last error line of relay unit ``unit``, for StateDetail.
 
     stunnel logs errors as "LOG3[..]: text" once running, and as "[!] text"
     (with the details on the "[.]" line before it) while still starting.
@@ -647,7 +687,8 @@ def _last_relay_error(uid: str) -> str:
         reader = journal.Reader()
         try:
             reader.this_boot()
-            reader.add_match(SCISTREAM_UID=uid, SYSLOG_IDENTIFIER="scistream-relay")
+            # By unit: relay lines carry no SCISTREAM_UID (relay_unit.py).
+            reader.add_match(_SYSTEMD_UNIT=unit, SYSLOG_IDENTIFIER="scistream-relay")
             reader.seek_tail()
             failed = ""
             for _ in range(50):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,6 +38,7 @@ _IP_CHARS = re.compile(r"[0-9A-Fa-f.:]+")
 _PORT_STR = re.compile(r"[1-9][0-9]{0,4}")
 _COUNT_STR = re.compile(r"[1-9][0-9]{0,9}")
 _UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_RELAY_ID = re.compile(r"[0-9a-f]{16}")
 _HOSTPORT_V6 = re.compile(r"\[([^\[\]]*)\]:([^:]*)")
 # Any float of unix seconds is exact below 2**53; later than that is corruption.
 _MAX_TIME = float(2**53)
@@ -208,6 +210,28 @@ def new_uid() -> str:
     return str(uuid.uuid4())
 
 
+def new_relay_id() -> str:
+    """A fresh opaque relay id: names the relay's unit and key directory.
+
+    Random, never derived from the uid: unit names, cgroup paths and unit
+    properties are readable by every local user, and a uid is a capability.
+    """
+    return secrets.token_hex(8)
+
+
+def parse_relay_id(value: object) -> str:
+    """An endpoint's relay id: 16 lower-case hex digits, or (a record written
+    before relay ids existed) a tunnel uid, which was then the unit's name."""
+    if isinstance(value, str) and _RELAY_ID.fullmatch(value):
+        return value
+    try:
+        return parse_uid(value)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"relay id {_show(value)} is not 16 lower-case hex digits (nor a legacy uid)"
+        ) from None
+
+
 def parse_num_conn(value: object, limit: int) -> int:
     """Parse num_conn: an int (or decimal string) in 1..limit."""
     if _is_int(value):
@@ -364,6 +388,9 @@ class Endpoint:
     #: inbound: the only peer that may claim the key, by certificate identity
     #: (canonical text of parse_allowed_peer); "" = any peer the trust accepts.
     allowed_peer: str = ""
+    #: opaque name of the relay's unit and key directory (new_relay_id); for a
+    #: record of a version before relay ids, the uid (its unit's name then).
+    relay_id: str = field(default_factory=new_relay_id)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -403,10 +430,20 @@ class Endpoint:
         if parse_allowed_peer(self.allowed_peer, "endpoint allowed_peer") != self.allowed_peer:
             raise InvalidArgument(
                 f"endpoint allowed_peer {_show(self.allowed_peer)} is not canonical")
+        if parse_relay_id(self.relay_id) != self.relay_id or (
+                _UID.fullmatch(self.relay_id) and self.relay_id != self.uid):
+            raise InvalidArgument(f"endpoint relay id {_show(self.relay_id)} is neither opaque "
+                                  "(16 hex digits) nor the endpoint's own uid")
 
     @property
     def unit(self) -> str:
-        return f"scistream-{self.role.value}-{self.uid}.service"
+        """The relay's systemd unit; named by the opaque relay id, never the uid."""
+        return relay_unit_name(self.role, self.relay_id)
+
+    @property
+    def legacy_relay_id(self) -> bool:
+        """Whether the relay is still named by its uid (a record of an earlier version)."""
+        return self.relay_id == self.uid
 
     @property
     def key(self) -> Tuple[str, Role]:
@@ -438,6 +475,7 @@ class Endpoint:
             "n_restarts": self.n_restarts,
             # Only when set: a record without it still loads in an older daemon.
             **({"allowed_peer": self.allowed_peer} if self.allowed_peer else {}),
+            "relay_id": self.relay_id,
         }
 
     @classmethod
@@ -451,7 +489,7 @@ class Endpoint:
             raise InvalidArgument(f"endpoint record must be an object, not {_show(d)}")
         required = {"uid", "role", "listeners", "targets", "num_conn", "created_at"}
         optional = {"state", "peer", "claimed_by", "claimed_at", "detail", "n_restarts",
-                    "allowed_peer"}
+                    "allowed_peer", "relay_id"}
         unknown = [k for k in d if k not in required | optional]
         if unknown:
             raise InvalidArgument(
@@ -467,8 +505,9 @@ class Endpoint:
         n_restarts = d.get("n_restarts", 0)
         if not _is_int(n_restarts) or n_restarts < 0:
             raise InvalidArgument(f"n_restarts {_show(n_restarts)} is not an integer >= 0")
+        uid = parse_uid(d["uid"])
         return cls(
-            uid=parse_uid(d["uid"]),
+            uid=uid,
             role=parse_role(d["role"]),
             listeners=_parse_stored_hostports(d["listeners"], "listeners"),
             targets=_parse_stored_hostports(d["targets"], "targets"),
@@ -481,7 +520,27 @@ class Endpoint:
             detail=_parse_text(d.get("detail", ""), "detail"),
             n_restarts=n_restarts,
             allowed_peer=parse_allowed_peer(d.get("allowed_peer", ""), "allowed_peer"),
+            # Records written before relay ids existed: the relay runs as
+            # scistream-<role>-<uid>.service and is adopted under that name.
+            relay_id=parse_relay_id(d.get("relay_id", uid)),
         )
+
+
+def relay_unit_name(role: Role, relay_id: str) -> str:
+    """The relay unit of (role, relay id): scistream-<role>-<relay id>.service."""
+    return f"scistream-{role.value}-{relay_id}.service"
+
+
+_RELAY_UNIT = re.compile(r"scistream-(inbound|outbound)-([0-9a-f-]{16,36})\.service")
+
+
+def parse_relay_unit(value: object) -> str:
+    """A relay unit name (as relay_unit_name makes them); InvalidArgument otherwise."""
+    if isinstance(value, str):
+        m = _RELAY_UNIT.fullmatch(value)
+        if m:
+            return relay_unit_name(parse_role(m.group(1)), parse_relay_id(m.group(2)))
+    raise InvalidArgument(f"{_show(value)} is not a scistream relay unit name")
 
 
 def _parse_stored_hostports(values: object, what: str) -> Tuple[HostPort, ...]:

@@ -14,6 +14,11 @@ then processes all of them: with 400 relays a start took 1.2 s instead of
 70 ms (bench/results/evidence-unitscale-*.json). A BindReadOnlyPaths= mount
 exists only inside the relay's namespace, so starts stay flat at any N.
 
+Nothing here names the tunnel's uid (a capability: whoever knows it can try
+to claim the key): unit name, Description, LogExtraFields and the key
+directory carry the endpoint's opaque relay id instead, because every local
+user can read them (systemctl show, /run/systemd/transient, cgroup paths).
+
 No PartOf=/BindsTo= on scistreamd: relays outlive a daemon restart or upgrade.
 """
 
@@ -41,7 +46,7 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List
     """
     argv = stunnel_command(cfg.stunnel, relay_file_path(CONF_FILE))
     props: List[Tuple[str, Variant]] = [
-        ("Description", Variant("s", f"SciStream {ep.role.value} relay {ep.uid}")),
+        ("Description", Variant("s", f"SciStream {ep.role.value} relay")),
         ("Slice", Variant("s", SLICE)),
         ("Type", Variant("s", "exec")),
         ("ExecStart", Variant("a(sasb)", [[argv[0], argv, False]])),
@@ -56,8 +61,9 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List
         # directory must fail the start, not run a relay without its key.
         ("BindReadOnlyPaths", Variant("a(ssbt)", [[str(key_dir), RELAY_KEY_DIR, False, 0]])),
         ("SupplementaryGroups", Variant("as", [RELAY_GROUP])),
-        ("LogExtraFields", Variant("aay", [f"SCISTREAM_UID={ep.uid}".encode(),
-                                           f"SCISTREAM_ROLE={ep.role.value}".encode()])),
+        # No SCISTREAM_UID: the values are world-readable unit properties.
+        # scistreamctl logs finds the relay's lines by its unit (_SYSTEMD_UNIT).
+        ("LogExtraFields", Variant("aay", [f"SCISTREAM_ROLE={ep.role.value}".encode()])),
         ("SyslogIdentifier", Variant("s", "scistream-relay")),
         # Ordering only (no PartOf/BindsTo): at shutdown scistreamd stops first,
         # so it never records relays stopped by a poweroff as failed, and the

@@ -5,11 +5,14 @@ Layout:
     <state_dir>/endpoints/              0700 root
     <state_dir>/endpoints/<uid>-<role>.json   0600, the Endpoint record
     <key_dir>/                          0700 root: nobody else can reach below it
-    <key_dir>/<uid>-<role>/             0750 root:scistream-relay
-    <key_dir>/<uid>-<role>/psk          0440, "uid:hexkey" (stunnel PSKsecrets)
-    <key_dir>/<uid>-<role>/stunnel.conf 0440, the relay's config
+    <key_dir>/<id>-<role>/              0750 root:scistream-relay
+    <key_dir>/<id>-<role>/psk           0440, "uid:hexkey" (stunnel PSKsecrets)
+    <key_dir>/<id>-<role>/stunnel.conf  0440, the relay's config
 
-The relay unit gets its own ``<uid>-<role>/`` bind-mounted read-only into its
+``<id>`` is the endpoint's opaque relay id (model.new_relay_id), not its
+uid: the directory's path is in the relay unit's BindReadOnlyPaths=, which
+every local user can read. (Records of earlier versions use the uid as id.)
+The relay unit gets its own ``<id>-<role>/`` bind-mounted read-only into its
 namespace (see relay_unit.py); group ``scistream-relay`` lets its dynamic
 user read it there. On the host, ``<key_dir>`` being root's alone keeps every
 key directory out of reach, so keys are never on a command line, in a unit's
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .errors import InvalidArgument
-from .model import Endpoint, Role, parse_role, parse_uid
+from .model import Endpoint, Role, parse_relay_id, parse_role
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +66,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, gid: int = -1) -> N
         os.close(dfd)
 
 
-def _name(uid: str, role: Role) -> str:
-    return f"{uid}-{role.value}"
+def _name(ident: str, role: Role) -> str:
+    return f"{ident}-{role.value}"
 
 
 def parse_name(name: str) -> Tuple[str, Role]:
-    """Inverse of ``_name``; InvalidArgument for anything that is not ours."""
-    uid, sep, role = name.rpartition("-")
+    """Inverse of ``_name`` for key directories: (relay id, role); InvalidArgument
+    for anything that is not ours."""
+    ident, sep, role = name.rpartition("-")
     if not sep:
         raise InvalidArgument(f"not an endpoint file name: {name!r}")
-    return parse_uid(uid), parse_role(role)
+    return parse_relay_id(ident), parse_role(role)
 
 
 class StateStore:
@@ -111,18 +115,20 @@ class StateStore:
 
 
 class KeyStore:
-    """Per-endpoint key directories; ``relay_gid`` is group scistream-relay's id
-    (None: files stay owner-only, e.g. a development daemon not run by root)."""
+    """Per-endpoint key directories, named by relay id and role; ``relay_gid`` is
+    group scistream-relay's id (None: files stay owner-only, e.g. a development
+    daemon not run by root)."""
 
     def __init__(self, key_dir: Path, relay_gid: Optional[int] = None) -> None:
         self.dir = _private_dir(Path(key_dir))
         self.gid = -1 if relay_gid is None else relay_gid
 
-    def endpoint_dir(self, uid: str, role: Role) -> Path:
-        return self.dir / _name(uid, role)
+    def endpoint_dir(self, relay_id: str, role: Role) -> Path:
+        return self.dir / _name(relay_id, role)
 
-    def write(self, uid: str, role: Role, psk_text: str, conf_text: str) -> Tuple[Path, Path]:
-        d = self.endpoint_dir(uid, role)
+    def write(self, relay_id: str, role: Role, psk_text: str,
+              conf_text: str) -> Tuple[Path, Path]:
+        d = self.endpoint_dir(relay_id, role)
         d.mkdir(mode=0o700, exist_ok=True)
         # Also brings a directory written by 0.1.0 (0700, files 0600) to this layout.
         mode = 0o700 if self.gid == -1 else 0o750
@@ -133,16 +139,16 @@ class KeyStore:
         atomic_write(d / CONF_FILE, conf_text.encode(), file_mode, self.gid)
         return d / PSK_FILE, d / CONF_FILE
 
-    def read_psk(self, uid: str, role: Role) -> str:
+    def read_psk(self, relay_id: str, role: Role, uid: str) -> str:
         """The hex key of an endpoint (from "uid:hex")."""
-        text = (self.endpoint_dir(uid, role) / PSK_FILE).read_text()
+        text = (self.endpoint_dir(relay_id, role) / PSK_FILE).read_text()
         ident, _, key = text.strip().partition(":")
         if ident != uid or not key:
             raise InvalidArgument(f"key file of {uid} is corrupt")
         return key
 
-    def remove(self, uid: str, role: Role) -> None:
-        shutil.rmtree(self.endpoint_dir(uid, role), ignore_errors=True)
+    def remove(self, relay_id: str, role: Role) -> None:
+        shutil.rmtree(self.endpoint_dir(relay_id, role), ignore_errors=True)
 
     def names(self) -> List[str]:
         return sorted(p.name for p in self.dir.iterdir() if p.is_dir())

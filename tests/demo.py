@@ -57,7 +57,7 @@ def main() -> int:
         step(s2, ["iperf3", "-c", "192.168.150.2", "-p", "5100", "-t", "5"])
 
         step(s1, ["scistreamctl", "status", uid])
-        step(s1, ["journalctl", "--no-pager", "-o", "cat", f"SCISTREAM_UID={uid}", "-n", "8"])
+        step(s1, ["scistreamctl", "logs", uid, "-n", "8"])
         step(s1, ["scistreamctl", "release", uid])
         step(s2, ["scistreamctl", "release", uid])
         for host in (s1, s2):

@@ -400,7 +400,9 @@ def test_quick_rearms_keep_the_relay_and_never_report_a_failure(hosts, bus1, bus
     s1 = hosts[0]
     out = bus1.call("InboundRequest", INBOUND_SIG, [S1_IP, [5301], 1, {}])
     uid, path, listeners = out["reply"]
-    unit = f"scistream-inbound-{uid}.service"
+    # The relay unit is named by an opaque id: the endpoint's Unit property.
+    unit = bus1.call("Get", "ss", [ENDPOINT_IFACE, "Unit"], path=path,
+                     iface="org.freedesktop.DBus.Properties")["reply"][0][1]  # (sig, value)
     signals = SignalWatch(s1, path, until="member:InterfacesRemoved", timeout=120)
     try:
         answers = [bus1.call("RearmEndpoint", "s", [uid]) for _ in range(8)]

@@ -45,6 +45,7 @@ OM_IFACE = "org.freedesktop.DBus.ObjectManager"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 DEFAULTS = Config()
 RANGE_SIZE = DEFAULTS.port_range[1] - DEFAULTS.port_range[0] + 1
+RELAY_UNIT_RE = re.compile(r"scistream-inbound-([0-9a-f]{16})\.service")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
@@ -60,8 +61,21 @@ def inbound(host, ports: Sequence[int], num_conn: int = 1,
     return uid, path, listeners
 
 
-def unit_of(uid: str) -> str:
-    return f"scistream-inbound-{uid}.service"
+def unit_of(host, uid: str) -> str:
+    """The relay unit of inbound endpoint ``uid``: its Unit property (the unit is
+    named by an opaque relay id, never the uid)."""
+    out = dbus(host, "Get", "ss", [ENDPOINT_IFACE, "Unit"],
+               path=f"{ENDPOINT_PATH_PREFIX}/{_escape(uid)}_inbound", iface=PROPS_IFACE)
+    assert "reply" in out, f"no inbound endpoint {uid} on {host.name}: {out}"
+    unit = out["reply"][0]
+    assert RELAY_UNIT_RE.fullmatch(unit), unit
+    return unit
+
+
+def key_dir_of(host, uid: str) -> str:
+    """The host's key directory of inbound endpoint ``uid``: named by the relay id."""
+    relay_id = RELAY_UNIT_RE.fullmatch(unit_of(host, uid)).group(1)
+    return f"{KEY_DIR}/{relay_id}-inbound"
 
 
 def show(host, unit: str, *props: str) -> Dict[str, str]:
@@ -87,7 +101,7 @@ def main_pid(host, unit: str) -> int:
 
 def psk_of(host, uid: str) -> str:
     """The endpoint's key, read as root from its root-only file ("uid:hex")."""
-    text = host.run(["cat", f"{KEY_DIR}/{uid}-inbound/psk"]).stdout
+    text = host.run(["cat", f"{key_dir_of(host, uid)}/psk"]).stdout
     ident, _, key = text.strip().partition(":")
     assert ident == uid, f"psk file identity {ident!r} is not the uid {uid}"
     return key
@@ -167,7 +181,7 @@ def empty_s1(s1):
 
 def test_relay_unit_has_the_sandbox_properties(clean, s1):
     uid, _path, listeners = inbound(s1, [5300])
-    unit = unit_of(uid)
+    unit = unit_of(s1, uid)
     p = show(s1, unit, "LoadState", "ActiveState", "Type", "Restart", "Slice", "DynamicUser",
              "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
              "CapabilityBoundingSet", "AmbientCapabilities", "RestrictAddressFamilies",
@@ -187,7 +201,9 @@ def test_relay_unit_has_the_sandbox_properties(clean, s1):
     assert {k: p[k] for k in expected} == expected
     assert (DEFAULTS.relay_memory_max, DEFAULTS.relay_tasks_max) == (256 * 1024**2, 4096)
     assert set(p["RestrictAddressFamilies"].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
-    assert f"SCISTREAM_UID={uid}" in p["LogExtraFields"].split()
+    # No uid in any world-readable property: the unit name, Description,
+    # LogExtraFields and bind path carry the opaque relay id instead.
+    assert p["LogExtraFields"].split() == ["SCISTREAM_ROLE=inbound"]
     assert p["ControlGroup"] == f"/scistream.slice/{unit}"
     # scistreamd's side of the dependency graph must not hold the relay either.
     daemon = show(s1, "scistreamd.service", "ConsistsOf", "BoundBy", "Requires", "Wants")
@@ -195,7 +211,8 @@ def test_relay_unit_has_the_sandbox_properties(clean, s1):
 
     # The key reaches the relay only as its own key directory, bind-mounted
     # read-only into its namespace (and readable through group scistream-relay).
-    d = f"{KEY_DIR}/{uid}-inbound"
+    d = key_dir_of(s1, uid)
+    assert uid not in d
     assert unit_dbus_property(s1, unit, "BindReadOnlyPaths") == [
         [d, "/run/scistream-relay", False, 0]]
     assert unit_dbus_property(s1, unit, "BindPaths") == []
@@ -226,7 +243,7 @@ def test_relay_unit_has_the_sandbox_properties(clean, s1):
 def test_relay_key_never_leaves_its_root_only_files(clean, s1):
     uid, path, _ = inbound(s1, [5300])
     uid2, _, _ = inbound(s1, [5300])
-    unit = unit_of(uid)
+    unit = unit_of(s1, uid)
     key = psk_of(s1, uid)
     assert re.fullmatch(r"[0-9a-f]{64}", key), "the key is not 256 random bits in hex"
     assert key != psk_of(s1, uid2), "two endpoints got the same key"
@@ -234,7 +251,7 @@ def test_relay_key_never_leaves_its_root_only_files(clean, s1):
 
     # On the host: the key directory is root's alone; below it, each
     # endpoint's directory is readable by group scistream-relay.
-    d = f"{KEY_DIR}/{uid}-inbound"
+    d = key_dir_of(s1, uid)
     modes = s1.run(["stat", "-c", "%a %U %G %n", KEY_DIR, d, f"{d}/psk",
                     f"{d}/stunnel.conf"]).stdout.splitlines()
     assert modes == [f"700 root root {KEY_DIR}", f"750 root scistream-relay {d}",
@@ -244,7 +261,7 @@ def test_relay_key_never_leaves_its_root_only_files(clean, s1):
     # and the host's mount table holds no key directory.
     assert s1.run(["ls", "-A", "/run/scistream-relay"]).stdout == ""
     host_mounts = s1.run(["cat", "/proc/self/mountinfo"]).stdout
-    for needle in ("/run/scistream-relay", "/run/credentials", f"{uid}-inbound"):
+    for needle in ("/run/scistream-relay", "/run/credentials", d.rsplit("/", 1)[1]):
         assert needle not in host_mounts, f"{needle} is mounted on the host"
 
     # As the relay's own user (dynamic uid, group scistream-relay), in its own
@@ -266,16 +283,16 @@ def test_relay_key_never_leaves_its_root_only_files(clean, s1):
 
     own = reads(in_relay, "/run/scistream-relay/psk")
     assert own.returncode == 0 and own.stdout.strip() == f"{uid}:{key}", own.stderr
-    for path in (f"{KEY_DIR}/{uid2}-inbound/psk", f"{d}/psk"):
+    for path in (f"{key_dir_of(s1, uid2)}/psk", f"{d}/psk"):
         r = reads(in_relay, path)
         assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r)
         r = reads(as_relay, path)
         assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r)
     # The way into another relay's namespace, /proc/<pid>/root, is closed:
     # every relay has its own dynamic uid.
-    other = reads(as_relay, f"/proc/{main_pid(s1, unit_of(uid2))}/root/run/scistream-relay/psk")
+    other = reads(as_relay, f"/proc/{main_pid(s1, unit_of(s1, uid2))}/root/run/scistream-relay/psk")
     assert other.returncode != 0 and "Permission denied" in other.stderr, other
-    assert s1.run(["cat", f"/proc/{main_pid(s1, unit_of(uid2))}/root/run/scistream-relay/psk"]
+    assert s1.run(["cat", f"/proc/{main_pid(s1, unit_of(s1, uid2))}/root/run/scistream-relay/psk"]
                   ).stdout.strip() == f"{uid2}:{psk_of(s1, uid2)}", "root's view of it works"
     s1.run(["journalctl", "--sync"])
     places = {
@@ -295,7 +312,7 @@ def test_relay_key_never_leaves_its_root_only_files(clean, s1):
         "D-Bus objects": json.dumps(managed_objects(s1)),
     }
     # The places are real: each of them does talk about this endpoint.
-    assert uid in places["systemctl show --all"] and uid in places["journal"]
+    assert unit in places["systemctl show --all"] and uid in places["journal"]
     assert "BindReadOnlyPaths" in places["busctl introspect of the unit"]
     assert "stunnel" in places["cmdline"]
     leaks = [where for where, text in places.items() if key in text or key.upper() in text]
@@ -305,7 +322,7 @@ def test_relay_key_never_leaves_its_root_only_files(clean, s1):
 def test_relay_sandbox_survives_daemon_reload(clean, s1):
     """A `systemctl daemon-reload` (any package install does one) re-reads transient units."""
     uid, _, _ = inbound(s1, [5300])
-    unit = unit_of(uid)
+    unit = unit_of(s1, uid)
     props = ("Type", "Restart", "Slice", "DynamicUser", "NoNewPrivileges", "ProtectSystem",
              "ProtectHome", "PrivateTmp", "PrivateDevices", "CapabilityBoundingSet",
              "RestrictAddressFamilies", "MemoryMax", "TasksMax", "LogExtraFields",
@@ -436,6 +453,7 @@ def test_release_leaves_nothing_and_the_port_can_be_reused(clean, s1, s2, apps):
     made = json.loads(out.stdout)
     uid, path, (listener,) = made["uid"], made["endpoint"], made["listeners"]
     key = psk_of(s1, uid)
+    key_dir = key_dir_of(s1, uid)
     # Traffic first: the relay's closed connections linger in TIME_WAIT on its port.
     assert tls_client(s2, listener, "one\n", *with_key(uid, key))[0] == "APP:one\n"
     introspect = ["busctl", "introspect", "--no-pager", "org.scistream.Tunnel1", path]
@@ -463,7 +481,7 @@ def test_release_leaves_nothing_and_the_port_can_be_reused(clean, s1, s2, apps):
     assert ("PropertiesChanged", "releasing") in kinds, kinds
     assert kinds[-1] == ("InterfacesRemoved", [ENDPOINT_IFACE]), kinds
     # Its key is gone for good, and the old relay's port is no longer served.
-    assert s1.run(["test", "-e", f"{KEY_DIR}/{uid}-inbound"], check=False).returncode == 1
+    assert s1.run(["test", "-e", key_dir], check=False).returncode == 1
     assert tls_client(s2, listener, "two\n", *with_key(uid, key))[0] == ""
 
     # The same port again, for a working relay.
@@ -677,10 +695,13 @@ def test_cli_error_as_json(empty_s1):
 # --------------------------------------------------------------------------
 # 7. journal
 
-def test_journal_by_uid_has_the_relays_and_the_daemons_lines(clean, s1, s2):
+def test_logs_by_uid_have_the_relays_and_the_daemons_lines(clean, s1, s2):
+    """The daemon's lines carry SCISTREAM_UID (and SCISTREAM_UNIT); the relay's
+    carry no uid (their fields are world-readable) and are found by unit:
+    scistreamctl logs UID shows both, also after the release."""
     uid, _, (listener,) = inbound(s1, [5300])
     other, _, _ = inbound(s1, [5300])
-    unit = unit_of(uid)
+    unit = unit_of(s1, uid)
     # A handshake gives the relay something to say about this tunnel.
     tls_client(s2, listener, "x\n", *with_key(uid, secrets.token_hex(32)))
 
@@ -690,28 +711,37 @@ def test_journal_by_uid_has_the_relays_and_the_daemons_lines(clean, s1, s2):
     def request(e):
         return e.get("SYSLOG_IDENTIFIER") == "scistreamd" and e.get("MESSAGE_ID") == MSG_REQUEST.hex
 
-    entries = journal(s1, f"SCISTREAM_UID={uid}", what=f"relay and daemon lines of {uid}",
+    entries = journal(s1, f"SCISTREAM_UID={uid}", "+", f"_SYSTEMD_UNIT={unit}",
+                      what=f"relay and daemon lines of {uid}",
                       need=lambda es: any(map(relay, es)) and any(map(request, es))
                       and any("accepted connection" in str(e.get("MESSAGE")) for e in es))
-    assert all(e["SCISTREAM_UID"] == uid for e in entries)
     relay_lines = [e for e in entries if relay(e)]
     assert all(e.get("_SYSTEMD_UNIT") == unit for e in relay_lines)
+    assert not any("SCISTREAM_UID" in e for e in relay_lines)
+    assert all(e.get("SCISTREAM_ROLE") == "inbound" for e in relay_lines)
     assert any("Configuration successful" in e["MESSAGE"] for e in relay_lines)
+    assert all(e["SCISTREAM_UID"] == uid for e in entries if not relay(e))
     (req,) = [e for e in entries if request(e)]
     assert req["SCISTREAM_ROLE"] == "inbound" and uid in req["MESSAGE"]
+    assert req["SCISTREAM_UNIT"] == unit
     assert "active" in req["MESSAGE"] and f"-> {S1_IP}:5300" in req["MESSAGE"]
     # Nothing of the other tunnel.
     assert not any(other in str(e.get("MESSAGE")) for e in entries)
-    assert all(e.get("_SYSTEMD_UNIT") != unit_of(other) for e in entries)
+    assert all(e.get("_SYSTEMD_UNIT") != unit_of(s1, other) for e in entries)
 
-    # scistreamctl logs shows the same lines.
+    # scistreamctl logs shows the same lines, and nothing of the other tunnel.
     logs = s1.ctl("logs", uid, check=True).stdout
     assert "scistream-relay" in logs and "Configuration successful" in logs
+    assert "accepted connection" in logs
     assert f"inbound endpoint {uid} active" in logs
+    assert other not in logs
 
     s1.ctl("release", uid, check=True)
     journal(s1, f"SCISTREAM_UID={uid}", f"MESSAGE_ID={MSG_RELEASE.hex}",
             what=f"the release line of {uid}", need=lambda es: len(es) == 1)
+    # Released: the daemon no longer knows the unit, its journal lines still do.
+    logs = s1.ctl("logs", uid, check=True).stdout
+    assert "accepted connection" in logs and f"inbound endpoint {uid} released" in logs
 
 
 # --------------------------------------------------------------------------
@@ -733,12 +763,15 @@ def test_endpoint_objects_and_manager_properties(clean, s1):
     expected = {"Uid": uid, "Role": "inbound", "State": "active",
                 "Listeners": [f"{S1_IP}:{low}", f"{S1_IP}:{low + 1}"],
                 "Targets": [f"{S1_IP}:5300", f"{S1_IP}:5301"], "NumConn": 2,
-                "Unit": unit_of(uid), "NRestarts": 0}
+                "NRestarts": 0}
     assert {k: props.get(k) for k in expected} == expected
+    # The relay unit, named by an opaque id (never the uid), is the one running.
+    assert RELAY_UNIT_RE.fullmatch(props["Unit"]) and uid not in props["Unit"], props
+    assert s1.run(["systemctl", "is-active", props["Unit"]]).stdout.strip() == "active"
     assert props["Listeners"] == listeners
     # Properties.Get on the object agrees.
     got = dbus(s1, "Get", "ss", [ENDPOINT_IFACE, "Unit"], path=path, iface=PROPS_IFACE)
-    assert got == {"reply": [unit_of(uid)]}
+    assert got == {"reply": [props["Unit"]]}
     assert dbus(s1, "ListEndpoints", "", []) == {
         "reply": [[[uid, "inbound", "active", listeners]]]}
 
@@ -765,7 +798,7 @@ def _escape(uid: str) -> str:
 def test_relay_killed_is_restarted_and_the_object_says_so(clean, s1, s2, apps):
     echo_app(apps, s1, 5300, "APP:")
     uid, path, (listener,) = inbound(s1, [5300])
-    unit = unit_of(uid)
+    unit = unit_of(s1, uid)
     key = psk_of(s1, uid)
     pid = main_pid(s1, unit)
     watch = SignalWatch(s1, path, until="NRestarts=1", timeout=10)
@@ -815,7 +848,7 @@ def test_port_used_by_another_program_is_skipped_and_exhaustion_rolls_back(clean
 def test_daemon_restart_keeps_relays_and_their_ports(clean, s1, s2, apps):
     echo_app(apps, s1, 5300, "APP:")
     uid, path, (listener,) = inbound(s1, [5300])
-    unit = unit_of(uid)
+    unit = unit_of(s1, uid)
     pid = main_pid(s1, unit)
     s1.run(["systemctl", "restart", "scistreamd.service"])
     assert s1.run(["systemctl", "is-active", "scistreamd.service"]).stdout.strip() == "active"
@@ -866,11 +899,12 @@ def test_cli_keeps_the_guides_output_lines(clean, s1):
     assert sorted(e["uid"] for e in listed) == sorted([uid, uid2, made["uid"]])
     assert all(e["role"] == "inbound" and e["state"] == "active" for e in listed)
     status = json.loads(s1.ctl("status", uid, "--json", check=True).stdout)
-    assert [(s["Uid"], s["State"], s["Unit"]) for s in status] == [(uid, "active", unit_of(uid))]
+    assert [(s["Uid"], s["State"], s["Unit"]) for s in status] == [
+        (uid, "active", unit_of(s1, uid))]
     human = s1.ctl("list", check=True).stdout
     assert all(u in human for u in (uid, uid2, made["uid"]))
     text = s1.ctl("status", uid, check=True).stdout
-    assert re.search(rf"^Unit:\s+{re.escape(unit_of(uid))}$", text, re.M), text
+    assert re.search(rf"^Unit:\s+{re.escape(unit_of(s1, uid))}$", text, re.M), text
     released = json.loads(s1.ctl("release", uid2, "--json", check=True).stdout)
     assert released == {"released": [uid2]}
     assert json.loads(s1.ctl("release", "--all", "--json", check=True).stdout) == \

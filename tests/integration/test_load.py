@@ -247,14 +247,17 @@ def tunnel_between(hosts, bus1, bus2, num_conn: int = 1):
         wait_listening(s1, 5300, S1_IP)
         out = bus1.call("InboundRequest", INBOUND_SIG, [S1_IP, [5300], num_conn, {}])
         assert "reply" in out, out
-        uid, _, listeners = out["reply"]
+        uid, path1, listeners = out["reply"]
         made.append(bus1)
         out = bus2.call("OutboundRequest", OUTBOUND_SIG, [uid, listeners, [], num_conn, {}])
         assert "reply" in out, out
         made.append(bus2)
-        entries = out["reply"][1]
-        units = {h.name: f"scistream-{role}-{uid}.service"
-                 for h, role in ((s1, "inbound"), (s2, "outbound"))}
+        path2, entries = out["reply"]
+        # Relay units are named by an opaque id: each endpoint's Unit property
+        # (dbusbatch answers a Variant as [signature, value]).
+        units = {h.name: bus.call("Get", "ss", ["org.scistream.Tunnel1.Endpoint", "Unit"],
+                                  path=path, iface="org.freedesktop.DBus.Properties")
+                 ["reply"][0][1] for h, bus, path in ((s1, bus1, path1), (s2, bus2, path2))}
         yield {"s1": s1, "s2": s2, "uid": uid, "entries": entries, "tag": tag,
                "count_file": count_file, "units": units}
     finally:

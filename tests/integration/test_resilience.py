@@ -105,8 +105,10 @@ def ctl_json(host, *args: str):
 
 
 def inbound(host, app_port: int, num_conn: int = 1) -> Dict:
-    return ctl_json(host, "inbound-request", "--remote_ip", host.ip, "--receiver_ports",
+    made = ctl_json(host, "inbound-request", "--remote_ip", host.ip, "--receiver_ports",
                     str(app_port), "--num_conn", str(num_conn))
+    relay_unit(host, made["uid"], "inbound")  # remembered while the daemon knows it
+    return made
 
 
 def tunnel(s1, s2, app_port: int) -> Tuple[str, str, str]:
@@ -114,6 +116,7 @@ def tunnel(s1, s2, app_port: int) -> Tuple[str, str, str]:
     req = inbound(s1, app_port)
     out = ctl_json(s2, "outbound-request", "--remote_ip", s1.ip,
                    "--server_cert=/etc/scistream/peer-ca.crt", req["uid"], *req["listeners"])
+    relay_unit(s2, req["uid"], "outbound")
     return req["uid"], req["listeners"][0], out["listeners"][0]
 
 
@@ -137,12 +140,24 @@ def unit_props(host, unit: str, *props: str) -> Dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def relay_unit(uid: str, role: str) -> str:
-    return f"scistream-{role}-{uid}.service"
+#: (host, uid, role) -> relay unit, remembered: some tests ask again after the
+#: daemon and its state file have forgotten the endpoint (orphans, roll-backs).
+_UNITS: Dict[Tuple[str, str, str], str] = {}
+
+
+def relay_unit(host, uid: str, role: str) -> str:
+    """The relay unit of (uid, role): the endpoint's Unit property (the unit is
+    named by an opaque relay id, never the uid)."""
+    key = (host.name, uid, role)
+    if key not in _UNITS:
+        props = endpoint_properties(host, uid, role)
+        assert props is not None, f"no {role} endpoint {uid} on {host.name}"
+        _UNITS[key] = props["Unit"]
+    return _UNITS[key]
 
 
 def relay_pid(host, uid: str, role: str) -> int:
-    return int(unit_props(host, relay_unit(uid, role), "MainPID")["MainPID"] or 0)
+    return int(unit_props(host, relay_unit(host, uid, role), "MainPID")["MainPID"] or 0)
 
 
 def listening(host, hostport: str) -> bool:
@@ -166,13 +181,15 @@ def state_file(uid: str, role: str) -> str:
     return f"{STATE_DIR}/{uid}-{role}.json"
 
 
-def key_dir(uid: str, role: str) -> str:
-    return f"{KEY_DIR}/{uid}-{role}"
+def key_dir(host, uid: str, role: str) -> str:
+    """The host's key directory of (uid, role): named by the relay id, like its unit."""
+    relay_id = relay_unit(host, uid, role)[len(f"scistream-{role}-"):-len(".service")]
+    return f"{KEY_DIR}/{relay_id}-{role}"
 
 
 def psk_digest(host, uid: str, role: str) -> str:
     """sha256 of an endpoint's key file: compares keys without showing them."""
-    raw = host.run(["cat", f"{key_dir(uid, role)}/psk"]).stdout
+    raw = host.run(["cat", f"{key_dir(host, uid, role)}/psk"]).stdout
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -271,8 +288,9 @@ def test_torn_and_corrupt_state_files_at_startup(s1, restore):
     the operator, and the daemon starts anyway with every valid endpoint."""
     good = inbound(s1, 5320)["uid"]
     corrupt = str(uuid.uuid4())
+    good_keys = key_dir(s1, good, "inbound")
     assert s1.run(["stat", "-c", "%a %U:%G", STATE_DIR, state_file(good, "inbound"),
-                   key_dir(good, "inbound"), f"{key_dir(good, 'inbound')}/psk"]).stdout.split() \
+                   good_keys, f"{good_keys}/psk"]).stdout.split() \
         == ["700", "root:root", "600", "root:root", "750", "root:scistream-relay",
             "440", "root:scistream-relay"]
 
@@ -312,29 +330,29 @@ def test_state_without_unit_is_recreated_from_persisted_key(s1, s2, apps, restor
     key = psk_digest(s1, uid, "inbound")
     before = listed(s1)
 
-    d = key_dir(uid, "inbound")
+    d = key_dir(s1, uid, "inbound")
     if how == "shutdown":
         s1.run(["systemctl", "stop", SERVICE, "scistream.slice"])
     else:
         s1.run(["systemctl", "stop", SERVICE])
-        s1.run(["systemctl", "stop", relay_unit(uid, "inbound")])
+        s1.run(["systemctl", "stop", relay_unit(s1, uid, "inbound")])
     if how == "from-0.1.0-layout":
-        unit = relay_unit(uid, "inbound")
+        unit = relay_unit(s1, uid, "inbound")
         s1.run(["sh", "-c", f"chown -R root:root {d} && chmod 0700 {d} && "
                             f"chmod 0600 {d}/psk {d}/stunnel.conf && "
                             "sed -i 's|^PSKsecrets = .*|PSKsecrets = "
                             f"/run/credentials/{unit}/psk|' {d}/stunnel.conf"])
-    assert unit_props(s1, relay_unit(uid, "inbound"), "ActiveState")["ActiveState"] \
+    assert unit_props(s1, relay_unit(s1, uid, "inbound"), "ActiveState")["ActiveState"] \
         == "inactive"
     assert not listening(s1, l1)
     assert ask(s2, l2, "down") != "R:down"  # the tunnel really was broken
 
     s1.run(["systemctl", "start", SERVICE])
-    assert unit_props(s1, relay_unit(uid, "inbound"), "ActiveState")["ActiveState"] == "active"
+    assert unit_props(s1, relay_unit(s1, uid, "inbound"), "ActiveState")["ActiveState"] == "active"
     assert listening(s1, l1)
     assert listed(s1) == before
     assert psk_digest(s1, uid, "inbound") == key
-    assert f"recreating relay {relay_unit(uid, 'inbound')}" in journal(s1)
+    assert f"recreating relay {relay_unit(s1, uid, 'inbound')}" in journal(s1)
     assert ask(s2, l2, "after") == "R:after"
     assert s1.run(["stat", "-c", "%a %U:%G", d, f"{d}/psk"]).stdout.split() == [
         "750", "root:scistream-relay", "440", "root:scistream-relay"]
@@ -356,12 +374,12 @@ def test_unit_without_state_is_an_orphan_and_removed(s1, s2, restore):
     s1.run(["rm", state_file(uid, "inbound")])
     s1.run(["systemctl", "start", SERVICE])
 
-    assert unit_props(s1, relay_unit(uid, "inbound"), "ActiveState")["ActiveState"] \
+    assert unit_props(s1, relay_unit(s1, uid, "inbound"), "ActiveState")["ActiveState"] \
         == "inactive"
-    assert not file_exists(s1, key_dir(uid, "inbound"))
+    assert not file_exists(s1, key_dir(s1, uid, "inbound"))
     assert not listening(s1, l1)
     assert listed(s1) == []
-    assert f"stopping orphan relay {relay_unit(uid, 'inbound')}" in journal(s1)
+    assert f"stopping orphan relay {relay_unit(s1, uid, 'inbound')}" in journal(s1)
     assert residue(s1) == []
     wait_until(lambda: endpoint_state(s2, uid, "outbound") == "failed", 60,
                "server2 to notice its peer dropped the tunnel")
@@ -383,9 +401,9 @@ def test_interrupted_request_is_rolled_back(s1, restore, interrupted):
     assert listening(s1, l1)  # the relay outlived the daemon
     s1.run(["systemctl", "start", SERVICE])
 
-    assert unit_props(s1, relay_unit(uid, "inbound"), "ActiveState")["ActiveState"] \
+    assert unit_props(s1, relay_unit(s1, uid, "inbound"), "ActiveState")["ActiveState"] \
         == "inactive"
-    assert not file_exists(s1, key_dir(uid, "inbound"))
+    assert not file_exists(s1, key_dir(s1, uid, "inbound"))
     assert not file_exists(s1, state_file(uid, "inbound"))
     assert not listening(s1, l1)
     assert listed(s1) == []
@@ -411,14 +429,15 @@ def consistency(host) -> List[str]:
                       "scistream-*.service"], check=False).stdout.split()
     running = host.run(["systemctl", "list-units", "--state=active", "--no-legend", "--plain",
                         "scistream-*.service"], check=False).stdout.split()
-    want_units = {relay_unit(e["uid"], e["role"]) for e in eps}
+    want_units = {relay_unit(host, e["uid"], e["role"]) for e in eps}
     problems += [f"unit {u} without endpoint" for u in units
                  if u.startswith("scistream-") and u not in want_units]
     problems += [f"unit {u} not running" for u in want_units if u not in running]
     keys = set(host.run(["ls", "-A", KEY_DIR], check=False).stdout.split())
     states = set(host.run(["ls", "-A", STATE_DIR], check=False).stdout.split())
-    if keys != names:
-        problems.append(f"key dirs {sorted(keys)} != endpoints {sorted(names)}")
+    want_keys = {key_dir(host, e["uid"], e["role"]).rsplit("/", 1)[1] for e in eps}
+    if keys != want_keys:
+        problems.append(f"key dirs {sorted(keys)} != endpoints' {sorted(want_keys)}")
     if states != {f"{n}.json" for n in names}:
         problems.append(f"state files {sorted(states)} != endpoints {sorted(names)}")
     open_ports = sorted(x for x in residue(host) if x.startswith("listening "))
@@ -536,7 +555,7 @@ def test_relay_that_cannot_start_ends_failed_with_reason(s1, apps, restore):
                        "the endpoint to fail after the start limit")
     assert "relay failed" in props["StateDetail"]
     assert props["NRestarts"] >= 1
-    assert unit_props(s1, relay_unit(uid, "inbound"), "ActiveState")["ActiveState"] == "failed"
+    assert unit_props(s1, relay_unit(s1, uid, "inbound"), "ActiveState")["ActiveState"] == "failed"
     status = s1.ctl("status", uid)
     assert status.returncode == 0
     assert "State:       failed" in status.stdout
@@ -562,7 +581,7 @@ def test_stop_daemon_keeps_tunnels_then_readopts(s1, s2, apps, restore):
         host.run(["systemctl", "stop", SERVICE])
     for host, role in ((s1, "inbound"), (s2, "outbound")):
         assert unit_props(host, SERVICE, "ActiveState")["ActiveState"] == "inactive"
-        assert unit_props(host, relay_unit(uid, role), "ActiveState")["ActiveState"] \
+        assert unit_props(host, relay_unit(host, uid, role), "ActiveState")["ActiveState"] \
             == "active"
     assert ask(s2, l2, "daemonless") == "S:daemonless"
 
@@ -579,7 +598,7 @@ def test_relay_restarted_while_daemon_is_down_is_adopted_with_its_count(s1, s2, 
     asks only NRestarts per relay: a crash the daemon did not see is counted."""
     apps.start(s1, "echo-down", "python3", HOSTTOOL, "echo", "5345", "--tag", "D:")
     uid, _l1, l2 = tunnel(s1, s2, 5345)
-    unit = relay_unit(uid, "inbound")
+    unit = relay_unit(s1, uid, "inbound")
     s1.run(["systemctl", "stop", SERVICE])
     pid = relay_pid(s1, uid, "inbound")
     s1.run(["kill", "-9", str(pid)])
@@ -603,20 +622,20 @@ def test_stop_slice_stops_every_relay_then_release_all_cleans(s1, s2, apps, rest
 
     s1.run(["systemctl", "stop", "scistream.slice"])
     for u in (uid, lone):
-        assert unit_props(s1, relay_unit(u, "inbound"), "ActiveState")["ActiveState"] \
+        assert unit_props(s1, relay_unit(s1, u, "inbound"), "ActiveState")["ActiveState"] \
             == "inactive"
         props = wait_until(lambda u=u: (p := endpoint_properties(s1, u, "inbound"))
                            and p["State"] == "failed" and p, 60,
                            f"endpoint {u} to be marked failed")
         assert "release it" in props["StateDetail"]
     assert ask(s2, l2, "down") != "L:down"
-    assert unit_props(s2, relay_unit(uid, "outbound"), "ActiveState")["ActiveState"] \
+    assert unit_props(s2, relay_unit(s2, uid, "outbound"), "ActiveState")["ActiveState"] \
         == "active"  # only the stopped host's relays are affected
 
     s1.run(["systemctl", "restart", SERVICE])
     assert sorted((e["uid"], e["state"]) for e in listed(s1)) == sorted(
         [(uid, "failed"), (lone, "failed")])
-    assert unit_props(s1, relay_unit(uid, "inbound"), "ActiveState")["ActiveState"] \
+    assert unit_props(s1, relay_unit(s1, uid, "inbound"), "ActiveState")["ActiveState"] \
         == "inactive"
 
     fresh = inbound(s1, 5343)["uid"]  # the slice starts again for a new relay

@@ -155,7 +155,10 @@ def test_guide_scenario_end_to_end(clean, s1, s2, apps):
         assert found is not None, host.run(["ss", "-tlpn"]).stdout
         name, pid = found
         assert name == "stunnel4"
-        assert pid == main_pid(host, f"scistream-{role_name}-{uid}.service")
+        # The relay unit is named by an opaque id (never the uid): its Unit property.
+        unit = endpoint_properties(host, uid, role_name)["Unit"]
+        assert re.fullmatch(rf"scistream-{role_name}-[0-9a-f]{{16}}\.service", unit), unit
+        assert pid == main_pid(host, unit)
 
     doc = iperf_client(s2, f"{S2_IP}:5100")
     # sum_received is what the iperf3 server on server1 counted: the application got it.

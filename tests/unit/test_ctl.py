@@ -40,7 +40,7 @@ from scistreamd import (
     __version__,
     ctl,
 )
-from scistreamd.errors import BY_DBUS_NAME
+from scistreamd.errors import BY_DBUS_NAME, InvalidArgument
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3"
@@ -750,6 +750,24 @@ def test_journalctl_argv() -> None:
         "--no-pager",
     ]
     assert ctl.journalctl_argv(UID, True, 50, True)[-5:] == ["json", "--no-pager", "-f", "-n", "50"]
+    unit = "scistream-inbound-0123456789abcdef.service"
+    assert ctl.journalctl_argv(UID, False, None, False, [unit])[:6] == [
+        "journalctl", f"SCISTREAM_UID={UID}", "+", f"_SYSTEMD_UNIT={unit}", "+", f"UNIT={unit}"]
+
+
+def test_relay_units_are_read_from_the_daemons_journal_lines() -> None:
+    """logs finds relay units (whose lines carry no uid) in the daemon's lines;
+    journal text that is not a relay unit name never reaches journalctl."""
+    import json as _json
+
+    good = ["scistream-inbound-0123456789abcdef.service", f"scistream-outbound-{UID}.service"]
+    lines = [_json.dumps({"SCISTREAM_UNIT": u, "__CURSOR": "c"}) for u in good + good]
+    lines += ["not json", _json.dumps({"MESSAGE": "x"}), _json.dumps([1]),
+              _json.dumps({"SCISTREAM_UNIT": "scistream-inbound-0123.service"}),
+              _json.dumps({"SCISTREAM_UNIT": "sshd.service"}),
+              _json.dumps({"SCISTREAM_UNIT": "scistream-inbound-0123456789abcdef.service -f"}),
+              _json.dumps({"SCISTREAM_UNIT": ["scistream-inbound-0123456789abcdef.service"]})]
+    assert ctl.relay_units_in(lines) == sorted(good)
 
 
 # ---------------------------------------------------------------------------
@@ -1189,3 +1207,21 @@ def test_rearm_validates_uid_before_any_bus_call(capsys) -> None:
     assert ctl.main(["rearm", "not-a-uid"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("scistreamctl: ") and "Traceback" not in err
+
+
+def test_uid_from_stdin_keeps_it_off_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """UID "-" reads the uid from stdin: command lines are world-readable."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(UID.upper() + "\n"))
+    assert ctl.read_uid_arg("-") == UID
+    monkeypatch.setattr(sys, "stdin", io.StringIO("not-a-uid\n"))
+    with pytest.raises(InvalidArgument, match="not a tunnel uid"):
+        ctl.read_uid_arg("-")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(InvalidArgument, match="not a tunnel uid"):
+        ctl.read_uid_arg("-")
+    assert ctl.read_uid_arg(UID) == UID
+    for verb in (["status", "-"], ["logs", "-"], ["rearm", "-"], ["release", "-"],
+                 ["outbound-request", "-", "192.168.150.1:5100"]):
+        assert ctl.parse_args(verb).uid == "-"

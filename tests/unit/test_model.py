@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -438,7 +439,8 @@ def make_inbound(**kw: object) -> Endpoint:
 
 def test_endpoint_basics() -> None:
     ep = make_inbound()
-    assert ep.unit == f"scistream-inbound-{UID}.service"
+    assert re.fullmatch(r"scistream-inbound-[0-9a-f]{16}\.service", ep.unit), ep.unit
+    assert ep.unit == f"scistream-inbound-{ep.relay_id}.service" and not ep.legacy_relay_id
     assert ep.key == (UID, Role.INBOUND)
     assert ep.state is State.STARTING
     assert ep.peer is None and ep.claimed_by == "" and ep.n_restarts == 0
@@ -476,10 +478,46 @@ def test_endpoint_to_dict_shape() -> None:
 
 
 def test_endpoint_from_dict_defaults_optional_fields() -> None:
-    d = make_inbound().to_dict()
-    for key in ("state", "peer", "claimed_by", "claimed_at", "detail", "n_restarts"):
+    d = make_inbound(relay_id=UID).to_dict()
+    for key in ("state", "peer", "claimed_by", "claimed_at", "detail", "n_restarts", "relay_id"):
         del d[key]
-    assert Endpoint.from_dict(d) == make_inbound()
+    assert Endpoint.from_dict(d) == make_inbound(relay_id=UID)
+
+
+def test_relay_ids_are_opaque_and_never_the_uid() -> None:
+    """Unit names are world-readable: each endpoint's relay id is random, not the uid."""
+    eps = [make_inbound() for _ in range(50)]
+    ids = {e.relay_id for e in eps}
+    assert len(ids) == 50
+    for e in eps:
+        assert re.fullmatch(r"[0-9a-f]{16}", e.relay_id)
+        for part in UID.split("-"):
+            assert part not in e.unit
+        assert Endpoint.from_dict(json.loads(json.dumps(e.to_dict()))).unit == e.unit
+
+
+def test_record_of_the_previous_version_keeps_its_uid_named_unit() -> None:
+    """A state file written before relay ids (no relay_id key, as 0.x wrote it)
+    loads with the uid as relay id, so its running relay is adopted unchanged."""
+    old = {"uid": UID, "role": "inbound", "listeners": ["192.168.150.1:5100"],
+           "targets": ["192.168.150.1:5300"], "num_conn": 1, "created_at": 1742400000.5,
+           "state": "active", "peer": None, "claimed_by": "", "claimed_at": 0.0,
+           "detail": "", "n_restarts": 0}
+    ep = Endpoint.from_dict(old)
+    assert ep.relay_id == UID and ep.legacy_relay_id
+    assert ep.unit == f"scistream-inbound-{UID}.service"
+    assert Endpoint.from_dict(ep.to_dict()) == ep  # saved again: still the same unit
+
+
+@pytest.mark.parametrize("bad", ["", "0123456789abcde", "0123456789ABCDEF", "0123456789abcdef0",
+                                 "../../etc/passwd", "bd9f1a7e-04d7-11f0-b44c-946dae415863",
+                                 "0123456789abcdef\n", 16, None])
+def test_bad_relay_ids_are_refused(bad: object) -> None:
+    """Neither garbage nor another tunnel's uid can name an endpoint's relay."""
+    d = make_inbound().to_dict()
+    d["relay_id"] = bad
+    with pytest.raises(InvalidArgument, match="relay id"):
+        Endpoint.from_dict(d)
 
 
 def test_endpoint_allowed_peer_is_stored_only_when_set() -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from scistreamd.model import Role
-from scistreamd.store import CONF_FILE, PSK_FILE, KeyStore, atomic_write
+from scistreamd.errors import InvalidArgument
+from scistreamd.model import Endpoint, Role
+from scistreamd.store import CONF_FILE, PSK_FILE, KeyStore, StateStore, atomic_write, parse_name
 
 UID = "bd9f1a7e-04d7-11f0-b44c-946dae415862"
 # Any group other than the test's own primary group shows that the group is set.
@@ -30,7 +32,7 @@ def test_key_directory_is_readable_by_the_relay_group_only(tmp_path: Path) -> No
     assert (_mode(d), d.stat().st_gid) == (0o750, OTHER_GID)
     for f in (psk, conf):
         assert (_mode(f), f.stat().st_gid, f.stat().st_uid) == (0o440, OTHER_GID, os.geteuid())
-    assert keys.read_psk(UID, Role.INBOUND) == "a" * 64
+    assert keys.read_psk(UID, Role.INBOUND, UID) == "a" * 64
     assert sorted(p.name for p in d.iterdir()) == [PSK_FILE, CONF_FILE]  # no tmp files left
 
 
@@ -52,3 +54,44 @@ def test_without_a_relay_group_everything_stays_owner_only(tmp_path: Path) -> No
     assert _mode(psk) == _mode(conf) == 0o400
     keys.remove(UID, Role.INBOUND)
     assert keys.names() == []
+
+
+def test_key_directories_are_named_by_relay_id(tmp_path: Path) -> None:
+    """A new endpoint's key directory (its path is a world-readable unit
+    property) is named by its opaque relay id; a legacy one by its uid. Both
+    are recognised as ours when orphaned; anything else is not."""
+    keys = KeyStore(tmp_path / "keys")
+    relay_id = "0123456789abcdef"
+    keys.write(relay_id, Role.INBOUND, f"{UID}:{'d' * 64}\n", "; conf\n")
+    keys.write(UID, Role.OUTBOUND, f"{UID}:{'e' * 64}\n", "; conf\n")
+    assert keys.names() == sorted([f"{relay_id}-inbound", f"{UID}-outbound"])
+    assert UID not in str(keys.endpoint_dir(relay_id, Role.INBOUND))
+    assert keys.read_psk(relay_id, Role.INBOUND, UID) == "d" * 64
+    with pytest.raises(InvalidArgument, match="corrupt"):
+        keys.read_psk(relay_id, Role.INBOUND, "aaaaaaaa-04d7-11f0-b44c-946dae415862")
+    assert parse_name(f"{relay_id}-inbound") == (relay_id, Role.INBOUND)
+    assert parse_name(f"{UID}-outbound") == (UID, Role.OUTBOUND)
+    for bad in ("lost+found", "0123-inbound", f"{relay_id}-sideways", "x-inbound"):
+        with pytest.raises(InvalidArgument):
+            parse_name(bad)
+
+
+def test_state_files_of_the_previous_version_load_with_their_unit_names(tmp_path: Path) -> None:
+    """After an upgrade, a record without relay_id loads (as written by the
+    version before) and names the unit its relay runs as: adopt() finds it."""
+    store = StateStore(tmp_path / "state")
+    old = {"uid": UID, "role": "inbound", "listeners": ["192.168.150.1:5100"],
+           "targets": ["192.168.150.1:5300"], "num_conn": 1, "created_at": 1742400000.5,
+           "state": "active", "peer": None, "claimed_by": "", "claimed_at": 0.0,
+           "detail": "", "n_restarts": 0}
+    atomic_write(store.path(UID, Role.INBOUND), json.dumps(old).encode())
+    new = Endpoint.from_dict(dict(old, role="outbound"))
+    new.relay_id = "fedcba9876543210"
+    store.save(new)
+    good, bad = store.load_all()
+    assert bad == []
+    by_role = {ep.role: ep for ep in good}
+    assert by_role[Role.INBOUND].unit == f"scistream-inbound-{UID}.service"
+    assert by_role[Role.INBOUND].legacy_relay_id
+    assert by_role[Role.OUTBOUND].unit == "scistream-outbound-fedcba9876543210.service"
+    assert json.loads(store.path(UID, Role.OUTBOUND).read_text())["relay_id"] == new.relay_id
