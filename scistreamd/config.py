@@ -29,6 +29,7 @@ from .relay import (
     parse_safe_path,
     parse_stunnel_log_level,
 )
+from .targets import DEFAULT_TARGET_RULES, TargetRule, parse_target_rules
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class Config:
     state_dir: Path = Path("/var/lib/scistream")
     key_dir: Path = Path("/var/lib/scistream/keys")
     max_endpoints: int = 1024
+    #: Networks/ports inbound endpoints may forward to (targets.py); loopback and
+    #: link-local only when a rule names them.
+    allowed_targets: Tuple[TargetRule, ...] = DEFAULT_TARGET_RULES
     log_level: str = "info"
     #: Which file set each key (for messages); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -222,6 +226,7 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "state_dir": _path,
     "key_dir": _path,
     "max_endpoints": lambda v: _int(v, 1, 100_000),
+    "allowed_targets": parse_target_rules,
     "log_level": _choice(LOG_LEVELS, "level"),
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Set,
 from . import RELAY_GROUP
 from .config import Config
 from .errors import (
+    AccessDenied,
     AlreadyExists,
     ConfigError,
     InvalidArgument,
@@ -55,6 +56,7 @@ from .relay import new_psk, relay_file_path, render_psk_file, render_stunnel_con
 from .relay_unit import relay_unit_properties
 from .store import PSK_FILE, KeyStore, StateStore, parse_name
 from .systemd import ABSENT, Systemd, SystemdError, UnitStatus, unit_object_path
+from .targets import target_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +192,10 @@ class Manager:
         ports = parse_port_list(receiver_ports, "receiver_ports")
         n = parse_num_conn(num_conn, self.cfg.port_range[1] - self.cfg.port_range[0] + 1)
         parse_options(options, {})
+        for port in ports:  # before anything is allocated
+            refusal = target_refusal(self.cfg.allowed_targets, ip, port)
+            if refusal:
+                raise AccessDenied(refusal)
         self._check_capacity()
         uid = new_uid()
         async with self._lock(uid):

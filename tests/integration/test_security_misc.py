@@ -22,9 +22,13 @@ from tests.integration.conftest import (
     HOSTTOOL,
     DaemonWatch,
     as_user,
+    dbus,
     journal_cursor,
     journal_since,
+    parse_request_output,
     residue,
+    tool,
+    wait_listening,
 )
 
 pytestmark = pytest.mark.testbed
@@ -216,4 +220,101 @@ def test_forged_systemd_signals_are_ignored(s1, s2, clean):
     assert s1.ctl("release", "--all").returncode == 0
     assert residue(s1) == []
     assert_no_traceback(s1, cursor)
+    watch.check()
+
+
+# --------------------------------------------------------------------------
+# Target policy (allowed_targets)
+
+DROPIN = "/etc/scistream/conf.d/60-test-targets.toml"
+ACCESS_EXIT = 9
+LO_RULE = "127.0.0.1 5300"
+TEN_RULE = "10.0.0.0/8 5000-5100"
+
+
+def _restart(host) -> None:
+    host.run(["systemctl", "restart", "scistreamd"], timeout=120)
+    state = host.run(["systemctl", "is-active", "scistreamd"], check=False).stdout.strip()
+    assert state == "active", host.journal("-u", "scistreamd", "-n", "30")
+
+
+@pytest.fixture
+def target_rules(s1, clean):
+    """server1 with allowed_targets from a conf.d drop-in; the drop-in removed afterwards."""
+    s1.run(["tee", DROPIN], input=(
+        "# written by test_security_misc.py; removed when the test ends\n"
+        f'allowed_targets = ["192.168.150.0/24", "{LO_RULE}", "{TEN_RULE}"]\n'))
+    try:
+        _restart(s1)
+        yield s1
+    finally:
+        s1.ctl("release", "--all")
+        s1.run(["rm", "-f", DROPIN])
+        _restart(s1)
+
+
+def refused(host, ip: str, port: int) -> str:
+    """inbound-request to ip:port must fail with exit 9 and leave nothing; its stderr."""
+    out = host.ctl("inbound-request", "--remote_ip", ip, "--receiver_ports", str(port))
+    assert out.returncode == ACCESS_EXIT, (out.returncode, out.stdout, out.stderr)
+    assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert residue(host) == [], "a refused request left something behind"
+    return out.stderr
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "169.254.1.1",
+                                "fe80::1"])
+def test_loopback_and_link_local_targets_are_refused_by_default(s1, clean, ip):
+    watch = DaemonWatch(s1)
+    text = refused(s1, ip, 5300)
+    kind = "link-local" if ip.startswith(("169.254", "fe80")) else "loopback"
+    assert f"{kind} targets are allowed only by a rule of allowed_targets" in text, text
+    # The same refusal by name over D-Bus.
+    out = dbus(s1, "InboundRequest", "saqua{sv}", [ip, [5300], 1, {}])
+    assert out.get("error") == "org.scistream.Tunnel1.Error.AccessDenied", out
+    assert residue(s1) == []
+    watch.check()
+
+
+def test_loopback_target_allowed_by_a_rule_carries_data(target_rules, s1, s2, apps):
+    """With a rule naming 127.0.0.1:5300, a tunnel reaches an app listening on loopback only."""
+    apps.start(s1, "echo-lo-5300", "python3", HOSTTOOL, "echo", "5300", "--tag", "LO:",
+               "--host", "127.0.0.1")
+    wait_listening(s1, 5300, "127.0.0.1")
+    out = s1.ctl("inbound-request", "--remote_ip", "127.0.0.1", "--receiver_ports", "5300")
+    assert out.returncode == 0, out.stderr
+    uid, _s2cs, _role, listeners = parse_request_output(out.stdout)
+    try:
+        out2 = s2.ctl("outbound-request", "--remote_ip", s1.ip, uid, *listeners)
+        assert out2.returncode == 0, out2.stderr
+        _uid, _s, _r, local = parse_request_output(out2.stdout)
+        ip, port = local[0].rsplit(":", 1)
+        reply = tool(s2, "request", ip, port, "through-loopback", check=False)
+        assert reply.stdout.strip() == "LO:through-loopback", reply.stdout + reply.stderr
+    finally:
+        s2.ctl("release", uid)
+        s1.ctl("release", uid)
+
+
+def test_targets_outside_the_rules_are_refused_naming_the_rule(target_rules, s1):
+    watch = DaemonWatch(s1)
+    text = refused(s1, "127.0.0.1", 5301)
+    assert f'rule "{LO_RULE}" of allowed_targets covers 127.0.0.1 but not port 5301' in text, text
+    text = refused(s1, "10.1.2.3", 6000)
+    assert f'rule "{TEN_RULE}" of allowed_targets covers 10.1.2.3 but not port 6000' in text, text
+    # Not named by any rule: other loopback addresses, other networks.
+    assert "loopback targets are allowed only by a rule" in refused(s1, "127.0.0.2", 5300)
+    text = refused(s1, "172.16.0.1", 5300)
+    assert "no rule of allowed_targets covers it" in text and f'"{TEN_RULE}"' in text, text
+    # One refused port of several refuses the whole request (5000 alone is allowed).
+    out = s1.ctl("inbound-request", "--remote_ip", "10.1.2.3", "--receiver_ports", "5000,6000",
+                 "--num_conn", "2")
+    assert out.returncode == ACCESS_EXIT and "port 6000" in out.stderr, out.stderr
+    assert residue(s1) == []
+    # Inside the rules: accepted.
+    ok = s1.ctl("inbound-request", "--remote_ip", "10.1.2.3", "--receiver_ports", "5100")
+    assert ok.returncode == 0, ok.stderr
+    ok = s1.ctl("inbound-request", "--remote_ip", "192.168.150.2", "--receiver_ports", "22")
+    assert ok.returncode == 0, ok.stderr
     watch.check()
