@@ -15,8 +15,11 @@ scheduling settings (tunnels made after a conf.d drop-in and a daemon
 restart), so the default can be chosen with latency and throughput in view:
 ``scistreamd`` is whatever the configuration says (``relay_cpu_scheduling``
 "batch", ``relay_nice`` -5 by default), ``scistreamd_other`` the "other"
-policy at the same nice, ``scistreamd_other_nice0`` "other" at nice 0. What
-each relay really runs with is read back from the process (``ps -o cls,ni``).
+policy at the same nice, ``scistreamd_other_nice0`` "other" at nice 0,
+``scistreamd_batch_nice0`` "batch" at nice 0; ``stunnel_pair_batch`` is the
+hand-made pair run with scistreamd's default scheduling (what scheduling alone
+does). What scistreamd's relays really run with is read back from the process
+(``ps -o cls,ni``).
 
 Two halves in one file: the in-host part below (standard library only: it
 runs in a test bed host as ``python3 /run/testbed/src/bench/latency.py
@@ -148,9 +151,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
 SCHED_VARIANTS: Dict[str, str] = {
     "scistreamd_other": 'relay_cpu_scheduling = "other"\n',
     "scistreamd_other_nice0": 'relay_cpu_scheduling = "other"\nrelay_nice = 0\n',
+    "scistreamd_batch_nice0": 'relay_cpu_scheduling = "batch"\nrelay_nice = 0\n',
 }
+#: The hand-made pair run with scistreamd's default scheduling: what scheduling alone does.
+PAIR_BATCH_PROPS = ["CPUSchedulingPolicy=batch", "Nice=-5"]
 VARIANT_DROPIN = "/etc/scistream/conf.d/85-bench-latency.toml"
-PATHS = ("direct", "stunnel_pair", "upstream_config", "scistreamd", *SCHED_VARIANTS)
+PATHS = ("direct", "stunnel_pair", "stunnel_pair_batch", "upstream_config", "scistreamd",
+         *SCHED_VARIANTS)
 
 
 def _relay_sched(bed: Any, host_name: str, endpoint: str) -> str:
@@ -229,9 +236,14 @@ def run(bed: Any, reps: int, rounds: int = 5000, warmup: int = 500,
             try:
                 if name == "direct":
                     built[name] = {"target": D.S1_IP, "port": APP_PORT}
-                elif name in ("stunnel_pair", "upstream_config"):
-                    rp = (D.setup_stunnel_pair(bed, base=6110) if name == "stunnel_pair"
-                          else D.setup_upstream_config(bed, base=6210))
+                elif name in ("stunnel_pair", "stunnel_pair_batch", "upstream_config"):
+                    if name == "upstream_config":
+                        rp = D.setup_upstream_config(bed, base=6210)
+                    elif name == "stunnel_pair":
+                        rp = D.setup_stunnel_pair(bed, base=6110)
+                    else:
+                        rp = D.setup_stunnel_pair(bed, base=6130, name=name,
+                                                  unit_props=PAIR_BATCH_PROPS)
                     pairs.append(rp)
                     if rp.broken:
                         built[name] = {"broken": rp.broken}

@@ -77,9 +77,10 @@ class Config:
     #: Nice= of each relay. A gateway's job is relaying: when its cores are shared
     #: with other work, relays come first (bench/results/evidence-explore-scheduling.json).
     relay_nice: int = -5
-    #: CPUSchedulingPolicy= of each relay: "batch" (bulk streaming: fewer wakeup
-    #: preemptions, less CPU per GB) or "other" (the default policy; lower latency
-    #: for small interactive exchanges).
+    #: CPUSchedulingPolicy= of each relay: "batch" (no wakeup preemption: more
+    #: throughput, less CPU per GB, and on the test bed also about half the p50 of
+    #: 64-byte round trips) or "other" (the default Linux policy)
+    #: (bench/results/evidence-latency-scheduling-*.json).
     relay_cpu_scheduling: str = "batch"
     relay_start_timeout: float = 10.0
     relay_ciphersuites: str = DEFAULT_CIPHERSUITES
