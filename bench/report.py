@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from . import latency
+
 PATH_LABELS = {
     "direct": "direct (no relay)",
     "stunnel_pair": "stunnel pair, TLS 1.3 AES-128-GCM PSK",
@@ -52,6 +54,7 @@ def goals(results: Dict[str, Any]) -> List[Dict[str, Any]]:
             if s:
                 out.append({"goal": f"{key}.{op} p50 <= {want} ms", "value": s["p50"],
                             "met": s["p50"] <= want})
+    out += latency.goals(results)
     rows = [r for r in results.get("scale") or [] if r.get("n") == 1000]
     if rows:
         for k, want in SCALE_GOALS.items():
@@ -109,6 +112,7 @@ def markdown(results: Dict[str, Any]) -> str:
                 f"| {PATH_LABELS.get(name, name)} | {_fmt(d['p1']['gbps'])} | "
                 f"{_fmt(d['p4']['gbps'])} | {_fmt(d['p1']['cpu_s_per_gb'])} | "
                 f"{_fmt(d['p4']['cpu_s_per_gb'])} | {d.get('negotiated') or '–'} |")
+    lines += latency.markdown(results)
     if results.get("setup_ms"):
         cp = results.get("controlplane_config", {})
         lines += ["", f"### Setup latency: {cp.get('runs')} runs each, ms",

@@ -1,7 +1,9 @@
-"""`make bench`: throughput, setup latency and scale, side by side, in one run on the test bed.
+"""`make bench`: throughput, small-message latency, setup latency and scale, side by side,
+in one run on the test bed.
 
-    python3 -m bench.run [--reps 5] [--seconds 5] [--cp-runs 20]
-                         [--scale 100,250,500,1000] [--only dataplane,controlplane,scale]
+    python3 -m bench.run [--reps 5] [--seconds 5] [--cp-runs 20] [--lat-rounds 5000]
+                         [--scale 100,250,500,1000]
+                         [--only dataplane,latency,controlplane,scale]
                          [--quick] [--reuse] [--keep] [--results DIR]
 
 Boots its own two-host test bed (named ``tb-bench`` unless
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("dataplane", "controlplane", "scale")
+SECTIONS = ("dataplane", "latency", "controlplane", "scale")
 DEFAULT_TESTBED = "tb-bench"
 
 
@@ -49,12 +51,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="data-plane repetitions (default 5)")
     p.add_argument("--seconds", type=float, default=5, help="iperf3 -t (default 5)")
     p.add_argument("--cp-runs", type=int, default=20, help="control-plane runs (default 20)")
+    p.add_argument("--lat-rounds", type=int, default=5000,
+                   help="timed round trips per latency run (default 5000)")
     p.add_argument("--scale", type=_parse_ns, default=[100, 250, 500, 1000],
                    help="endpoint counts (default 100,250,500,1000)")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run (default {','.join(SECTIONS)})")
     p.add_argument("--quick", action="store_true",
-                   help="development run: 2 reps of 1 s, 5 control-plane runs, N=20,50; "
+                   help="development run: 2 reps of 1 s, 5 control-plane runs, 1000 round "
+                        "trips, N=20,50; "
                         "writes quick-latest.* (explicit options still win)")
     p.add_argument("--reuse", action="store_true",
                    help="attach to a running test bed of the same name instead of booting one")
@@ -72,6 +77,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
             a.cp_runs = 5
         if "--scale" not in given:
             a.scale = [20, 50]
+        if "--lat-rounds" not in given:
+            a.lat_rounds = 1000
     a.sections = [s for s in a.only.split(",") if s]
     bad = [s for s in a.sections if s not in SECTIONS]
     if bad:
@@ -119,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sampler.start()
     t_start = time.monotonic()
     results["config"] = {"reps": a.reps, "iperf_seconds": a.seconds, "cp_runs": a.cp_runs,
+                         "lat_rounds": a.lat_rounds,
                          "scale_n": a.scale, "sections": a.sections, "quick": a.quick,
                          "hosts": "relay_log_level info (negotiated suite logged per "
                                   "connection); daemon and CLI byte code precompiled "
@@ -140,6 +148,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results.update(dataplane.run(bed, a.reps, a.seconds, log=log))
             except Exception as e:
                 errors["dataplane"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        if "latency" in a.sections:
+            from . import latency
+
+            log(f"bench: small-message latency ({a.reps} × {a.lat_rounds} round trips) ...")
+            try:
+                results.update(latency.run(bed, a.reps, a.lat_rounds, log=log))
+            except Exception as e:
+                errors["latency"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
         if "controlplane" in a.sections:
             from . import controlplane

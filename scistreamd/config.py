@@ -29,6 +29,7 @@ from .relay import (
     parse_safe_path,
     parse_stunnel_log_level,
 )
+from .targets import DEFAULT_TARGET_RULES, TargetRule, parse_target_rules
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,10 @@ class Config:
     #: Nice= of each relay. A gateway's job is relaying: when its cores are shared
     #: with other work, relays come first (bench/results/evidence-explore-scheduling.json).
     relay_nice: int = -5
-    #: CPUSchedulingPolicy= of each relay: "batch" (bulk streaming: fewer wakeup
-    #: preemptions, less CPU per GB) or "other" (the default policy; lower latency
-    #: for small interactive exchanges).
+    #: CPUSchedulingPolicy= of each relay: "batch" (no wakeup preemption: more
+    #: throughput, less CPU per GB, and on the test bed also about half the p50 of
+    #: 64-byte round trips) or "other" (the default Linux policy)
+    #: (bench/results/evidence-latency-scheduling-*.json).
     relay_cpu_scheduling: str = "batch"
     relay_start_timeout: float = 10.0
     relay_ciphersuites: str = DEFAULT_CIPHERSUITES
@@ -89,6 +91,9 @@ class Config:
     state_dir: Path = Path("/var/lib/scistream")
     key_dir: Path = Path("/var/lib/scistream/keys")
     max_endpoints: int = 1024
+    #: Networks/ports inbound endpoints may forward to (targets.py); loopback and
+    #: link-local only when a rule names them.
+    allowed_targets: Tuple[TargetRule, ...] = DEFAULT_TARGET_RULES
     log_level: str = "info"
     #: Which file set each key (for messages); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -231,6 +236,7 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "state_dir": _path,
     "key_dir": _path,
     "max_endpoints": lambda v: _int(v, 1, 100_000),
+    "allowed_targets": parse_target_rules,
     "log_level": _choice(LOG_LEVELS, "level"),
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}

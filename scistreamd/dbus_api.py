@@ -32,6 +32,7 @@ from . import (
     MANAGER_PATH,
     __version__,
 )
+from .dbus_compat import PeerAnswers
 from .errors import AccessDenied, ScistreamError
 from .manager import Manager
 from .model import Endpoint, Role
@@ -386,6 +387,9 @@ class TunnelApi:
         self._objects: Dict[str, EndpointObject] = {}
         self.authorizer = Authorizer(bus)
         bus.add_message_handler(self.authorizer.handle)
+        if PeerAnswers.needed():
+            # After the authorizer: Peer calls on endpoint paths stay privileged.
+            bus.add_message_handler(PeerAnswers().reply)
 
     def attach(self, manager: Manager) -> None:
         self.manager = manager

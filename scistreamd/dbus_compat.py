@@ -7,9 +7,11 @@ fixed release; each one checks the version it applies to.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 
 class AnsweredDBusErrors(logging.Filter):
@@ -27,6 +29,77 @@ class AnsweredDBusErrors(logging.Filter):
 
         return not (isinstance(sys.exc_info()[1], DBusError)
                     and record.getMessage().startswith("got unexpected error processing a message"))
+
+
+#: dbus-next releases whose Peer.GetMachineId handler cannot answer (see PeerAnswers).
+_PEER_BUG_VERSIONS = ("0.2.0", "0.2.1", "0.2.2", "0.2.3")
+PEER_IFACE = "org.freedesktop.DBus.Peer"
+#: Where the machine id lives (machine-id(5)); the second is D-Bus's legacy copy.
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+_MACHINE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def read_machine_id(paths: Sequence[Path] = MACHINE_ID_FILES) -> Optional[str]:
+    """The host's machine id (32 lowercase hex digits), or None if no file holds one."""
+    for path in paths:
+        try:
+            text = path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            continue
+        if _MACHINE_ID.fullmatch(text):
+            return text
+    return None
+
+
+class PeerAnswers:
+    """Answers org.freedesktop.DBus.Peer calls itself, as a bus message handler.
+
+    dbus-next 0.2.3 answers Ping, but GetMachineId never: it asks the bus
+    driver for the id (which a system bus may refuse), then passes that error
+    reply's body (a list) as the text of its own error, fails to marshal it,
+    and logs a traceback instead of answering: any local user could fill the
+    journal by calling it in a loop. (And once it did get an id, the next
+    call would send a str as the body.) The machine id is /etc/machine-id.
+    Install it after the authorizer, so calls on endpoint paths stay checked.
+    """
+
+    def __init__(self, paths: Sequence[Path] = MACHINE_ID_FILES) -> None:
+        self._paths = paths
+        self._machine_id: Optional[str] = None
+
+    @staticmethod
+    def needed() -> bool:
+        from dbus_next.__version__ import __version__ as version
+
+        return version in _PEER_BUG_VERSIONS
+
+    def reply(self, msg: Any) -> Any:
+        """A reply Message for a Peer method call, True for one wanting no reply, else None."""
+        from dbus_next import Message, MessageFlag, MessageType
+        from dbus_next.constants import ErrorType
+
+        if msg.message_type != MessageType.METHOD_CALL or msg.interface != PEER_IFACE:
+            return None
+        if msg.member == "Ping" and msg.signature == "":
+            answer = Message.new_method_return(msg)
+        elif msg.member == "GetMachineId" and msg.signature == "":
+            if self._machine_id is None:
+                self._machine_id = read_machine_id(self._paths)
+            if self._machine_id is None:
+                answer = Message.new_error(
+                    msg, ErrorType.FAILED.value,
+                    "this host has no machine id: create /etc/machine-id "
+                    "(systemd-machine-id-setup)")
+            else:
+                answer = Message.new_method_return(msg, "s", [self._machine_id])
+        else:
+            answer = Message.new_error(
+                msg, ErrorType.UNKNOWN_METHOD.value,
+                f"{PEER_IFACE} has no method {msg.member!r:.80} taking {msg.signature!r:.40}: "
+                "it has Ping() and GetMachineId()")
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return True  # handled; nothing to send
+        return answer
 
 
 #: dbus-next releases whose asyncio writer drops the bus on EAGAIN (python-dbus-next#153).

@@ -60,6 +60,7 @@ from .relay import new_psk, relay_file_path, render_psk_file, render_stunnel_con
 from .relay_unit import relay_unit_properties
 from .store import PSK_FILE, KeyStore, StateStore, parse_name
 from .systemd import ABSENT, Systemd, SystemdError, UnitStatus, unit_object_path
+from .targets import target_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,10 @@ class Manager:
         ports = parse_port_list(receiver_ports, "receiver_ports")
         n = parse_num_conn(num_conn, self.cfg.port_range[1] - self.cfg.port_range[0] + 1)
         opts = parse_options(options, {"allowed_peer": parse_allowed_peer})
+        for port in ports:  # before anything is allocated
+            refusal = target_refusal(self.cfg.allowed_targets, ip, port)
+            if refusal:
+                raise AccessDenied(refusal)
         self._check_capacity()
         uid = new_uid()
         async with self._lock(uid):

@@ -100,9 +100,13 @@ class Systemd:
 
     # ---------------------------------------------------------------- signals
     def _on_message(self, msg: Message) -> None:
-        if msg.message_type != MessageType.SIGNAL:
+        # systemd broadcasts its signals, and the match rules admit only its
+        # broadcasts; a unicast signal was sent to us by someone else (the bus
+        # policy lets anyone send signals), so it must neither complete a job
+        # nor, with a body of the wrong shape, raise.
+        if msg.message_type != MessageType.SIGNAL or msg.destination is not None:
             return None
-        if msg.member == "JobRemoved" and msg.interface == MANAGER:
+        if msg.member == "JobRemoved" and msg.interface == MANAGER and msg.signature == "uoss":
             _id, job, unit, result = msg.body
             fut = self._jobs.pop(job, None)
             if fut is not None and not fut.done():
@@ -114,7 +118,7 @@ class Systemd:
             # A stopped transient unit may be unloaded before any
             # PropertiesChanged: a finished job is a change too.
             self._notify(unit_object_path(unit))
-        elif msg.member == "UnitRemoved" and msg.interface == MANAGER:
+        elif msg.member == "UnitRemoved" and msg.interface == MANAGER and msg.signature == "so":
             self._notify(unit_object_path(msg.body[0]))
         elif msg.member == "PropertiesChanged" and msg.path.startswith(UNIT_PATH_PREFIX):
             self._notify(msg.path)

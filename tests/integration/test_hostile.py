@@ -178,6 +178,15 @@ def valid_ip(value: str) -> bool:
     return not (addr.is_unspecified or addr.is_multicast)
 
 
+def guarded_target(value: str) -> bool:
+    """A valid target the default allowed_targets refuses: loopback or link-local
+    (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
+    addr = ipaddress.ip_address(value)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback or addr.is_link_local
+
+
 def valid_ports(ports: List[int]) -> bool:
     return 1 <= len(ports) <= MAX_LIST and all(1 <= p <= 65535 for p in ports)
 
@@ -246,6 +255,9 @@ def test_inbound_request_with_arbitrary_arguments(hosts, bus1, bus2, target, wat
         valid = valid_ip(ip) and valid_ports(ports) and 1 <= n <= RANGE_SIZE and opts == {}
         if not valid:
             assert err(out) == ERR + "InvalidArgument", f"{what}: {out}"
+            continue
+        if guarded_target(ip):
+            assert err(out) == ERR + "AccessDenied", f"{what}: {out}"
             continue
         if n > free:
             assert err(out) == ERR + "PortsExhausted", f"{what}: {out}"

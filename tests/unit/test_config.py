@@ -415,3 +415,35 @@ def test_config_is_frozen() -> None:
     c = Config()
     with pytest.raises(AttributeError):
         c.peer_port = 1  # type: ignore[misc]
+
+
+def test_allowed_targets_default_and_dropin(main: Path) -> None:
+    from scistreamd.targets import DEFAULT_TARGET_RULES
+
+    assert load_config(main).allowed_targets == DEFAULT_TARGET_RULES
+    write(main.parent / "conf.d" / "50-lab.toml",
+          'allowed_targets = ["127.0.0.1 5300", "10.0.0.0/8 5000-6000,7000", "fd00::/8"]\n')
+    rules = load_config(main).allowed_targets
+    assert [r.text for r in rules] == ["127.0.0.1 5300", "10.0.0.0/8 5000-6000,7000",
+                                       "fd00::/8"]
+    assert rules[1].ports == ((5000, 6000), (7000, 7000))
+    assert rules[2].ports == ()
+
+
+@pytest.mark.parametrize("value, needle", [
+    ('"10.0.0.0/8"', "expected a list"),
+    ('[5]', "must be a string"),
+    ('["10.1.2.3/8"]', "host bits must be zero"),
+    ('["10.0.0.0/8 70000"]', "ports are 1..65535"),
+    ('["10.0.0.0/8 6000-5000"]', "lower first"),
+    ('["10.0.0.0/8 5000 6000"]', "at most one port list"),
+    ('["10.0.0.0/8 50a"]', "where a port"),
+    ('["example.org"]', "where an address or CIDR"),
+    ('["fe80::1%eth0"]', "where an address or CIDR"),
+    ('[""]', "at most one port list"),
+])
+def test_allowed_targets_bad_values(main: Path, value: str, needle: str) -> None:
+    write(main, f"allowed_targets = {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(main)
+    assert e.value.key == "allowed_targets" and needle in str(e.value), str(e.value)
