@@ -271,9 +271,13 @@ class Authorizer:
         below_endpoints = (path == ENDPOINT_PATH_PREFIX
                            or path.startswith(ENDPOINT_PATH_PREFIX + "/"))
         if (msg.interface, msg.member) == INTROSPECT:
+            # dbus-next answers Introspect only with an empty signature (else
+            # UnknownMethod, revealing nothing): let that through unchecked.
             # The manager's node is public, stripped of its children for the
             # unprivileged (see _refusal); every other path is not.
-            return None if path in PUBLIC_INTROSPECT_PATHS - {MANAGER_PATH} else ACTION_INSPECT
+            if msg.signature or path in PUBLIC_INTROSPECT_PATHS - {MANAGER_PATH}:
+                return None
+            return ACTION_INSPECT
         if (msg.interface, msg.member) in PUBLIC_CALLS and not below_endpoints:
             return None
         if (msg.path == MANAGER_PATH and msg.interface == "org.freedesktop.DBus.Properties"

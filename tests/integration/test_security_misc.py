@@ -113,8 +113,10 @@ STANDARD_CALLS = [
      UNKNOWN_METHOD, UNKNOWN_METHOD),
     ("Introspect", MANAGER_PATH, INTROSPECTABLE, "Introspect", "", [], REPLY, REPLY),
     ("Introspect /", "/", INTROSPECTABLE, "Introspect", "", [], REPLY, REPLY),
+    # Only the manager and its ancestors are public: dbus-next lists as children
+    # of a path every exported path containing it, so any other path is privileged.
     ("Introspect an absent object", "/org/nope", INTROSPECTABLE, "Introspect", "", [],
-     REPLY, REPLY),
+     REPLY, DENIED),
     ("Introspect, wrong signature", MANAGER_PATH, INTROSPECTABLE, "Introspect", "s", ["x"],
      UNKNOWN_METHOD, UNKNOWN_METHOD),
     ("Introspect the endpoints", MANAGER_PATH + "/endpoint", INTROSPECTABLE, "Introspect", "",
