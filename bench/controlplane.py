@@ -86,7 +86,7 @@ def cli_breakdown(host: Host, runs: int = 10) -> Dict[str, Any]:
                    for _ in range(runs)]
     bus_import = [H.timeit(host, ["env", *CLI_ENV, "/usr/bin/python3", "-c",
                                   "import scistreamd.ctl, scistreamd.model, "
-                                  "scistreamd.busclient"])["ms"]
+                                  "jeepney, jeepney.auth"])["ms"]
                   for _ in range(runs)]
     list_cli = [_cli_ok(host, ["scistreamctl", "list"])["ms"] for _ in range(runs)]
     imp = host.run([*H.SYSTEMD_RUN, "env", *CLI_ENV, "/usr/bin/python3", "-X", "importtime",

@@ -190,7 +190,7 @@ def prepare(host: Host) -> None:
     host.run([*warm, "-m", "scistreamd.ctl", "--help"], check=False)
     host.run([*warm, "-m", "scistreamd.ctl", "list"], check=False)
     host.run([*warm, "-c", "import ast, json, scistreamd.ctl, scistreamd.model, "
-              "scistreamd.busclient"])
+              "jeepney, jeepney.auth"])
     host.run([*warm, "-c", "import scistreamd.daemon, scistreamd.manager, scistreamd.dbus_api, "
               "scistreamd.peer, scistreamd.systemd, scistreamd.certs"], check=False)
     cached = host.run(["find", PYCACHE, "-name", "*.pyc"]).stdout.split()

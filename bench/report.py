@@ -136,7 +136,7 @@ def markdown(results: Dict[str, Any]) -> str:
             lines += ["", f"CLI start-up (median ms): python3 -c pass {med('python_bare_ms')}, "
                           f"python3 -I -S {med('python_isolated_no_site_ms')}, "
                           f"scistreamctl --version {med('ctl_version_ms')}, import ctl + model "
-                          f"+ busclient {med('ctl_import_plus_busclient_ms')}, "
+                          f"+ bus client {med('ctl_import_plus_busclient_ms')}, "
                           f"scistreamctl list {med('ctl_list_ms')}."]
             top = b.get("importtime_top") or []
             if top:

@@ -1,6 +1,7 @@
 """The D-Bus face of scistreamd: org.scistream.Tunnel1 (DESIGN.md §4).
 
 - one manager object, one object per endpoint (machined style);
+- signatures come from the one description of the API (interface.py);
 - every method is wrapped so a caller gets a named error, never a traceback
   (dbus-next would otherwise send the Python traceback as the message);
 - authorization is decided once per (connection, action) in a bus message
@@ -34,6 +35,7 @@ from . import (
 )
 from .dbus_compat import PeerAnswers
 from .errors import AccessDenied, ScistreamError
+from .interface import ENDPOINT, MANAGER, signed, typed
 from .manager import Manager
 from .model import Endpoint, Role
 
@@ -86,68 +88,84 @@ class EndpointObject(ServiceInterface):
         self.ep = ep
 
     @dbus_property(access=PropertyAccess.READ)
-    def Uid(self) -> "s":
+    @typed(ENDPOINT)
+    def Uid(self):
         return self.ep.uid
 
     @dbus_property(access=PropertyAccess.READ)
-    def Role(self) -> "s":
+    @typed(ENDPOINT)
+    def Role(self):
         return self.ep.role.value
 
     @dbus_property(access=PropertyAccess.READ)
-    def State(self) -> "s":
+    @typed(ENDPOINT)
+    def State(self):
         return self.ep.state.value
 
     @dbus_property(access=PropertyAccess.READ)
-    def StateDetail(self) -> "s":
+    @typed(ENDPOINT)
+    def StateDetail(self):
         return self.ep.detail
 
     @dbus_property(access=PropertyAccess.READ)
-    def Listeners(self) -> "as":
+    @typed(ENDPOINT)
+    def Listeners(self):
         return [str(h) for h in self.ep.listeners]
 
     @dbus_property(access=PropertyAccess.READ)
-    def Targets(self) -> "as":
+    @typed(ENDPOINT)
+    def Targets(self):
         return [str(h) for h in self.ep.targets]
 
     @dbus_property(access=PropertyAccess.READ)
-    def NumConn(self) -> "u":
+    @typed(ENDPOINT)
+    def NumConn(self):
         return self.ep.num_conn
 
     @dbus_property(access=PropertyAccess.READ)
-    def Unit(self) -> "s":
+    @typed(ENDPOINT)
+    def Unit(self):
         return self.ep.unit
 
     @dbus_property(access=PropertyAccess.READ)
-    def CreatedAt(self) -> "t":
+    @typed(ENDPOINT)
+    def CreatedAt(self):
         return _usec(self.ep.created_at)
 
     @dbus_property(access=PropertyAccess.READ)
-    def NRestarts(self) -> "u":
+    @typed(ENDPOINT)
+    def NRestarts(self):
         return self.ep.n_restarts
 
     @dbus_property(access=PropertyAccess.READ)
-    def ClaimedBy(self) -> "s":
+    @typed(ENDPOINT)
+    def ClaimedBy(self):
         return self.ep.claimed_by
 
     @dbus_property(access=PropertyAccess.READ)
-    def ClaimedAt(self) -> "t":
+    @typed(ENDPOINT)
+    def ClaimedAt(self):
         return _usec(self.ep.claimed_at)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Peer(self) -> "s":
+    @typed(ENDPOINT)
+    def Peer(self):
         return str(self.ep.peer) if self.ep.peer else ""
 
     @dbus_property(access=PropertyAccess.READ)
-    def AllowedPeer(self) -> "s":
+    @typed(ENDPOINT)
+    def AllowedPeer(self):
         return self.ep.allowed_peer
 
     @method()
     @_dbus_errors
+    @signed(ENDPOINT)
     async def Release(self):
         await self._api.manager.release(self.ep.uid, self.ep.role)
 
     @method()
     @_dbus_errors
+    @signed(ENDPOINT)
     async def Rearm(self):
         if self.ep.role is not Role.INBOUND:
             raise DBusError(f"{ERROR_PREFIX}.InvalidArgument",
@@ -173,56 +191,63 @@ class ManagerObject(ServiceInterface):
 
     @method()
     @_dbus_errors
-    async def InboundRequest(self, remote_ip: "s", receiver_ports: "aq",
-                             num_conn: "u", options: "a{sv}") -> "soas":
+    @signed(MANAGER)
+    async def InboundRequest(self, remote_ip, receiver_ports, num_conn, options):
         ep = await self._m.inbound_request(remote_ip, list(receiver_ports), num_conn,
                                            _unwrap(options))
         return [ep.uid, ep.object_path, [str(h) for h in ep.listeners]]
 
     @method()
     @_dbus_errors
-    async def OutboundRequest(self, uid: "s", remote_listeners: "as",
-                              local_ports: "aq", num_conn: "u",
-                              options: "a{sv}") -> "oas":
+    @signed(MANAGER)
+    async def OutboundRequest(self, uid, remote_listeners, local_ports, num_conn, options):
         ep = await self._m.outbound_request(uid, list(remote_listeners), list(local_ports),
                                             num_conn, _unwrap(options))
         return [ep.object_path, [str(h) for h in ep.listeners]]
 
     @method()
     @_dbus_errors
-    async def Release(self, uid: "s"):
+    @signed(MANAGER)
+    async def Release(self, uid):
         await self._m.release(uid)
 
     @method()
     @_dbus_errors
-    async def ReleaseAll(self) -> "u":
+    @signed(MANAGER)
+    async def ReleaseAll(self):
         return await self._m.release_all()
 
     @method()
     @_dbus_errors
-    async def RearmEndpoint(self, uid: "s"):
+    @signed(MANAGER)
+    async def RearmEndpoint(self, uid):
         await self._m.rearm(uid)
 
     @method()
     @_dbus_errors
-    async def ListEndpoints(self) -> "a(sssas)":
+    @signed(MANAGER)
+    async def ListEndpoints(self):
         return [[ep.uid, ep.role.value, ep.state.value, [str(h) for h in ep.listeners]]
                 for ep in self._m.list()]
 
     @dbus_property(access=PropertyAccess.READ)
-    def Version(self) -> "s":
+    @typed(MANAGER)
+    def Version(self):
         return __version__
 
     @dbus_property(access=PropertyAccess.READ)
-    def PeerPort(self) -> "q":
+    @typed(MANAGER)
+    def PeerPort(self):
         return self._m.cfg.peer_port
 
     @dbus_property(access=PropertyAccess.READ)
-    def ListenAddress(self) -> "s":
+    @typed(MANAGER)
+    def ListenAddress(self):
         return str(self._m.cfg.listen_address)
 
     @dbus_property(access=PropertyAccess.READ)
-    def PortRange(self) -> "(qq)":
+    @typed(MANAGER)
+    def PortRange(self):
         return list(self._m.cfg.port_range)
 
 

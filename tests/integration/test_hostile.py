@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from scistreamd import ENDPOINT_IFACE, ENDPOINT_PATH_PREFIX, MANAGER_IFACE, MANAGER_PATH
 from scistreamd.config import Config
+from scistreamd.interface import MANAGER
 from tests.integration.conftest import (
     DaemonWatch,
     DBusBatch,
@@ -55,8 +56,8 @@ PEER_TIMEOUT = DEFAULTS.peer_timeout
 #: The host's own peer certificate: the peer port serves claims only to trusted peers.
 PEER_CERT = ("--cert", "/etc/scistream/server.crt", "--key", "/etc/scistream/server.key")
 
-INBOUND_SIG = "saqua{sv}"
-OUTBOUND_SIG = "sasaqua{sv}"
+INBOUND_SIG = MANAGER.methods["InboundRequest"].in_sig
+OUTBOUND_SIG = MANAGER.methods["OutboundRequest"].in_sig
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 ERR = "org.scistream.Tunnel1.Error."
 NAMED_ERRORS = {ERR + n for n in ("InvalidArgument", "NotFound", "AlreadyExists",

@@ -20,6 +20,7 @@ import pytest
 
 from scistreamd import ENDPOINT_IFACE, ENDPOINT_PATH_PREFIX, MANAGER_IFACE, __version__
 from scistreamd.config import Config
+from scistreamd.interface import MANAGER
 from scistreamd.manager import MSG_RELEASE, MSG_REQUEST
 from tests.integration.conftest import (
     HOSTTOOL,
@@ -36,8 +37,8 @@ from tests.integration.conftest import (
 S1_IP = "192.168.150.1"
 S2_IP = "192.168.150.2"
 SUITE = "TLS_AES_128_GCM_SHA256"
-INBOUND_SIG = "saqua{sv}"
-OUTBOUND_SIG = "sasaqua{sv}"
+INBOUND_SIG = MANAGER.methods["InboundRequest"].in_sig
+OUTBOUND_SIG = MANAGER.methods["OutboundRequest"].in_sig
 ERR = "org.scistream.Tunnel1.Error."
 INVALID = ERR + "InvalidArgument"
 NOT_FOUND = ERR + "NotFound"

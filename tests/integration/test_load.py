@@ -22,6 +22,7 @@ from typing import Dict, List
 import pytest
 
 from scistreamd.config import Config
+from scistreamd.interface import MANAGER
 from tests.integration.conftest import (
     HOSTTOOL,
     Apps,
@@ -36,8 +37,8 @@ S1_IP = "192.168.150.1"
 S2_IP = "192.168.150.2"
 DEFAULTS = Config()
 LOW, HIGH = DEFAULTS.port_range
-INBOUND_SIG = "saqua{sv}"
-OUTBOUND_SIG = "sasaqua{sv}"
+INBOUND_SIG = MANAGER.methods["InboundRequest"].in_sig
+OUTBOUND_SIG = MANAGER.methods["OutboundRequest"].in_sig
 ERR = "org.scistream.Tunnel1.Error."
 
 #: Sizes.

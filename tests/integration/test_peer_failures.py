@@ -17,6 +17,7 @@ from typing import Dict, List, Sequence
 
 import pytest
 
+from scistreamd.interface import MANAGER
 from tests.integration.conftest import (
     HOSTTOOL,
     dbus,
@@ -30,7 +31,7 @@ from tests.integration.conftest import (
 S1_IP = "192.168.150.1"
 S2_IP = "192.168.150.2"
 ERR = "org.scistream.Tunnel1.Error."
-OUTBOUND_SIG = "sasaqua{sv}"
+OUTBOUND_SIG = MANAGER.methods["OutboundRequest"].in_sig
 HOST_CERT = "/etc/scistream/server.crt"
 HOST_KEY = "/etc/scistream/server.key"
 

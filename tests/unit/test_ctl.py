@@ -1,4 +1,4 @@
-"""Tests of scistreamctl (scistreamd/ctl.py).
+"""Tests of scistreamctl (scistreamd/ctl/).
 
 Pure parts (argument parsing, formatting, error mapping) are tested directly.
 End to end, the CLI talks to a real dbus-daemon on a private address, where a
@@ -6,9 +6,8 @@ small dbus-next *test peer* implements org.scistream.Tunnel1 and records every
 call it gets: that checks the wire encoding of each call and the mapping of
 every error reply to an exit code without mocking the bus.
 
-No ``from __future__ import annotations`` here: dbus-next reads the test peer's
-method annotations ('s', 'aq', ...) as D-Bus signatures at class creation, and
-postponed annotations would hand it quoted strings.
+The test peer's signatures come from the API's one description
+(scistreamd/interface.py), as the daemon's do.
 """
 
 import asyncio
@@ -41,6 +40,7 @@ from scistreamd import (
     ctl,
 )
 from scistreamd.errors import BY_DBUS_NAME, InvalidArgument
+from scistreamd.interface import ENDPOINT, MANAGER, signed, typed
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3"
@@ -155,12 +155,10 @@ class PeerState:
             raise DBusError(*self.fail)
 
 
-# D-Bus signatures for the test peer's annotations (dbus-next reads them as signatures).
-S, AS, AQ, U, Q, T, ASV = "s", "as", "aq", "u", "q", "t", "a{sv}"
-S_O_AS, O_AS, A_SSSAS, QQ = "soas", "oas", "a(sssas)", "(qq)"
-
-
 class TestManager(ServiceInterface):
+    """The manager's methods and properties, with the signatures of the API's
+    description (interface.signed/typed), not typed again here."""
+
     __test__ = False  # not a pytest class
 
     def __init__(self, state: PeerState) -> None:
@@ -168,122 +166,89 @@ class TestManager(ServiceInterface):
         self.state = state
 
     @method()
-    async def InboundRequest(
-        self, remote_ip: S, receiver_ports: AQ, num_conn: U, options: ASV
-    ) -> S_O_AS:
+    @signed(MANAGER)
+    async def InboundRequest(self, remote_ip, receiver_ports, num_conn, options):
         await self.state.enter("InboundRequest", remote_ip, receiver_ports, num_conn, options)
         return [UID, IN_PATH, [f"192.168.150.1:{5100 + i}" for i in range(num_conn)]]
 
     @method()
-    async def OutboundRequest(
-        self,
-        uid: S,
-        remote_listeners: AS,
-        local_ports: AQ,
-        num_conn: U,
-        options: ASV,
-    ) -> O_AS:
+    @signed(MANAGER)
+    async def OutboundRequest(self, uid, remote_listeners, local_ports, num_conn, options):
         await self.state.enter(
             "OutboundRequest", uid, remote_listeners, local_ports, num_conn, options
         )
         return [OUT_PATH, [f"192.168.150.2:{5100 + i}" for i in range(num_conn)]]
 
     @method()
-    async def Release(self, uid: S):  # no return annotation: no reply args
+    @signed(MANAGER)
+    async def Release(self, uid):
         await self.state.enter("Release", uid)
 
     @method()
-    async def ReleaseAll(self) -> U:
+    @signed(MANAGER)
+    async def RearmEndpoint(self, uid):
+        await self.state.enter("RearmEndpoint", uid)
+
+    @method()
+    @signed(MANAGER)
+    async def ReleaseAll(self):
         await self.state.enter("ReleaseAll")
         return 3
 
     @method()
-    async def ListEndpoints(self) -> A_SSSAS:
+    @signed(MANAGER)
+    async def ListEndpoints(self):
         await self.state.enter("ListEndpoints")
         return [list(e) for e in self.state.endpoints]
 
     @dbus_property(access=PropertyAccess.READ)
-    def Version(self) -> S:
+    @typed(MANAGER)
+    def Version(self):
         return "0.1.0"
 
     @dbus_property(access=PropertyAccess.READ)
-    def PeerPort(self) -> Q:
+    @typed(MANAGER)
+    def PeerPort(self):
         return 5000
 
     @dbus_property(access=PropertyAccess.READ)
-    def ListenAddress(self) -> S:
+    @typed(MANAGER)
+    def ListenAddress(self):
         return "192.168.150.1"
 
     @dbus_property(access=PropertyAccess.READ)
-    def PortRange(self) -> QQ:
+    @typed(MANAGER)
+    def PortRange(self):
         return [5100, 5200]
 
 
+def _endpoint_property(name: str) -> Any:
+    def getter(self):
+        return self.p[name]
+
+    getter.__name__ = name
+    return dbus_property(access=PropertyAccess.READ)(typed(ENDPOINT)(getter))
+
+
 class TestEndpoint(ServiceInterface):
+    """An endpoint object: every property of the description, values from ``props``."""
+
     __test__ = False
 
     def __init__(self, props: Dict[str, Any]) -> None:
         super().__init__(ENDPOINT_IFACE)
         self.p = props
 
-    @dbus_property(access=PropertyAccess.READ)
-    def Uid(self) -> S:
-        return self.p["Uid"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Role(self) -> S:
-        return self.p["Role"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def State(self) -> S:
-        return self.p["State"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def StateDetail(self) -> S:
-        return self.p["StateDetail"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Listeners(self) -> AS:
-        return self.p["Listeners"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Targets(self) -> AS:
-        return self.p["Targets"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def NumConn(self) -> U:
-        return self.p["NumConn"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Unit(self) -> S:
-        return self.p["Unit"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def CreatedAt(self) -> T:
-        return self.p["CreatedAt"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def NRestarts(self) -> U:
-        return self.p["NRestarts"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ClaimedBy(self) -> S:
-        return self.p["ClaimedBy"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ClaimedAt(self) -> T:
-        return self.p["ClaimedAt"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Peer(self) -> S:
-        return self.p["Peer"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def AllowedPeer(self) -> S:
-        return self.p["AllowedPeer"]
+    locals().update({name: _endpoint_property(name) for name in ENDPOINT.properties})
 
     @method()
+    @signed(ENDPOINT)
     def Release(self):
+        pass
+
+    @method()
+    @signed(ENDPOINT)
+    def Rearm(self):
         pass
 
 

@@ -1,0 +1,7 @@
+"""python3 -m scistreamd.ctl: the same as the scistreamctl command."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

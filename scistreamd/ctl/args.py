@@ -1,0 +1,335 @@
+"""scistreamctl's command line: verbs, options, --help (argparse).
+
+Only argparse and the standard library at import time: start-up matters
+(scripts call the CLI in loops). Shell completion (python3-argcomplete) is
+imported only when the shell asks for completions (_ARGCOMPLETE is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+from .. import __version__
+from .errors import EXIT_USAGE, PROG, CtlError, exit_codes_help, usage_error
+
+DEFAULT_TIMEOUT = 30.0
+#: The epilog of the main --help (a verb's --help shows only the verb).
+EXIT_CODES_HELP = exit_codes_help() + """
+environment:
+  SCISTREAM_BUS_ADDRESS  D-Bus address to use instead of the system bus (or the
+                         session bus with --user), e.g. unix:path=/run/x/bus
+"""
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps one-paragraph texts; keeps texts with their own line breaks (the epilog) as is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors become one line and exit code 2 (raised, not exited)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise usage_error(message, self.prog[len(PROG):].strip())
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # The same options on the main parser and on every verb, so they work before or
+    # after the verb; on verbs their default is SUPPRESS so a value given before the
+    # verb is not overwritten by the verb's default.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("global options")
+    group.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON on stdout"
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        default=default(DEFAULT_TIMEOUT),
+        help=f"give up waiting for scistreamd after SECONDS (default {DEFAULT_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--user",
+        action="store_true",
+        default=default(False),
+        help="use the session bus (a development 'scistreamd --user') instead of the system bus",
+    )
+
+
+def _args_inbound_request(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--remote-ip",
+        "--remote_ip",
+        dest="remote_ip",
+        required=True,
+        metavar="IP",
+        help="address the server application listens on",
+    )
+    p.add_argument(
+        "--receiver-ports",
+        "--receiver_ports",
+        dest="receiver_ports",
+        action="append",
+        required=True,
+        metavar="PORTS",
+        help="port(s) the server application listens on: 5300, 5300,5301; repeatable",
+    )
+    p.add_argument(
+        "--num-conn",
+        "--num_conn",
+        dest="num_conn",
+        default="1",
+        metavar="N",
+        help="number of listeners (mappings) to create (default 1)",
+    )
+    p.add_argument(
+        "--s2cs",
+        metavar="HOST:PORT",
+        help="only printed in the output (upstream's control server address); "
+        "default: this daemon's ListenAddress:PeerPort",
+    )
+    p.add_argument(
+        "--allowed-peer",
+        "--allowed_peer",
+        dest="allowed_peer",
+        metavar="IP|DNS",
+        help="only the peer gateway whose client certificate lists this IP address or DNS "
+        "name (subjectAltName) may claim the tunnel's key; default: any peer whose "
+        "certificate this daemon trusts",
+    )
+    p.add_argument(
+        "--server-cert",
+        "--server_cert",
+        dest="server_cert",
+        metavar="PATH",
+        help="accepted for compatibility with s2uc and ignored: the local daemon "
+        "is reached over D-Bus, not TLS",
+    )
+
+
+#: Any local user can read command lines (/proc/PID/cmdline): "-" keeps a uid off them.
+_STDIN_UID = "('-': read it from stdin, off the command line every local user can read)"
+
+
+def _args_outbound_request(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--remote-ip",
+        "--remote_ip",
+        dest="remote_ip",
+        metavar="IP",
+        help="the eventual destination address; accepted for compatibility with "
+        "s2uc and only checked to be an IP address",
+    )
+    p.add_argument(
+        "--receiver-ports",
+        "--receiver_ports",
+        dest="receiver_ports",
+        action="append",
+        metavar="PORTS",
+        help="LOCAL port(s) the client application will connect to; repeatable; "
+        "default: allocated by the daemon from its port range",
+    )
+    p.add_argument(
+        "--num-conn",
+        "--num_conn",
+        dest="num_conn",
+        metavar="N",
+        help="number of listeners (mappings) to create (default: the number of "
+        "--receiver_ports, else the number of LISTENERs)",
+    )
+    p.add_argument(
+        "--s2cs",
+        metavar="HOST:PORT",
+        help="only printed in the output; default: this daemon's ListenAddress:PeerPort",
+    )
+    p.add_argument(
+        "--server-cert",
+        "--server_cert",
+        dest="server_cert",
+        metavar="PATH",
+        help="PEM file (CA bundle or the peer's certificate) to verify the peer "
+        "daemon with; read with your permissions and sent to the daemon "
+        "(default: the daemon's configured trust)",
+    )
+    p.add_argument(
+        "--peer",
+        metavar="HOST:PORT",
+        help="the peer daemon's control address (default: the host of the first "
+        "LISTENER and this daemon's PeerPort)",
+    )
+    p.add_argument("uid", metavar="UID", help="tunnel uid printed by inbound-request " + _STDIN_UID)
+    p.add_argument(
+        "listeners",
+        nargs="+",
+        metavar="LISTENER",
+        help="inbound listener(s) ip:port printed by inbound-request",
+    )
+
+
+#: A uid of this host's endpoints may be abbreviated (as git and docker accept).
+_PREFIX_OK = "; a unique prefix of it will do"
+
+
+def _uid_arg(p: argparse.ArgumentParser, *names: str, help: str, **kw: Any) -> None:
+    """A positional UID of an endpoint on this host: prefixes allowed, completed from
+    the daemon's endpoints."""
+    action = p.add_argument(*names, help=help + _PREFIX_OK, **kw)
+    action.completer = complete_uids  # type: ignore[attr-defined]  # read by argcomplete
+
+
+def complete_uids(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> List[str]:
+    """argcomplete: the uids of this host's endpoints (ListEndpoints) that start with
+    ``prefix``; nothing, quietly, when the daemon cannot be asked (down, not permitted)."""
+    from .bus import endpoint_uids
+
+    user = bool(getattr(parsed_args, "user", False))
+    try:
+        uids = endpoint_uids(user, timeout=2.0)
+    except Exception:  # completion must never print or fail
+        return []
+    return [u for u in uids if u.startswith(prefix.lower())]
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Answer the shell's completion request (argcomplete's protocol) and exit."""
+    try:
+        import argcomplete
+    except ImportError:  # python3-argcomplete not installed: no completion
+        os._exit(1)
+    argcomplete.autocomplete(parser, always_complete_options="long")
+
+
+def _args_release(p: argparse.ArgumentParser) -> None:
+    _uid_arg(p, "uid", nargs="?", metavar="UID", help="tunnel uid " + _STDIN_UID)
+    p.add_argument("--all", action="store_true", help="release every endpoint on this host")
+
+
+def _args_rearm(p: argparse.ArgumentParser) -> None:
+    _uid_arg(p, "uid", metavar="UID",
+             help="tunnel uid (of an inbound endpoint here) " + _STDIN_UID)
+
+
+def _args_status(p: argparse.ArgumentParser) -> None:
+    _uid_arg(p, "uid", metavar="UID", help="tunnel uid " + _STDIN_UID)
+
+
+def _args_logs(p: argparse.ArgumentParser) -> None:
+    _uid_arg(p, "uid", metavar="UID", help="tunnel uid " + _STDIN_UID)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", dest="lines", metavar="N", help="show the last N lines")
+
+
+#: verb -> (one-line help, description, adder of its own arguments)
+_VERB_SPECS: Dict[str, Tuple[str, str, Any]] = {
+    "inbound-request": (
+        "create the inbound (PROD) relay in front of a server application",
+        "Create an inbound endpoint: a TLS relay on an allocated port of this host that "
+        "forwards to the application at REMOTE_IP:RECEIVER_PORT. Prints the tunnel uid and "
+        "the listeners to give to outbound-request on the other gateway.",
+        _args_inbound_request,
+    ),
+    "outbound-request": (
+        "create the outbound (CONS) relay a client application connects to",
+        "Create an outbound endpoint for tunnel UID: a relay on this host that forwards over "
+        "TLS to the inbound LISTENER(s) printed by inbound-request on the other gateway. "
+        "LISTENERs may be separate arguments, one comma-separated argument, or the "
+        "\"['ip:port', ...]\" text inbound-request prints.",
+        _args_outbound_request,
+    ),
+    "release": (
+        "release a tunnel's endpoint(s) on this host",
+        "Stop the relay(s) of tunnel UID on this host, free their ports and forget them.",
+        _args_release,
+    ),
+    "rearm": (
+        "give an inbound endpoint a new key, so one more peer may claim it",
+        "Re-arm inbound endpoint UID: a new random key, the relay restarted with it, and the "
+        "claim reset so the next outbound-request (from any trusted peer) gets the new key. "
+        "The old key stops working at once.",
+        _args_rearm,
+    ),
+    "list": ("list the endpoints on this host", "List the endpoints on this host.", None),
+    "status": (
+        "show every property of a tunnel's endpoint(s)",
+        "Show every endpoint of tunnel UID on this host with all its properties.",
+        _args_status,
+    ),
+    "logs": (
+        "show the journal of a tunnel (relay and daemon lines)",
+        "Show journal lines of tunnel UID: the daemon's (journalctl SCISTREAM_UID=UID) and "
+        "those of its relay units (_SYSTEMD_UNIT=, named by an opaque id that the daemon "
+        "and its journal lines name); reading the system journal needs root or group "
+        "systemd-journal/adm.",
+        _args_logs,
+    ),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that verb's sub-parser (faster start-up)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Create, list, inspect and release scistreamd tunnels over D-Bus.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=_Formatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name, (help_, description, add_args) in _VERB_SPECS.items():
+        if only is not None and name != only:
+            continue
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=description,
+            epilog=f"exit codes: see '{PROG} --help'",
+            formatter_class=_Formatter,
+            allow_abbrev=False,
+        )
+        _add_global_options(p, suppress=True)
+        if add_args is not None:
+            add_args(p)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line; raises CtlError(exit 2) on usage errors."""
+    # Building all six sub-parsers costs ~3 ms of argparse/gettext work; build only
+    # the one named (the first verb word). The main --help and "invalid choice"
+    # errors list every verb, so those get them all.
+    only = next((a for a in argv if a in _VERB_SPECS), None)
+    if "-h" in argv or "--help" in argv:
+        only = None
+    if "_ARGCOMPLETE" in os.environ:
+        _complete(build_parser())  # exits when the shell asked for completions
+    args = build_parser(only).parse_args(list(argv))
+    args.timeout = _parse_timeout(args.timeout)
+    return args
+
+
+def _parse_timeout(value: object) -> float:
+    if isinstance(value, float):
+        return value
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        seconds = -1.0
+    # The comparisons also reject NaN; the upper bound keeps socket timeouts sane.
+    if not 0 < seconds <= 86400:
+        raise CtlError(
+            f"--timeout {value!r} is not a number of seconds: give a value in (0, 86400]",
+            EXIT_USAGE,
+            "InvalidArgument",
+        )
+    return seconds
+

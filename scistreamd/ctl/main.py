@@ -1,0 +1,84 @@
+"""scistreamctl's entry point: parse, run the verb, print; never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from ..errors import ScistreamError
+from .errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    PROG,
+    CtlError,
+    _one_line,
+    error_from_exception,
+)
+
+
+def _report(err: CtlError, as_json: bool) -> int:
+    message = err.message.replace("\n", " ")
+    print(f"{PROG}: {message}", file=sys.stderr)
+    if as_json:
+        import json
+
+        print(json.dumps({"error": err.name, "message": message, "exit_code": err.exit_code}))
+    return err.exit_code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run scistreamctl; returns the exit code (never raises, never prints a traceback)."""
+    from .args import parse_args
+    from .verbs import VERBS
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("SCISTREAMCTL_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG, format=f"{PROG}: %(name)s: %(message)s")
+    # Known before parsing succeeds, so usage errors can be reported as JSON too.
+    as_json = "--json" in args_list
+    try:
+        try:
+            args = parse_args(args_list)
+            as_json = args.json
+            text, data = VERBS[args.verb](args)
+        except ScistreamError as err:
+            return _report(error_from_exception(err), as_json)
+        except CtlError as err:
+            return _report(err, as_json)
+        except SystemExit as exc:  # --help / --version
+            return exc.code if isinstance(exc.code, int) else EXIT_OK
+        if as_json:
+            import json
+
+            print(json.dumps(data, indent=2))
+        else:
+            sys.stdout.write(text)
+        sys.stdout.flush()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (| head): no traceback, and none at interpreter exit.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_FAILED
+    except Exception as err:  # the CLI promises: never a traceback
+        if os.environ.get("SCISTREAMCTL_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        return _report(
+            CtlError(
+                f"internal error ({type(err).__name__}: {_one_line(str(err))}): please report "
+                "it with the command you ran; set SCISTREAMCTL_DEBUG=1 for details",
+                EXIT_FAILED,
+                "InternalError",
+            ),
+            as_json,
+        )
