@@ -70,7 +70,7 @@ TESTBED_NAME = os.environ.get(
 
 #: Must be pulled in by apt from the archive (none is in the rootfs before).
 DEPENDENCIES = ("python3-dbus-next", "python3-systemd", "python3-toml",
-                "python3-cryptography", "python3-requests", "stunnel4")
+                "python3-cryptography", "python3-requests", "python3-jeepney", "stunnel4")
 APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q",
        "-o", "Dpkg::Options::=--force-unsafe-io"]
 POLICY_RC_D = "#!/bin/sh\n# install test: start nothing in the chroot\nexit 101\n"

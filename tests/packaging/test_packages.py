@@ -21,8 +21,10 @@ from .conftest import LINT_TOOLS, ROOT, SYS_PATH, require_tools, run_build
 VERSION_RE = re.compile(r'^__version__\s*=\s*"([^"]+)"', re.M)
 VERSION = VERSION_RE.search((ROOT / "scistreamd" / "__init__.py").read_text()).group(1)
 
-#: The Python modules of the tree; every one must be in both packages.
-MODULES = sorted(p.name for p in (ROOT / "scistreamd").glob("*.py"))
+#: The Python modules of the tree (sub-packages included, e.g. ctl/main.py); every
+#: one must be in both packages.
+MODULES = sorted(p.relative_to(ROOT / "scistreamd").as_posix()
+                 for p in (ROOT / "scistreamd").rglob("*.py"))
 
 #: Paths both packages install, except for the systemd unit dir and the Python dir.
 COMMON_PATHS = [
@@ -30,6 +32,9 @@ COMMON_PATHS = [
     "/usr/sbin/scistreamd",
     "/usr/share/dbus-1/system.d/org.scistream.Tunnel1.conf",
     "/usr/share/polkit-1/actions/org.scistream.tunnel1.policy",
+    "/usr/share/dbus-1/interfaces/org.scistream.Tunnel1.Manager.xml",
+    "/usr/share/dbus-1/interfaces/org.scistream.Tunnel1.Endpoint.xml",
+    "/usr/share/bash-completion/completions/scistreamctl",
     "/usr/lib/sysusers.d/scistream.conf",
     "/usr/lib/tmpfiles.d/scistream.conf",
     "/etc/scistream/scistreamd.toml",
@@ -44,6 +49,7 @@ RPM_UNIT_DIR = "/usr/lib/systemd/system"
 
 DEB_DEPENDS = [
     "python3-dbus-next",
+    "python3-jeepney",
     "python3-systemd",
     "python3-toml",
     "python3-cryptography",
@@ -53,6 +59,7 @@ DEB_DEPENDS = [
 ]
 RPM_REQUIRES = [
     "python3-dbus-next",
+    "python3-jeepney",
     "python3-systemd",
     "python3-toml",
     "python3-cryptography",
