@@ -27,7 +27,7 @@ it from stdin. Shell completion (bash, python3-argcomplete) completes verbs,
 options and the uids of this host's endpoints.
 
 Modules: args (command line), plans (validation), verbs, output (texts),
-bus (the jeepney client), errors (the exit-code table), main.
+bus (the jeepney client), errors (the exit-code table), cli (main()).
 
 Start-up time matters (scripts call this in loops): only argparse and the
 standard library are imported at the top; ``scistreamd.model`` is imported when
@@ -39,53 +39,35 @@ with a code that names the kind of failure:
 
 """
 
-from .args import EXIT_CODES_HELP, build_parser, complete_uids, parse_args
-from .bus import (
-    BUS_ADDRESS_ENV,
-    SYSTEM_BUS_DEFAULT,
-    Client,
-    bus_address,
-    plain,
-    run_bus,
-    split_signature,
-)
-from .errors import (
-    EXIT_CODES,
-    PROG,
-    CtlError,
-    error_from_dbus,
-    error_from_exception,
-    exit_codes_rst,
-)
-from .main import main
-from .output import (
-    STATUS_ORDER,
-    _plain,
-    format_list,
-    format_request,
-    format_status,
-    format_table,
-    format_time_us,
-)
-from .plans import (
-    MAX_TRUST_PEM,
-    InboundPlan,
-    OutboundPlan,
-    is_uid_prefix,
-    read_trust_pem,
-    read_uid_arg,
-    read_uid_ref,
-)
-from .verbs import VERBS, journalctl_argv, match_uid, relay_units_in
+import importlib
+from typing import Any
+
+from .errors import exit_codes_rst
+
+#: Public names -> the module that defines them. Loaded on first use (PEP 562):
+#: ``python3 -m scistreamd.ctl --version`` must not pay for the bus client.
+_EXPORTS = {
+    "args": ("EXIT_CODES_HELP", "build_parser", "complete_uids", "parse_args"),
+    "bus": ("BUS_ADDRESS_ENV", "SYSTEM_BUS_DEFAULT", "Client", "bus_address", "plain",
+            "run_bus", "split_signature"),
+    "errors": ("EXIT_CODES", "PROG", "CtlError", "error_from_dbus", "error_from_exception"),
+    "cli": ("main",),
+    "output": ("STATUS_ORDER", "_plain", "format_list", "format_request", "format_status",
+               "format_table", "format_time_us"),
+    "plans": ("MAX_TRUST_PEM", "InboundPlan", "OutboundPlan", "is_uid_prefix",
+              "read_trust_pem", "read_uid_arg", "read_uid_ref"),
+    "verbs": ("VERBS", "journalctl_argv", "match_uid", "relay_units_in"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __doc__ = (__doc__ or "") + exit_codes_rst()
 
-__all__ = [
-    "BUS_ADDRESS_ENV", "EXIT_CODES", "EXIT_CODES_HELP", "MAX_TRUST_PEM", "PROG",
-    "STATUS_ORDER", "SYSTEM_BUS_DEFAULT", "Client", "CtlError", "InboundPlan", "OutboundPlan",
-    "VERBS", "_plain", "build_parser", "bus_address", "complete_uids", "error_from_dbus",
-    "error_from_exception", "format_list", "format_request", "format_status", "format_table",
-    "format_time_us", "is_uid_prefix", "journalctl_argv", "main", "match_uid", "parse_args",
-    "plain", "read_trust_pem", "read_uid_arg", "read_uid_ref", "relay_units_in", "run_bus",
-    "split_signature",
-]
+__all__ = sorted(["exit_codes_rst", *_MODULE_OF])

@@ -21,7 +21,7 @@ from .conftest import LINT_TOOLS, ROOT, SYS_PATH, require_tools, run_build
 VERSION_RE = re.compile(r'^__version__\s*=\s*"([^"]+)"', re.M)
 VERSION = VERSION_RE.search((ROOT / "scistreamd" / "__init__.py").read_text()).group(1)
 
-#: The Python modules of the tree (sub-packages included, e.g. ctl/main.py); every
+#: The Python modules of the tree (sub-packages included, e.g. ctl/cli.py); every
 #: one must be in both packages.
 MODULES = sorted(p.relative_to(ROOT / "scistreamd").as_posix()
                  for p in (ROOT / "scistreamd").rglob("*.py"))
