@@ -76,3 +76,13 @@ def test_exit_code_table_lives_once() -> None:
     assert ctl.exit_codes_rst() in ctl.__doc__
     for code, _, short in ctl.EXIT_CODES:
         assert f"{code:<2} {short}" in ctl.EXIT_CODES_HELP
+
+
+def test_man_page_documents_the_same_exit_codes() -> None:
+    """scistreamctl(1) explains each code at length; it names the same codes."""
+    import re
+
+    man = (REPO / "docs" / "man" / "scistreamctl.1").read_text()
+    section = man.split(".SH EXIT STATUS", 1)[1].split(".SH ", 1)[0]
+    documented = [int(c) for c in re.findall(r"^\.B (\d+)$", section, re.M)]
+    assert documented == [code for code, _, _ in ctl.EXIT_CODES]
