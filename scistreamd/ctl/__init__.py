@@ -52,7 +52,7 @@ _EXPORTS = {
             "run_bus", "split_signature"),
     "errors": ("EXIT_CODES", "PROG", "CtlError", "error_from_dbus", "error_from_exception"),
     "cli": ("main",),
-    "output": ("STATUS_ORDER", "_plain", "format_list", "format_request", "format_status",
+    "output": ("STATUS_ORDER", "format_list", "format_request", "format_status",
                "format_table", "format_time_us"),
     "plans": ("MAX_TRUST_PEM", "InboundPlan", "OutboundPlan", "is_uid_prefix",
               "read_trust_pem", "read_uid_arg", "read_uid_ref"),

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .. import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from ..interface import INTERFACES
-from .errors import EXIT_UNREACHABLE, CtlError, error_from_dbus, timed_out, unreachable
+from .errors import EXIT_FAILED, EXIT_UNREACHABLE, CtlError, error_from_dbus, timed_out, unreachable
 
 #: Environment variable naming the bus address to use instead of the system/session bus.
 BUS_ADDRESS_ENV = "SCISTREAM_BUS_ADDRESS"
@@ -189,12 +189,16 @@ class Client:
     def __init__(self, conn: Connection, user_bus: bool) -> None:
         self._conn = conn
         self._user_bus = user_bus
+        #: serial -> (member, the reply signature the description promises)
+        self._expect: Dict[int, Any] = {}
 
     def send(self, member: str, body: Sequence[Any] = (), *, path: str = MANAGER_PATH,
              interface: str = MANAGER_IFACE) -> int:
         """Send a call without waiting; ``replies`` collects it (pipelining)."""
-        in_sig, _ = _SIGNATURES[interface][member]
-        return self._conn.send(BUS_NAME, path, interface, member, in_sig, body)
+        in_sig, out_sig = _SIGNATURES[interface][member]
+        serial = self._conn.send(BUS_NAME, path, interface, member, in_sig, body)
+        self._expect[serial] = (member, out_sig)
+        return serial
 
     def replies(self, serials: Sequence[int]) -> Dict[int, Any]:
         return self._conn.replies(serials)
@@ -210,6 +214,15 @@ class Client:
             name = str(fields.get(HeaderFields.error_name, ""))
             raise error_from_dbus(name, text, user_bus=self._user_bus)
         sig = fields.get(HeaderFields.signature, "")
+        member, expected = self._expect[serial]
+        if sig != expected:
+            # Another API version: say so, rather than misread its answer.
+            raise CtlError(
+                f"scistreamd answered {member} with signature {sig!r}, not {expected!r}: "
+                "use the scistreamctl of the same version as the daemon",
+                EXIT_FAILED,
+                "UnexpectedReply",
+            )
         return [plain(t, v) for t, v in zip(split_signature(sig), msg.body)]
 
     def call(self, member: str, body: Sequence[Any] = (), *, path: str = MANAGER_PATH,

@@ -89,19 +89,6 @@ def format_status(endpoints: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(blocks)
 
 
-def _plain(value: Any) -> Any:
-    """Unwrap D-Bus Variants (recursively) into JSON-friendly values."""
-    if hasattr(value, "signature") and hasattr(value, "value"):  # a Variant
-        return _plain(value.value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
-
-
 def _s2cs_from_properties(props: Dict[str, Any]) -> str:
     addr = props.get("ListenAddress")
     port = props.get("PeerPort")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
-from dbus_next import DBusError
+from dbus_next import DBusError, Variant
 from dbus_next.aio import MessageBus
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, method
@@ -135,6 +135,17 @@ def _endpoint_props(uid: str, role: str) -> Dict[str, Any]:
     }
 
 
+def _unwrap(value: Any) -> Any:
+    """A call's argument as the test peer got it (dbus-next Variants unwrapped)."""
+    if isinstance(value, Variant):
+        return _unwrap(value.value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_unwrap(v) for v in value]
+    return value
+
+
 class PeerState:
     """What the peer was asked, and how it should answer next."""
 
@@ -148,7 +159,7 @@ class PeerState:
         self.__init__()  # type: ignore[misc]
 
     async def enter(self, member: str, *args: Any) -> None:
-        self.calls.append((member, tuple(ctl._plain(a) for a in args)))
+        self.calls.append((member, tuple(_unwrap(a) for a in args)))
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail:

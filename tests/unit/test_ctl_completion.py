@@ -2,15 +2,19 @@
 bash (the shipped completion file sourced, COMP_LINE/COMP_POINT as bash sets
 them), against the test peer of test_ctl.py on a private dbus-daemon."""
 
+import asyncio
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+from dbus_next.aio import MessageBus
+from dbus_next.service import ServiceInterface, method
 
-from scistreamd import ctl
+from scistreamd import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, ctl
 from scistreamd.errors import InvalidArgument
 from tests.unit import test_ctl as base
 from tests.unit.test_ctl import UID, UID2, Peer, run, run_sub
@@ -169,3 +173,50 @@ def test_normal_start_does_not_import_argcomplete_or_jeepney() -> None:
     res = subprocess.run(["/usr/bin/python3", "-c", code], env=dict(os.environ,
                          PYTHONPATH=str(REPO)), capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------
+# A daemon of another API version
+
+
+class _OtherVersion(ServiceInterface):
+    """ListEndpoints answering with another signature than the description's."""
+
+    def __init__(self) -> None:
+        super().__init__(MANAGER_IFACE)
+
+    def ListEndpoints(self):
+        return [UID]
+
+    ListEndpoints.__annotations__ = {"return": "as"}  # dbus-next reads it as the signature
+    ListEndpoints = method()(ListEndpoints)
+
+
+def test_reply_of_another_signature_is_named_not_misread(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other_bus = base.Bus(tmp_path)
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> MessageBus:
+        b = await MessageBus(bus_address=other_bus.address).connect()
+        b.export(MANAGER_PATH, _OtherVersion())
+        await b.request_name(BUS_NAME)
+        return b
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    try:
+        service = loop.run_until_complete(serve())
+        thread.start()
+        monkeypatch.setenv(ctl.BUS_ADDRESS_ENV, other_bus.address)
+        code, out, err = run(["--json", "list"], capsys)
+        assert code == 1
+        assert "answered ListEndpoints with signature 'as', not 'a(sssas)'" in err
+        assert '"error": "UnexpectedReply"' in out
+    finally:
+        if thread.is_alive():
+            loop.call_soon_threadsafe(service.disconnect)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+        loop.close()
+        other_bus.stop()
