@@ -35,7 +35,7 @@ from . import (
 )
 from .dbus_compat import PeerAnswers
 from .errors import AccessDenied, ScistreamError
-from .interface import ENDPOINT, MANAGER, signed, typed
+from .interface import ENDPOINT, MANAGER, Interface, signed, typed
 from .manager import Manager
 from .model import Endpoint, Role
 
@@ -71,6 +71,16 @@ def _dbus_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _method(iface: Interface) -> Callable[[Callable], Callable]:
+    """An exported method: the described signature, named errors only."""
+    return lambda fn: method()(_dbus_errors(signed(iface)(fn)))
+
+
+def _property(iface: Interface) -> Callable[[Callable], Callable]:
+    """An exported read-only property of the described type."""
+    return lambda fn: dbus_property(access=PropertyAccess.READ)(typed(iface)(fn))
+
+
 def _unwrap(options: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (v.value if isinstance(v, Variant) else v) for k, v in options.items()}
 
@@ -87,85 +97,67 @@ class EndpointObject(ServiceInterface):
         self._api = api
         self.ep = ep
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def Uid(self):
         return self.ep.uid
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def Role(self):
         return self.ep.role.value
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def State(self):
         return self.ep.state.value
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def StateDetail(self):
         return self.ep.detail
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def Listeners(self):
         return [str(h) for h in self.ep.listeners]
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def Targets(self):
         return [str(h) for h in self.ep.targets]
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def NumConn(self):
         return self.ep.num_conn
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def Unit(self):
         return self.ep.unit
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def CreatedAt(self):
         return _usec(self.ep.created_at)
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def NRestarts(self):
         return self.ep.n_restarts
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def ClaimedBy(self):
         return self.ep.claimed_by
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def ClaimedAt(self):
         return _usec(self.ep.claimed_at)
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def Peer(self):
         return str(self.ep.peer) if self.ep.peer else ""
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(ENDPOINT)
+    @_property(ENDPOINT)
     def AllowedPeer(self):
         return self.ep.allowed_peer
 
-    @method()
-    @_dbus_errors
-    @signed(ENDPOINT)
+    @_method(ENDPOINT)
     async def Release(self):
         await self._api.manager.release(self.ep.uid, self.ep.role)
 
-    @method()
-    @_dbus_errors
-    @signed(ENDPOINT)
+    @_method(ENDPOINT)
     async def Rearm(self):
         if self.ep.role is not Role.INBOUND:
             raise DBusError(f"{ERROR_PREFIX}.InvalidArgument",
@@ -189,64 +181,48 @@ class ManagerObject(ServiceInterface):
     def _m(self) -> Manager:
         return self._api.manager
 
-    @method()
-    @_dbus_errors
-    @signed(MANAGER)
+    @_method(MANAGER)
     async def InboundRequest(self, remote_ip, receiver_ports, num_conn, options):
         ep = await self._m.inbound_request(remote_ip, list(receiver_ports), num_conn,
                                            _unwrap(options))
         return [ep.uid, ep.object_path, [str(h) for h in ep.listeners]]
 
-    @method()
-    @_dbus_errors
-    @signed(MANAGER)
+    @_method(MANAGER)
     async def OutboundRequest(self, uid, remote_listeners, local_ports, num_conn, options):
         ep = await self._m.outbound_request(uid, list(remote_listeners), list(local_ports),
                                             num_conn, _unwrap(options))
         return [ep.object_path, [str(h) for h in ep.listeners]]
 
-    @method()
-    @_dbus_errors
-    @signed(MANAGER)
+    @_method(MANAGER)
     async def Release(self, uid):
         await self._m.release(uid)
 
-    @method()
-    @_dbus_errors
-    @signed(MANAGER)
+    @_method(MANAGER)
     async def ReleaseAll(self):
         return await self._m.release_all()
 
-    @method()
-    @_dbus_errors
-    @signed(MANAGER)
+    @_method(MANAGER)
     async def RearmEndpoint(self, uid):
         await self._m.rearm(uid)
 
-    @method()
-    @_dbus_errors
-    @signed(MANAGER)
+    @_method(MANAGER)
     async def ListEndpoints(self):
         return [[ep.uid, ep.role.value, ep.state.value, [str(h) for h in ep.listeners]]
                 for ep in self._m.list()]
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(MANAGER)
+    @_property(MANAGER)
     def Version(self):
         return __version__
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(MANAGER)
+    @_property(MANAGER)
     def PeerPort(self):
         return self._m.cfg.peer_port
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(MANAGER)
+    @_property(MANAGER)
     def ListenAddress(self):
         return str(self._m.cfg.listen_address)
 
-    @dbus_property(access=PropertyAccess.READ)
-    @typed(MANAGER)
+    @_property(MANAGER)
     def PortRange(self):
         return list(self._m.cfg.port_range)
 
