@@ -173,14 +173,14 @@ def _args_outbound_request(p: argparse.ArgumentParser) -> None:
     )
 
 
-#: A uid of this host's endpoints may be abbreviated (as git and docker accept).
-_PREFIX_OK = "; a unique prefix of it will do"
 
 
 def _uid_arg(p: argparse.ArgumentParser, *names: str, help: str, **kw: Any) -> None:
     """A positional UID of an endpoint on this host: prefixes allowed, completed from
     the daemon's endpoints."""
-    action = p.add_argument(*names, help=help + _PREFIX_OK, **kw)
+    # Abbreviated as git and docker accept; resolved through ListEndpoints.
+    action = p.add_argument(*names, help=f"{help}, or a unique prefix of it {_STDIN_UID}",
+                            **kw)
     action.completer = complete_uids  # type: ignore[attr-defined]  # read by argcomplete
 
 
@@ -207,21 +207,20 @@ def _complete(parser: argparse.ArgumentParser) -> None:
 
 
 def _args_release(p: argparse.ArgumentParser) -> None:
-    _uid_arg(p, "uid", nargs="?", metavar="UID", help="tunnel uid " + _STDIN_UID)
+    _uid_arg(p, "uid", nargs="?", metavar="UID", help="tunnel uid")
     p.add_argument("--all", action="store_true", help="release every endpoint on this host")
 
 
 def _args_rearm(p: argparse.ArgumentParser) -> None:
-    _uid_arg(p, "uid", metavar="UID",
-             help="tunnel uid (of an inbound endpoint here) " + _STDIN_UID)
+    _uid_arg(p, "uid", metavar="UID", help="tunnel uid (of an inbound endpoint here)")
 
 
 def _args_status(p: argparse.ArgumentParser) -> None:
-    _uid_arg(p, "uid", metavar="UID", help="tunnel uid " + _STDIN_UID)
+    _uid_arg(p, "uid", metavar="UID", help="tunnel uid")
 
 
 def _args_logs(p: argparse.ArgumentParser) -> None:
-    _uid_arg(p, "uid", metavar="UID", help="tunnel uid " + _STDIN_UID)
+    _uid_arg(p, "uid", metavar="UID", help="tunnel uid")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--lines", dest="lines", metavar="N", help="show the last N lines")
 
