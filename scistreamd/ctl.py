@@ -39,6 +39,7 @@ code  meaning
 8     the relay unit did not start or its listeners did not open (``RelayFailed``)
 9     permission denied (``AccessDenied``, or the D-Bus policy refused the call)
 10    scistreamd is not running, or the bus is unreachable, or it did not answer
+11    the peer has no such listener for the tunnel; nothing was claimed (``WrongListener``)
 130   interrupted (Ctrl-C)
 ====  ====================================================================
 
@@ -126,7 +127,8 @@ exit codes:
   2  invalid argument / usage     8  relay did not start (RelayFailed)
   3  not found (NotFound)         9  permission denied (AccessDenied, D-Bus policy)
   4  already exists               10 scistreamd not running / bus unreachable
-  5  no free ports in the range   130 interrupted
+  5  no free ports in the range   11 wrong listener, nothing claimed (WrongListener)
+                                  130 interrupted
 
 environment:
   SCISTREAM_BUS_ADDRESS  D-Bus address to use instead of the system bus (or the
@@ -518,12 +520,9 @@ def read_trust_pem(path: str) -> str:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         text = ""
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        raise InvalidArgument(
-            f"{what} holds no PEM certificate: give a file with "
-            "'-----BEGIN CERTIFICATE-----' blocks (convert DER with 'openssl x509 -inform der')"
-        )
-    return text
+    from .peertls import check_trust_pem  # the daemon's own check; ssl only on this path
+
+    return check_trust_pem(text, what, load=False)
 
 
 class InboundPlan:
