@@ -105,10 +105,11 @@ class _Tls:
     """Server-side TLS over an asyncio stream pair through memory BIOs."""
 
     def __init__(self, ctx: ssl.SSLContext, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter, read_timeout: float) -> None:
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self._in, self._out, server_side=True)
         self._reader, self._writer = reader, writer
+        self._read_timeout = read_timeout
 
     async def flush(self) -> None:
         data = self._out.read()
@@ -117,7 +118,10 @@ class _Tls:
             await self._writer.drain()
 
     async def _fill(self) -> None:
-        data = await self._reader.read(65536)
+        try:
+            data = await asyncio.wait_for(self._reader.read(65536), self._read_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no data for {self._read_timeout:g} s") from None
         if data:
             self._in.write(data)
         else:
@@ -387,16 +391,16 @@ class PeerServer:
         # A flood must not flood the journal too: one line per interval.
         if now - self._refused_logged_at >= _REFUSAL_LOG_INTERVAL:
             logger.warning(
-                "peer port: refused %d connection(s), the last from %s (%d open of "
-                "max %d, %d of max %d from that address)", self._refused, who,
-                len(self._tasks), self._max_connections, self._per_source[source],
-                self._max_per_source)
+                "peer port: refused %d connection(s), the last from %s (%d open, "
+                "max_connections %d; %d from that address, at most %d per address)",
+                self._refused, who, len(self._tasks), self._max_connections,
+                self._per_source[source], self._max_per_source)
             self._refused, self._refused_logged_at = 0, now
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           who: str) -> None:
         assert self._ctx is not None
-        tls = _Tls(self._ctx, reader, writer)
+        tls = _Tls(self._ctx, reader, writer, self._timeout)
         try:
             await asyncio.wait_for(tls.handshake(), self._handshake_timeout)
         except ssl.SSLError as e:
@@ -416,17 +420,14 @@ class PeerServer:
         # The dict form is empty unless the certificate was verified.
         claimant = identity_of(who, cert) if cert else PeerIdentity(who)
         method = "GET"
+        # Each read waits at most timeout, the whole connection 3 x timeout (_serve).
         try:
-            try:
-                req = await asyncio.wait_for(_read_head(tls), self._timeout)
-                method = req.method
-                doc = await self._answer(req, tls, claimant)
-                status, headers = 200, ()
-            except _Answer as a:
-                status, doc, headers = a.status, a.doc, a.headers
-        except asyncio.TimeoutError:
-            logger.debug("peer port: no whole request from %s within %g s", who, self._timeout)
-            return
+            req = await _read_head(tls)
+            method = req.method
+            doc = await self._answer(req, tls, claimant)
+            status, headers = 200, ()
+        except _Answer as a:
+            status, doc, headers = a.status, a.doc, a.headers
         body = dumps(doc)
         head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", "Server: scistreamd",
                 "Content-Type: application/json", f"Content-Length: {len(body)}",
@@ -478,7 +479,7 @@ class PeerServer:
         self._authenticate(what, uid, who)  # before the body: nothing processed unasked
         if name == "state":
             return await self._call(self._handler.endpoint_state(uid), who, uid)
-        body = await asyncio.wait_for(self._read_body(req, tls), self._timeout)
+        body = await self._read_body(req, tls)
         try:
             claim = ClaimRequest.from_json(loads(body))
         except InvalidArgument as e:
