@@ -1,17 +1,15 @@
 """The peer port's server: TLS + one HTTP request per connection, on the daemon's loop.
 
-A reader callback on the listening socket accepts plain TCP and starts a
-task per connection in one step (asyncio's Server, like a task around
-``sock_accept``, can lose a connection accepted just before it stops); TLS runs through an
-in-memory ``SSLObject`` (:class:`_Tls`), so the server decides per source
-address before any handshake, sends every TLS alert before closing, and
-needs no thread. Every stage has a deadline: the handshake (short), reading the
-request, the daemon's answer (else 503 Busy) and the whole connection
-(3 x timeout, against slowloris). Connections are capped in total and per
-source address, so one source cannot starve the others: a flood of
-connections that never start TLS holds at most its own share, each for the
-short handshake deadline. (The share is large enough for a gateway's
-concurrent claims; the unit's LimitNOFILE covers the total.)
+A reader callback on the listening socket accepts plain TCP and starts a task
+per connection in one step (asyncio's Server, like a task around sock_accept,
+can lose a connection accepted just before it stops). TLS runs through memory
+BIOs (peertls.ServerTls): the server counts a connection before any TLS work,
+sends every TLS alert before closing, and needs no thread. Deadlines: the
+handshake (short), each read, the daemon's answer (else 503 Busy) and the
+whole connection (3 x timeout, against slowloris). Connections are capped in
+total and per source address: a flood that never starts TLS holds at most its
+own source's share, each connection for the short handshake deadline. (A share
+fits a gateway's concurrent claims; the unit's LimitNOFILE covers the total.)
 
 Peer authentication: with a client CA every client is asked for a
 certificate (CERT_OPTIONAL): one that does not chain fails the handshake;
@@ -32,12 +30,13 @@ import ssl
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Awaitable, Dict, List, Optional, Protocol, Tuple, Union
+from typing import Any, Awaitable, Dict, Optional, Protocol, Tuple, Union
 
 from . import __version__
 from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .model import HostPort, IPAddress, PeerIdentity, parse_uid
 from .peertls import (
+    ServerTls,
     cert_failure_text,
     format_client,
     identity_of,
@@ -49,12 +48,13 @@ from .peerwire import (
     METHODS,
     MSG_PEER_REFUSED,
     PATHS_HELP,
-    REASONS,
     ClaimRequest,
     ErrorDoc,
+    RequestHead,
     clean,
     dumps,
     loads,
+    response,
     route,
     status_of,
 )
@@ -101,78 +101,7 @@ def _fail(name: str, message: str, headers: Tuple[Tuple[str, str], ...] = ()) ->
     return _Answer(status_of(name), ErrorDoc(name, message).to_json(), headers)
 
 
-class _Tls:
-    """Server-side TLS over an asyncio stream pair through memory BIOs."""
-
-    def __init__(self, ctx: ssl.SSLContext, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, read_timeout: float) -> None:
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self._in, self._out, server_side=True)
-        self._reader, self._writer = reader, writer
-        self._read_timeout = read_timeout
-
-    async def flush(self) -> None:
-        data = self._out.read()
-        if data:
-            self._writer.write(data)
-            await self._writer.drain()
-
-    async def _fill(self) -> None:
-        try:
-            data = await asyncio.wait_for(self._reader.read(65536), self._read_timeout)
-        except asyncio.TimeoutError:
-            raise ConnectionError(f"no data for {self._read_timeout:g} s") from None
-        if data:
-            self._in.write(data)
-        else:
-            self._in.write_eof()
-
-    async def handshake(self) -> None:
-        while True:
-            try:
-                self.obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await self.flush()
-                await self._fill()
-            except ssl.SSLError:
-                await self.flush()  # the alert tells the client why
-                raise
-        await self.flush()
-
-    async def read(self, n: int) -> bytes:
-        """Up to n bytes; b"" at the end (close_notify or TCP EOF)."""
-        while True:
-            try:
-                return self.obj.read(n)
-            except ssl.SSLWantReadError:
-                await self.flush()
-                await self._fill()
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
-
-    async def write(self, data: bytes) -> None:
-        self.obj.write(data)
-        await self.flush()
-
-    async def close_notify(self) -> None:
-        with contextlib.suppress(ssl.SSLError):
-            self.obj.unwrap()
-        await self.flush()
-
-
-class _Request:
-    """A parsed request head, and its body reader."""
-
-    def __init__(self, method: str, target: str, headers: List[Tuple[str, str]],
-                 rest: bytes) -> None:
-        self.method, self.target, self.headers, self.rest = method, target, headers, rest
-
-    def all(self, name: str) -> List[str]:
-        return [v for k, v in self.headers if k == name]
-
-
-async def _read_head(tls: _Tls) -> _Request:
+async def _read_head(tls: ServerTls) -> RequestHead:
     buf = b""
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HEAD:
@@ -183,19 +112,9 @@ async def _read_head(tls: _Tls) -> _Request:
         buf += data
     head, _, rest = buf.partition(b"\r\n\r\n")
     try:
-        lines = head.decode("ascii").split("\r\n")
-    except UnicodeDecodeError:
-        raise _fail(InvalidArgument.name, "the request head is not ASCII") from None
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1") or not parts[0].isalpha():
-        raise _fail(InvalidArgument.name, "malformed request line: send HTTP/1.1")
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise _fail(InvalidArgument.name, "malformed header line")
-        headers.append((name.lower(), value.strip()))
-    return _Request(parts[0], parts[1], headers, rest)
+        return RequestHead.parse(head, rest)
+    except InvalidArgument as e:
+        raise _fail(e.name, str(e)) from None
 
 
 class PeerServer:
@@ -400,7 +319,7 @@ class PeerServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           who: str) -> None:
         assert self._ctx is not None
-        tls = _Tls(self._ctx, reader, writer, self._timeout)
+        tls = ServerTls(self._ctx, reader, writer, self._timeout)
         try:
             await asyncio.wait_for(tls.handshake(), self._handshake_timeout)
         except ssl.SSLError as e:
@@ -428,14 +347,7 @@ class PeerServer:
             status, headers = 200, ()
         except _Answer as a:
             status, doc, headers = a.status, a.doc, a.headers
-        body = dumps(doc)
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", "Server: scistreamd",
-                "Content-Type: application/json", f"Content-Length: {len(body)}",
-                # A claim answer carries a key: no intermediary may keep it.
-                "Cache-Control: no-store", "Connection: close"]
-        head += [f"{k}: {v}" for k, v in headers]
-        out = ("\r\n".join(head) + "\r\n\r\n").encode("ascii")
-        await tls.write(out if method == "HEAD" else out + body)
+        await tls.write(response(status, doc, headers, with_body=method != "HEAD"))
         await tls.close_notify()
         await self._linger(reader, writer)
 
@@ -454,7 +366,7 @@ class PeerServer:
 
     # -- the API ------------------------------------------------------------------
 
-    async def _answer(self, req: _Request, tls: _Tls, who: PeerIdentity) -> Dict[str, Any]:
+    async def _answer(self, req: RequestHead, tls: ServerTls, who: PeerIdentity) -> Dict[str, Any]:
         """The 200 answer's document; raises _Answer for anything else."""
         name, raw_uid = route(req.target)
         if not name:
@@ -507,7 +419,7 @@ class PeerServer:
         raise _fail(AccessDenied.name, f"{why}, and this peer port serves only peers with a "
                     f"trusted client certificate: {fix}")
 
-    async def _read_body(self, req: _Request, tls: _Tls) -> bytes:
+    async def _read_body(self, req: RequestHead, tls: ServerTls) -> bytes:
         if req.all("transfer-encoding"):
             raise _fail("LengthRequired", "send the body with Content-Length; chunked "
                         "transfer encoding is not accepted")

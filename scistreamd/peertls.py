@@ -3,10 +3,12 @@
 The one place that loads certificates for the peer port and turns OpenSSL's
 failures into named errors. Imports only the standard library and the pure
 model, so the CLI may use :func:`check_trust_pem` for ``--server_cert``.
+:class:`ServerTls` runs the server side of a connection over asyncio streams.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import re
@@ -158,6 +160,71 @@ def identity_of(who: str, cert: Dict[str, Any]) -> PeerIdentity:
             if k == "commonName" and not cn:
                 cn = _clean(v, 64)
     return PeerIdentity(who, True, tuple(ips[:16]), tuple(dns[:16]), cn)
+
+
+class ServerTls:
+    """Server-side TLS over an asyncio stream pair, through memory BIOs.
+
+    Unlike asyncio's own TLS transport it sends a failed handshake's alert
+    before the connection closes, and lets the server count a connection
+    before any TLS work. Each read waits at most ``read_timeout``.
+    """
+
+    def __init__(self, ctx: ssl.SSLContext, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, read_timeout: float) -> None:
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self._in, self._out, server_side=True)
+        self._reader, self._writer = reader, writer
+        self._read_timeout = read_timeout
+
+    async def flush(self) -> None:
+        data = self._out.read()
+        if data:
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def _fill(self) -> None:
+        try:
+            data = await asyncio.wait_for(self._reader.read(65536), self._read_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no data for {self._read_timeout:g} s") from None
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self.flush()
+                await self._fill()
+            except ssl.SSLError:
+                await self.flush()  # the alert tells the client why
+                raise
+        await self.flush()
+
+    async def read(self, n: int) -> bytes:
+        """Up to n bytes; b"" at the end (close_notify or TCP EOF)."""
+        while True:
+            try:
+                return self.obj.read(n)
+            except ssl.SSLWantReadError:
+                await self.flush()
+                await self._fill()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    async def write(self, data: bytes) -> None:
+        self.obj.write(data)
+        await self.flush()
+
+    async def close_notify(self) -> None:
+        with contextlib.suppress(ssl.SSLError):
+            self.obj.unwrap()
+        await self.flush()
 
 
 # -- client --------------------------------------------------------------------

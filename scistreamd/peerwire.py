@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple, Type
+from typing import Any, Dict, List, Tuple, Type
 
 from .errors import (
     AccessDenied,
@@ -110,6 +110,50 @@ def route(target: str) -> Tuple[str, str]:
     if len(parts) == 4 and parts[1:3] == ["v1", "endpoints"]:
         return "state", parts[3]
     return "", ""
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """An HTTP/1.x request head; ``rest``: the bytes after it (the body's start)."""
+
+    method: str
+    target: str
+    headers: Tuple[Tuple[str, str], ...]  # (lower-case name, value)
+    rest: bytes = b""
+
+    def all(self, name: str) -> List[str]:
+        return [v for k, v in self.headers if k == name]
+
+    @classmethod
+    def parse(cls, head: bytes, rest: bytes = b"") -> RequestHead:
+        """InvalidArgument for anything but a plain request line and header lines."""
+        try:
+            lines = head.decode("ascii").split("\r\n")
+        except UnicodeDecodeError:
+            raise InvalidArgument("the request head is not ASCII") from None
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1") or \
+                not parts[0].isalpha():
+            raise InvalidArgument("malformed request line: send HTTP/1.1")
+        headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():
+                raise InvalidArgument("malformed header line")
+            headers.append((name.lower(), value.strip()))
+        return cls(parts[0], parts[1], tuple(headers), rest)
+
+
+def response(status: int, doc: Dict[str, Any], headers: Tuple[Tuple[str, str], ...] = (),
+             with_body: bool = True) -> bytes:
+    """A whole HTTP/1.1 answer with a JSON body; the connection closes after it."""
+    body = dumps(doc)
+    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", "Server: scistreamd",
+            "Content-Type: application/json", f"Content-Length: {len(body)}",
+            # A claim answer carries a key: no intermediary may keep it.
+            "Cache-Control: no-store", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + (body if with_body else b"")
 
 
 # -- documents -----------------------------------------------------------------
