@@ -168,7 +168,7 @@ class PeerClient:
         # Our own pool: its threads are made on demand, one per call in flight.
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
-                self._max_parallel, thread_name_prefix="scistreamd-peerclient")
+                self._max_parallel, thread_name_prefix="scistreamd-claim")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
 

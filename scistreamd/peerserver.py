@@ -24,7 +24,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import re
 import socket
 import ssl
 import time
@@ -49,7 +48,7 @@ from .peerwire import (
     MSG_PEER_REFUSED,
     PATHS_HELP,
     ClaimRequest,
-    ErrorDoc,
+    Refusal,
     RequestHead,
     clean,
     dumps,
@@ -69,7 +68,6 @@ MAX_HEAD = 16 * 1024
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1024 * 1024
 _REFUSAL_LOG_INTERVAL = 10.0
-_DIGITS = re.compile(r"[0-9]{1,12}")
 _INTERNAL = "internal error; see the journal of scistreamd"
 
 
@@ -88,33 +86,17 @@ class PeerHandler(Protocol):
     async def health(self) -> Dict[str, Any]: ...
 
 
-class _Answer(Exception):
-    """Raised anywhere in a request to send this answer."""
-
-    def __init__(self, status: int, doc: Dict[str, Any],
-                 headers: Tuple[Tuple[str, str], ...] = ()) -> None:
-        super().__init__(status)
-        self.status, self.doc, self.headers = status, doc, headers
-
-
-def _fail(name: str, message: str, headers: Tuple[Tuple[str, str], ...] = ()) -> _Answer:
-    return _Answer(status_of(name), ErrorDoc(name, message).to_json(), headers)
-
-
 async def _read_head(tls: ServerTls) -> RequestHead:
     buf = b""
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HEAD:
-            raise _fail("HeaderTooLarge", f"the request head is over {MAX_HEAD} bytes")
+            raise Refusal("HeaderTooLarge", f"the request head is over {MAX_HEAD} bytes")
         data = await tls.read(16384)
         if not data:
             raise ConnectionError("the client closed before sending a whole request")
         buf += data
     head, _, rest = buf.partition(b"\r\n\r\n")
-    try:
-        return RequestHead.parse(head, rest)
-    except InvalidArgument as e:
-        raise _fail(e.name, str(e)) from None
+    return RequestHead.parse(head, rest)
 
 
 class PeerServer:
@@ -345,8 +327,8 @@ class PeerServer:
             method = req.method
             doc = await self._answer(req, tls, claimant)
             status, headers = 200, ()
-        except _Answer as a:
-            status, doc, headers = a.status, a.doc, a.headers
+        except Refusal as r:
+            status, doc, headers = status_of(r.name), r.to_json(), r.headers
         await tls.write(response(status, doc, headers, with_body=method != "HEAD"))
         await tls.close_notify()
         await self._linger(reader, writer)
@@ -367,12 +349,12 @@ class PeerServer:
     # -- the API ------------------------------------------------------------------
 
     async def _answer(self, req: RequestHead, tls: ServerTls, who: PeerIdentity) -> Dict[str, Any]:
-        """The 200 answer's document; raises _Answer for anything else."""
+        """The 200 answer's document; raises Refusal for anything else."""
         name, raw_uid = route(req.target)
         if not name:
-            raise _fail("UnknownPath", f"no such API path: {PATHS_HELP}")
+            raise Refusal("UnknownPath", f"no such API path: {PATHS_HELP}")
         if req.method != METHODS[name]:
-            raise _fail("MethodNotAllowed", f"method not allowed here; use {METHODS[name]}",
+            raise Refusal("MethodNotAllowed", f"method not allowed here; use {METHODS[name]}",
                         (("Allow", METHODS[name]),))
         if name == "health":
             if not who.verified:
@@ -386,7 +368,7 @@ class PeerServer:
         try:
             uid = parse_uid(raw_uid)
         except InvalidArgument as e:
-            raise _fail(e.name, str(e)) from None
+            raise Refusal(e.name, str(e)) from None
         what = "a claim" if name == "claim" else "a state check"
         self._authenticate(what, uid, who)  # before the body: nothing processed unasked
         if name == "state":
@@ -395,7 +377,7 @@ class PeerServer:
         try:
             claim = ClaimRequest.from_json(loads(body))
         except InvalidArgument as e:
-            raise _fail(e.name, "the request body must be a JSON object, e.g. {}"
+            raise Refusal(e.name, "the request body must be a JSON object, e.g. {}"
                         if str(e) == "not JSON" else str(e)) from None
         result = await self._call(self._handler.claim(uid, who, claim.listeners), who, uid)
         logger.info("peer port: handed the key of endpoint %s to %s", uid, who)
@@ -416,22 +398,11 @@ class PeerServer:
                    "certificate")
         logger.warning("peer port: refused %s of endpoint %s by %s: %s", what, uid, who, why,
                        extra={"MESSAGE_ID": MSG_PEER_REFUSED.hex, "SCISTREAM_UID": uid})
-        raise _fail(AccessDenied.name, f"{why}, and this peer port serves only peers with a "
+        raise Refusal(AccessDenied.name, f"{why}, and this peer port serves only peers with a "
                     f"trusted client certificate: {fix}")
 
     async def _read_body(self, req: RequestHead, tls: ServerTls) -> bytes:
-        if req.all("transfer-encoding"):
-            raise _fail("LengthRequired", "send the body with Content-Length; chunked "
-                        "transfer encoding is not accepted")
-        lengths = req.all("content-length")
-        if not lengths:
-            raise _fail("LengthRequired", "send Content-Length with the JSON body (e.g. {})")
-        if len(lengths) != 1 or not _DIGITS.fullmatch(lengths[0]):
-            raise _fail(InvalidArgument.name, "Content-Length is malformed")
-        length = int(lengths[0])
-        if length > self._max_body:
-            raise _fail("PayloadTooLarge", f"the request body has {length} bytes; at most "
-                        f"{self._max_body} are accepted")
+        length = req.body_length(self._max_body)
         if "100-continue" in (v.lower() for v in req.all("expect")):
             await tls.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = req.rest
@@ -451,22 +422,20 @@ class PeerServer:
         except asyncio.TimeoutError:
             logger.warning("peer port: %s for %s: no answer within %g s", what, who,
                            self._timeout)
-            raise _fail("Busy", f"the daemon is busy (no answer within {self._timeout:g} s); "
+            raise Refusal("Busy", f"the daemon is busy (no answer within {self._timeout:g} s); "
                         "try again") from None
         except ScistreamError as e:
             # AccessDenied: the manager logged it, with the endpoint's fields.
             logger.log(logging.DEBUG if isinstance(e, AccessDenied) else logging.INFO,
                        "peer port: refused %s by %s: %s", what, who, e)
-            raise _fail(e.name, str(e)) from None
+            raise Refusal(e.name, str(e)) from None
         except Exception:
             logger.exception("peer port: %s for %s failed", what, who)
-            raise _fail("Failed", _INTERNAL) from None
+            raise Refusal("Failed", _INTERNAL) from None
         try:
-            dumps(result)
+            if isinstance(result, dict) and dumps(result):
+                return result
         except (TypeError, ValueError):
-            logger.exception("peer port: answer is not JSON-serialisable")
-            raise _fail("Failed", _INTERNAL) from None
-        if not isinstance(result, dict):
-            logger.error("peer port: the handler returned %s, not a dict", type(result).__name__)
-            raise _fail("Failed", _INTERNAL)
-        return result
+            pass
+        logger.error("peer port: %s for %s: the daemon's answer is not a JSON object", what, who)
+        raise Refusal("Failed", _INTERNAL)

@@ -18,6 +18,7 @@ wire unchanged and alone decides the exception class on the other side
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple, Type
@@ -41,6 +42,7 @@ MAX_RESPONSE = 64 * 1024
 #: journald MESSAGE_ID of a refused peer request (no or untrusted certificate, not
 #: the endpoint's allowed peer); manager.MSG_CLAIM_REFUSED is the same id.
 MSG_PEER_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75")
+_DIGITS = re.compile(r"[0-9]{1,12}")
 
 #: Every error name the peer port sends: its HTTP status, and the class the
 #: client raises for it. Names of the daemon's own failures come first; the
@@ -112,6 +114,18 @@ def route(target: str) -> Tuple[str, str]:
     return "", ""
 
 
+class Refusal(Exception):
+    """An error answer to send: its name (ERRORS gives the status), message, headers."""
+
+    def __init__(self, name: str, message: str,
+                 headers: Tuple[Tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.name, self.message, self.headers = name, message, headers
+
+    def to_json(self) -> Dict[str, Any]:
+        return ErrorDoc(self.name, self.message).to_json()
+
+
 @dataclass(frozen=True)
 class RequestHead:
     """An HTTP/1.x request head; ``rest``: the bytes after it (the body's start)."""
@@ -126,22 +140,39 @@ class RequestHead:
 
     @classmethod
     def parse(cls, head: bytes, rest: bytes = b"") -> RequestHead:
-        """InvalidArgument for anything but a plain request line and header lines."""
+        """Refusal for anything but a plain request line and header lines."""
+        bad = InvalidArgument.name
         try:
             lines = head.decode("ascii").split("\r\n")
         except UnicodeDecodeError:
-            raise InvalidArgument("the request head is not ASCII") from None
+            raise Refusal(bad, "the request head is not ASCII") from None
         parts = lines[0].split(" ")
         if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1") or \
                 not parts[0].isalpha():
-            raise InvalidArgument("malformed request line: send HTTP/1.1")
+            raise Refusal(bad, "malformed request line: send HTTP/1.1")
         headers = []
         for line in lines[1:]:
             name, colon, value = line.partition(":")
             if not colon or not name or name != name.strip():
-                raise InvalidArgument("malformed header line")
+                raise Refusal(bad, "malformed header line")
             headers.append((name.lower(), value.strip()))
         return cls(parts[0], parts[1], tuple(headers), rest)
+
+    def body_length(self, max_body: int) -> int:
+        """The declared body length; Refusal unless one plain Content-Length <= max_body."""
+        if self.all("transfer-encoding"):
+            raise Refusal("LengthRequired", "send the body with Content-Length; chunked "
+                          "transfer encoding is not accepted")
+        lengths = self.all("content-length")
+        if not lengths:
+            raise Refusal("LengthRequired", "send Content-Length with the JSON body (e.g. {})")
+        if len(lengths) != 1 or not _DIGITS.fullmatch(lengths[0]):
+            raise Refusal(InvalidArgument.name, "Content-Length is malformed")
+        length = int(lengths[0])
+        if length > max_body:
+            raise Refusal("PayloadTooLarge", f"the request body has {length} bytes; at most "
+                          f"{max_body} are accepted")
+        return length
 
 
 def response(status: int, doc: Dict[str, Any], headers: Tuple[Tuple[str, str], ...] = (),
