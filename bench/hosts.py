@@ -192,7 +192,8 @@ def prepare(host: Host) -> None:
     host.run([*warm, "-c", "import ast, json, scistreamd.ctl, scistreamd.model, "
               "jeepney, jeepney.auth"])
     host.run([*warm, "-c", "import scistreamd.daemon, scistreamd.manager, scistreamd.dbus_api, "
-              "scistreamd.peer, scistreamd.systemd, scistreamd.certs"], check=False)
+              "scistreamd.peerclient, scistreamd.peerserver, scistreamd.systemd, "
+              "scistreamd.certs"], check=False)
     cached = host.run(["find", PYCACHE, "-name", "*.pyc"]).stdout.split()
     if not any("/scistreamd/" in c for c in cached) or not any("/asyncio/" in c for c in cached):
         raise BenchError(f"{host.name}: no byte code was written to {PYCACHE}: "

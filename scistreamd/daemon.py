@@ -106,6 +106,8 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
 
     from .dbus_api import TunnelApi
     from .manager import Manager
+    from .peerclient import PeerClient
+    from .peerserver import PeerServer
     from .systemd import Systemd
 
     loop = asyncio.get_running_loop()
@@ -122,16 +124,18 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     api = TunnelApi(bus)
     systemd = Systemd(bus)
     await systemd.setup()
-    manager = Manager(cfg, systemd, listener=api)
+    # Whom this daemon trusts, what it presents to peers, how long it waits: once.
+    peers = PeerClient(trust_file=cfg.peer_trust_file, client_cert=cfg.peer_cert,
+                       client_key=cfg.peer_key, timeout=cfg.peer_timeout,
+                       max_parallel=cfg.max_endpoints)
+    manager = Manager(cfg, systemd, peers, listener=api)
     api.attach(manager)
     await manager.adopt()
 
     peer_server = None
     if cfg.peer_enabled:
-        from .peer import PeerServer
-
         peer_server = PeerServer(cfg.listen_address, cfg.peer_port, cfg.peer_cert, cfg.peer_key,
-                                 _client_ca(cfg), _PeerHandler(manager), loop,
+                                 _client_ca(cfg), _PeerHandler(manager),
                                  require_client_cert=cfg.peer_require_client_cert,
                                  timeout=cfg.peer_timeout)
         await peer_server.start()
@@ -174,6 +178,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
             task.cancel()
     if peer_server:
         await peer_server.stop()
+    peers.close()
     if not disconnected.done():
         bus.disconnect()
     return code

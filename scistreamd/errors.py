@@ -63,6 +63,16 @@ class AccessDenied(ScistreamError):
     exit_code = 9
 
 
+class WrongListener(ScistreamError):
+    """An outbound request named a listener the inbound endpoint does not have.
+
+    Nothing was claimed: the same request with the right listeners works.
+    """
+
+    name = "WrongListener"
+    exit_code = 11
+
+
 class ConfigError(Exception):
     """A bad configuration file: names the file, the key and the problem."""
 
@@ -85,5 +95,6 @@ BY_DBUS_NAME: Dict[str, Type[ScistreamError]] = {
         PeerRejected,
         RelayFailed,
         AccessDenied,
+        WrongListener,
     )
 }

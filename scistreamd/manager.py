@@ -36,6 +36,7 @@ from .errors import (
     PortsExhausted,
     RelayFailed,
     ScistreamError,
+    WrongListener,
 )
 from .model import (
     Endpoint,
@@ -55,6 +56,9 @@ from .model import (
     parse_uid,
     peer_matches,
 )
+from .peerclient import PeerClient
+from .peertls import check_trust_pem
+from .peerwire import PeerEndpoint
 from .ports import PortAllocator
 from .relay import new_psk, relay_file_path, render_psk_file, render_stunnel_config
 from .relay_unit import relay_unit_properties
@@ -69,10 +73,10 @@ MSG_REQUEST = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a71")
 MSG_RELEASE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a72")
 MSG_FAILURE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a73")
 MSG_CLAIM = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a74")
-#: A refused claim (same id as peer.MSG_PEER_REFUSED, which the peer port logs).
+#: A refused claim (same id as peerwire.MSG_PEER_REFUSED, which the peer port logs).
 MSG_CLAIM_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75")
-
-MAX_TRUST_PEM = 1024 * 1024
+#: How many released inbound uids a claim can still tell apart from unknown ones.
+_RELEASED_MEMORY = 4096
 RELAY_PATTERN = "scistream-*-*.service"
 
 
@@ -129,10 +133,11 @@ def _listening(listeners: Iterable[HostPort]) -> bool:
 
 
 class Manager:
-    def __init__(self, cfg: Config, systemd: Systemd, *,
+    def __init__(self, cfg: Config, systemd: Systemd, peers: PeerClient, *,
                  listener: Optional[EndpointListener] = None) -> None:
         self.cfg = cfg
         self.systemd = systemd
+        self.peers = peers
         self.store = StateStore(cfg.state_dir)
         self.keys = KeyStore(cfg.key_dir, _relay_gid())
         self.ports = PortAllocator(cfg.listen_address, *cfg.port_range)
@@ -143,6 +148,9 @@ class Manager:
         self._refreshing: Dict[Tuple[str, Role], asyncio.Task] = {}
         #: Endpoints whose relay is being restarted on purpose (re-arm).
         self._restarting: Set[Tuple[str, Role]] = set()
+        #: Inbound uids released here, oldest first (this run only): a late claim
+        #: gets "released", not "unknown uid".
+        self._released: Dict[str, None] = {}
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers
@@ -172,11 +180,6 @@ class Manager:
             if persist:
                 self.store.save(ep)
             self.listener.endpoint_changed(ep, changed)
-
-    def _peer_client(self) -> Dict[str, Any]:
-        """How this daemon talks to peers: whom it trusts, what it presents, how long it waits."""
-        return {"trust_file": self.cfg.peer_trust_file, "client_cert": self.cfg.peer_cert,
-                "client_key": self.cfg.peer_key, "timeout": self.cfg.peer_timeout}
 
     def _check_capacity(self) -> None:
         if len(self.endpoints) >= self.cfg.max_endpoints:
@@ -227,15 +230,13 @@ class Manager:
     # ------------------------------------------------------------ outbound
     async def outbound_request(self, uid: object, remote_listeners: object, local_ports: object,
                                num_conn: object, options: object) -> Endpoint:
-        from . import peer  # requests is heavy: only the outbound path needs it
-
         uid = parse_uid(uid)
         remote = parse_hostport_list(remote_listeners, "remote_listeners")
         local = parse_port_list(local_ports, "local_ports", min_len=0)
         n = parse_num_conn(num_conn, 1024)
         opts = parse_options(options, {
             "peer": lambda v: parse_hostport(v, "peer"),
-            "trust_pem": _parse_trust_pem,
+            "trust_pem": check_trust_pem,
         })
         if local and len(local) != n:
             raise InvalidArgument(
@@ -257,11 +258,14 @@ class Manager:
         # (both halves of a tunnel on one host), whose claim handler takes that
         # lock; holding it here would deadlock until the peer timeout.
         try:
-            info = await asyncio.to_thread(
-                peer.claim_endpoint, peer_addr, uid, listeners=remote,
-                trust_pem=opts.get("trust_pem"), **self._peer_client())
+            info = await self.peers.claim_async(peer_addr, uid, remote, opts.get("trust_pem"))
             # The peer checked them too; an answer is still untrusted input.
-            _require_listeners(uid, remote, info.listeners, " at the peer")
+            lacking = [str(h) for h in remote if h not in info.listeners]
+            if lacking:
+                raise PeerRejected(
+                    f"peer {peer_addr} handed out the key of {uid} but its listeners "
+                    f"{', '.join(map(str, info.listeners))} lack {', '.join(lacking)}: the peer "
+                    "misbehaves; ask its administrator to check its journal")
             ep = Endpoint(
                 uid=uid, role=Role.OUTBOUND,
                 listeners=tuple(HostPort(self.cfg.listen_address, p) for p in held),
@@ -398,9 +402,27 @@ class Manager:
                 await self._teardown(ep)
                 _log(logging.INFO, MSG_RELEASE, ep, "%s endpoint %s released",
                      ep.role.value, ep.uid)
+                if ep.role is Role.INBOUND:
+                    self._remember_released(ep.uid)
         if not eps:
             raise NotFound(f"endpoint {uid} was released meanwhile")
         return eps
+
+    def _remember_released(self, uid: str) -> None:
+        self._released.pop(uid, None)
+        self._released[uid] = None
+        while len(self._released) > _RELEASED_MEMORY:
+            del self._released[next(iter(self._released))]
+
+    def _no_inbound(self, uid: str) -> NotFound:
+        """NotFound for a claim or state check of an inbound endpoint this host lacks."""
+        if uid in self._released:
+            return NotFound(f"tunnel {uid} was released by the inbound side: its key is gone; "
+                            "ask the inbound side for a new inbound request and use the uid it "
+                            "prints")
+        return NotFound(f"no inbound endpoint {uid} on that host: check the uid (copy it from "
+                        "the inbound request's output) and that the peer address (--peer, or "
+                        "the first listener's host) is the host that made it")
 
     async def release_all(self) -> int:
         count = 0
@@ -424,7 +446,7 @@ class Manager:
         async with self._lock(uid):
             ep = self.endpoints.get((uid, Role.INBOUND))
             if ep is None:
-                raise NotFound(f"no inbound endpoint {uid} here")
+                raise self._no_inbound(uid)
             if not peer_matches(ep.allowed_peer, claimant):
                 shown = (f"names {claimant.names() or 'no IP address or DNS name'}"
                          if claimant.verified else "is absent")
@@ -436,24 +458,25 @@ class Manager:
                     f"named, and this claim's certificate {shown}: claim it from that "
                     "gateway, or ask the inbound side for a new request that names this one "
                     "(--allowed-peer)")
-            _require_listeners(uid, listeners, ep.listeners)
+            _require_listeners(uid, listeners, ep.listeners)  # consumes nothing
             if ep.claimed_by:
                 raise PeerRejected(
-                    f"the key of {uid} was already claimed by another peer: ask the inbound "
-                    f"side to re-arm it ('scistreamctl rearm {uid}') or make a new request")
+                    f"the key of {uid} was already claimed by another peer (a key is handed out "
+                    f"once): ask the inbound side to re-arm it ('scistreamctl rearm {uid}' "
+                    "there), then repeat the outbound request")
             if ep.state is not State.ACTIVE:
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
             psk = self.keys.read_psk(ep.relay_id, Role.INBOUND, uid)
             self._set(ep, claimed_by=str(claimant)[:200], claimed_at=time.time())
             _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
-            return {"uid": uid, "listeners": [str(h) for h in ep.listeners], "psk": psk,
-                    "cipher_suites": self.cfg.relay_ciphersuites}
+            return PeerEndpoint(uid, ep.listeners, psk, self.cfg.relay_ciphersuites).to_json()
 
     async def endpoint_state(self, uid: str) -> Dict[str, Any]:
         """For the peer's liveness check: does the inbound half still exist? No secrets."""
-        ep = self.endpoints.get((parse_uid(uid), Role.INBOUND))
+        uid = parse_uid(uid)
+        ep = self.endpoints.get((uid, Role.INBOUND))
         if ep is None:
-            raise NotFound(f"no inbound endpoint {uid} here")
+            raise self._no_inbound(uid)
         return {"uid": ep.uid, "state": ep.state.value}
 
     async def check_peers(self) -> None:
@@ -463,13 +486,10 @@ class Manager:
         it is refused by the peer. An unreachable peer daemon proves nothing
         (it may be restarting), so only a definite "no such endpoint" counts.
         """
-        from . import peer
-
         for ep in [e for e in self.endpoints.values()
                    if e.role is Role.OUTBOUND and e.state is State.ACTIVE and e.peer]:
             try:
-                await asyncio.to_thread(
-                    peer.endpoint_state, ep.peer, ep.uid, **self._peer_client())
+                await self.peers.endpoint_state_async(ep.peer, ep.uid)
             except NotFound:
                 if self.endpoints.get(ep.key) is ep and ep.state is State.ACTIVE:
                     _log(logging.WARNING, MSG_FAILURE, ep, "peer %s no longer has tunnel %s",
@@ -657,14 +677,14 @@ class Manager:
         logger.info("adopted %d endpoints", len(self.endpoints))
 
 
-def _require_listeners(uid: str, asked: Iterable[HostPort], have: Sequence[HostPort],
-                       where: str = "") -> None:
-    """PeerRejected naming each of ``asked`` that is not a listener of tunnel ``uid``."""
+def _require_listeners(uid: str, asked: Iterable[HostPort], have: Sequence[HostPort]) -> None:
+    """WrongListener naming each of ``asked`` that is not a listener of tunnel ``uid``."""
     unknown = [str(h) for h in asked if h not in have]
     if unknown:
-        raise PeerRejected(
-            f"{', '.join(unknown)} is not a listener of tunnel {uid}{where} (it has "
-            f"{', '.join(map(str, have))}): pass the listeners the inbound request printed")
+        raise WrongListener(
+            f"{', '.join(unknown)} is not a listener of tunnel {uid} (it has "
+            f"{', '.join(map(str, have))}); nothing was claimed: repeat the outbound request "
+            "with the listeners the inbound request printed")
 
 
 def _relay_gid() -> Optional[int]:
@@ -713,28 +733,3 @@ def _last_relay_error(unit: str) -> str:
     except Exception as e:  # the journal is a nicety here, never a failure
         logger.debug("reading the relay's journal failed: %s", e)
     return ""
-
-
-def _parse_trust_pem(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidArgument("option trust_pem must be PEM text")
-    if len(value) > MAX_TRUST_PEM:
-        raise InvalidArgument(f"option trust_pem is over {MAX_TRUST_PEM} bytes")
-    from cryptography import x509
-
-    blocks = value.split("-----END CERTIFICATE-----")
-    certs = 0
-    for block in blocks:
-        if "-----BEGIN CERTIFICATE-----" not in block:
-            continue
-        pem = block[block.index("-----BEGIN CERTIFICATE-----"):] + "-----END CERTIFICATE-----\n"
-        try:
-            x509.load_pem_x509_certificate(pem.encode())
-        except ValueError as e:
-            raise InvalidArgument(f"option trust_pem holds an unreadable certificate: {e}") from e
-        certs += 1
-    if not certs:
-        raise InvalidArgument("option trust_pem holds no PEM certificate "
-                              "(-----BEGIN CERTIFICATE-----): pass a CA bundle or the peer's "
-                              "certificate with --server_cert")
-    return value

@@ -15,6 +15,7 @@ from ..errors import (
     PortsExhausted,
     RelayFailed,
     ScistreamError,
+    WrongListener,
 )
 
 PROG = "scistreamctl"
@@ -49,6 +50,8 @@ EXIT_CODES: Tuple[Tuple[int, str, str], ...] = (
      "refused the call)", "permission denied (AccessDenied, D-Bus policy)"),
     (EXIT_UNREACHABLE, "scistreamd is not running, or the bus is unreachable, or it did not "
      "answer", "scistreamd not running / bus unreachable"),
+    (WrongListener.exit_code, "the peer has no such listener for the tunnel; nothing was "
+     "claimed (``WrongListener``)", "wrong listener, nothing claimed (WrongListener)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "interrupted"),
 )
 

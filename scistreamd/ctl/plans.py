@@ -65,12 +65,9 @@ def read_trust_pem(path: str) -> str:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         text = ""
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        raise InvalidArgument(
-            f"{what} holds no PEM certificate: give a file with "
-            "'-----BEGIN CERTIFICATE-----' blocks (convert DER with 'openssl x509 -inform der')"
-        )
-    return text
+    from ..peertls import check_trust_pem  # the daemon's own check; ssl only on this path
+
+    return check_trust_pem(text, what, load=False)
 
 
 class InboundPlan:

@@ -31,6 +31,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 BUS = "org.scistream.Tunnel1"
 
@@ -671,6 +672,97 @@ def flood(host: str, port: int, n: int, guard: float) -> int:
     return 0
 
 
+def reflood(host: str, port: int, n: int, source: str, guard: float) -> int:
+    """N plain TCP connections that never send a byte, each reopened as soon as the
+    server closes it, until a line on stdin.
+
+    Prints {"connected": c} once all N were opened once, then after the stdin
+    line {"reopened": k} (how often the server had closed one) and stops.
+    """
+    stop = threading.Event()
+    opened = threading.Semaphore(0)
+    reopened = [0]
+    lock = threading.Lock()
+
+    def one() -> None:
+        first = True
+        while not stop.is_set():
+            try:
+                s = socket.socket()
+                if source:
+                    s.bind((source, 0))
+                s.settimeout(guard)
+                s.connect((host, port))
+            except OSError:
+                s.close()
+                time.sleep(0.01)
+                continue
+            if first:
+                opened.release()
+                first = False
+            s.settimeout(0.2)
+            try:
+                while not stop.is_set():
+                    try:
+                        if not s.recv(1024):
+                            break
+                    except socket.timeout:
+                        continue
+            except OSError:
+                pass
+            s.close()
+            if not stop.is_set():
+                with lock:
+                    reopened[0] += 1
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for _ in range(n):
+        opened.acquire()
+    print(json.dumps({"connected": n}), flush=True)
+    sys.stdin.readline()
+    stop.set()
+    for t in threads:
+        t.join(guard)
+    print(json.dumps({"reopened": reopened[0]}), flush=True)
+    return 0
+
+
+def dead_peer(port: int) -> int:
+    """Accepts TCP connections and never answers; each stdin line gets
+    {"open": connections open now, "most": most open at once, "total": accepted}."""
+    srv = socket.create_server(("0.0.0.0", port), backlog=256)
+    state = {"open": 0, "most": 0, "total": 0}
+    lock = threading.Lock()
+
+    def hold(conn: socket.socket) -> None:
+        try:
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+        conn.close()
+        with lock:
+            state["open"] -= 1
+
+    def accept() -> None:
+        while True:
+            conn, _ = srv.accept()
+            with lock:
+                state["open"] += 1
+                state["total"] += 1
+                state["most"] = max(state["most"], state["open"])
+            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    print("READY", flush=True)
+    for _line in sys.stdin:
+        with lock:
+            print(json.dumps(state), flush=True)
+    return 0
+
+
 def echo_loop(port: int, tag: str, count_file: str, host: str) -> None:
     """Echo every line (with ``tag``) until the client closes; counts connections."""
     srv = socket.create_server((host, port), backlog=256)
@@ -818,6 +910,14 @@ def _extra_main(argv) -> int:
     el.add_argument("--tag", default="")
     el.add_argument("--count-file", default="")
     el.add_argument("--host", default="0.0.0.0")
+    rf = sub.add_parser("reflood")
+    rf.add_argument("host")
+    rf.add_argument("port", type=int)
+    rf.add_argument("n", type=int)
+    rf.add_argument("--source", default="")
+    rf.add_argument("--guard", type=float, default=60)
+    dp = sub.add_parser("deadpeer")
+    dp.add_argument("port", type=int)
     ld = sub.add_parser("echoload")
     ld.add_argument("host")
     ld.add_argument("ports", help="PORT[,PORT...]: connections go round-robin over them")
@@ -837,6 +937,10 @@ def _extra_main(argv) -> int:
         return peer_slow(a.host, a.port, modes, a.guard, a.interval)
     if a.cmd == "flood":
         return flood(a.host, a.port, a.n, a.guard)
+    if a.cmd == "reflood":
+        return reflood(a.host, a.port, a.n, a.source, a.guard)
+    if a.cmd == "deadpeer":
+        return dead_peer(a.port)
     if a.cmd == "echoloop":
         echo_loop(a.port, a.tag, a.count_file, a.host)
         return 0
@@ -844,7 +948,8 @@ def _extra_main(argv) -> int:
                      a.hold, a.churn, a.timeout)
 
 
-EXTRA_COMMANDS = ("dbusbatch", "peerhttp", "peerslow", "flood", "echoloop", "echoload")
+EXTRA_COMMANDS = ("dbusbatch", "peerhttp", "peerslow", "flood", "echoloop", "echoload",
+                  "reflood", "deadpeer")
 
 
 if __name__ == "__main__":

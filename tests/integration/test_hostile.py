@@ -62,7 +62,7 @@ PROPS_IFACE = "org.freedesktop.DBus.Properties"
 ERR = "org.scistream.Tunnel1.Error."
 NAMED_ERRORS = {ERR + n for n in ("InvalidArgument", "NotFound", "AlreadyExists",
                                   "PortsExhausted", "PeerUnreachable", "PeerRejected",
-                                  "RelayFailed", "AccessDenied")}
+                                  "RelayFailed", "AccessDenied", "WrongListener")}
 BUS_ERR = "org.freedesktop.DBus.Error."
 UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                        r"[0-9a-fA-F]{12}")

@@ -43,7 +43,7 @@ HOST_CERT = ("--cert", "/etc/scistream/server.crt", "--key", "/etc/scistream/ser
 #: Test certificates live in the host's private /run (gone with the host).
 CERT_DIR = "/run/sectest-peer"
 LAB_DROPIN = "/etc/scistream/conf.d/50-sectest-lab.toml"
-#: journald MESSAGE_ID of a refused claim (scistreamd.peer.MSG_PEER_REFUSED).
+#: journald MESSAGE_ID of a refused claim (scistreamd.peerwire.MSG_PEER_REFUSED).
 MSG_REFUSED = "5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75"
 
 

@@ -354,10 +354,10 @@ def test_claim_once_rearm_and_listener_check(clean, s1, s2, apps):
     # A claim naming a listener the endpoint does not have: refused, claim not used up.
     wrong = [f"{S1_IP}:5101"]
     r = outbound(s2, uid, wrong, "--receiver_ports", "5100")
-    assert r.returncode == 7, (r.returncode, r.stderr)
+    assert r.returncode == 11, (r.returncode, r.stderr)  # WrongListener: nothing was claimed
     assert "not a listener" in r.stderr
     raw = dbus(s2, "OutboundRequest", "sasaqua{sv}", [uid, wrong, [5100], 1, {}])
-    assert raw.get("error") == ERR + "PeerRejected", raw
+    assert raw.get("error") == ERR + "WrongListener", raw
     assert claimed_by(s1, uid) == ""
     assert residue(s2) == []
 

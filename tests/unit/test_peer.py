@@ -8,6 +8,7 @@ handler object (the documented injection point) plays the manager.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import http.client
 import ipaddress
@@ -40,15 +41,9 @@ from scistreamd.errors import (
     ScistreamError,
 )
 from scistreamd.model import HostPort, PeerIdentity
-from scistreamd.peer import (
-    MSG_PEER_REFUSED,
-    THREAD_PREFIX,
-    PeerEndpoint,
-    PeerServer,
-    claim_endpoint,
-    endpoint_state,
-    health,
-)
+from scistreamd.peerclient import claim_endpoint, endpoint_state, health
+from scistreamd.peerserver import PeerServer
+from scistreamd.peerwire import MSG_PEER_REFUSED, PeerEndpoint
 
 LOCAL = ipaddress.ip_address("127.0.0.1")
 UID = "bd9f1a7e-04d7-41f0-b44c-946dae415862"
@@ -271,7 +266,7 @@ def make_server(
     ) -> PeerServer:
         pair = pair or pki.server
         srv = PeerServer(
-            ipaddress.ip_address(host), 0, pair.cert, pair.key, client_ca, gateway, loop,
+            ipaddress.ip_address(host), 0, pair.cert, pair.key, client_ca, gateway,
             require_client_cert=require_client_cert, **kw,
         )
         on_loop(loop, srv.start())
@@ -320,7 +315,8 @@ def claim(srv: PeerServer, pki: PKI, uid: str = UID, **kw: Any) -> PeerEndpoint:
 
 
 def peer_threads() -> List[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+    """Threads of the peer port's server: there are none (it runs on the event loop)."""
+    return [t for t in threading.enumerate() if t.name.startswith("scistreamd-peer")]
 
 
 # ---------------------------------------------------------------------------
@@ -908,16 +904,17 @@ def test_stop_leaves_no_thread_and_closes_port(
     pki: PKI, loop: asyncio.AbstractEventLoop, gateway: Gateway
 ) -> None:
     before = set(threading.enumerate())
-    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, None, gateway, loop,
+    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, None, gateway,
                      require_client_cert=False)
     on_loop(loop, srv.start())
     port = srv.address.port
     claim(srv, pki)
-    # A connection still open at stop time must not keep a thread behind.
+    # A connection still open at stop time is cut; the server never had a thread.
     idle = socket.create_connection(("127.0.0.1", port))
     try:
-        assert peer_threads()
+        assert peer_threads() == []
         on_loop(loop, srv.stop())
+        assert _closed_by_server(idle)
         assert peer_threads() == []
         assert set(threading.enumerate()) - before == set()
         with pytest.raises(PeerUnreachable):
@@ -932,8 +929,7 @@ def test_async_context_manager(pki: PKI, loop: asyncio.AbstractEventLoop, gatewa
 
     async def main() -> None:
         async with PeerServer(
-            LOCAL, 0, pki.server.cert, pki.server.key, None, gateway, asyncio.get_running_loop(),
-            require_client_cert=False,
+            LOCAL, 0, pki.server.cert, pki.server.key, None, gateway, require_client_cert=False,
         ) as srv:
             # The blocking client runs off the loop, as the daemon does it.
             ep = await asyncio.get_running_loop().run_in_executor(
@@ -953,7 +949,7 @@ def test_port_in_use_is_a_clear_error(
 ) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        srv = PeerServer(LOCAL, port, pki.server.cert, pki.server.key, None, gateway, loop,
+        srv = PeerServer(LOCAL, port, pki.server.cert, pki.server.key, None, gateway,
                          require_client_cert=False)
         with pytest.raises(ScistreamError, match=f"127.0.0.1:{port}.*in use.*peer_port"):
             on_loop(loop, srv.start())
@@ -964,18 +960,18 @@ def test_unreadable_tls_material_is_config_error(
     pki: PKI, loop: asyncio.AbstractEventLoop, gateway: Gateway, tmp_path: Path
 ) -> None:
     missing = tmp_path / "nope.crt"
-    srv = PeerServer(LOCAL, 0, missing, pki.server.key, None, gateway, loop,
+    srv = PeerServer(LOCAL, 0, missing, pki.server.key, None, gateway,
                      require_client_cert=True)
     with pytest.raises(ConfigError, match="nope.crt"):
         on_loop(loop, srv.start())
     # Certificate and key that do not belong together.
-    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.client.key, None, gateway, loop,
+    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.client.key, None, gateway,
                      require_client_cert=True)
     with pytest.raises(ConfigError, match="key"):
         on_loop(loop, srv.start())
     garbage = tmp_path / "ca.pem"
     garbage.write_text("not a CA\n")
-    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, garbage, gateway, loop,
+    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, garbage, gateway,
                      require_client_cert=True)
     with pytest.raises(ConfigError, match="ca.pem"):
         on_loop(loop, srv.start())
@@ -1013,7 +1009,7 @@ def test_self_signed_host_certificates_authenticate_each_other(
         d.mkdir()
         certs.generate_host_cert_files(d / "server.crt", d / "server.key", d.name, [LOCAL])
     srv = PeerServer(LOCAL, 0, a / "server.crt", a / "server.key", b / "server.crt", gateway,
-                     loop, require_client_cert=True)
+                     require_client_cert=True)
     on_loop(loop, srv.start())
     try:
         ep = claim_endpoint(srv.address, UID, trust_file=a / "server.crt",
@@ -1028,3 +1024,142 @@ def test_self_signed_host_certificates_authenticate_each_other(
                            timeout=GUARD)
     finally:
         on_loop(loop, srv.stop())
+
+
+# ---------------------------------------------------------------------------
+# the error name decides the class; connection shares; concurrent claims
+
+
+class NamedGateway(Gateway):
+    async def claim(self, uid: str, claimant: PeerIdentity, listeners: Any = ()) -> Dict[str, Any]:
+        from scistreamd.manager import _require_listeners
+
+        _require_listeners(uid, listeners, [HostPort(ipaddress.ip_address("192.168.150.1"),
+                                                     5100)])
+        return await super().claim(uid, claimant, listeners)
+
+
+def test_wrong_listener_keeps_its_name_and_message(pki: PKI, loop: Any) -> None:
+    from scistreamd.errors import WrongListener
+
+    gw = NamedGateway()
+    srv = PeerServer(LOCAL, 0, pki.server.cert, pki.server.key, None, gw,
+                     require_client_cert=False)
+    on_loop(loop, srv.start())
+    try:
+        wrong = HostPort(ipaddress.ip_address("192.168.150.1"), 5999)
+        with pytest.raises(WrongListener, match="5999 is not a listener.*nothing was claimed") \
+                as err:
+            claim(srv, pki, listeners=[wrong])
+        assert "already claimed" not in str(err.value)
+        assert not gw.claims
+        right = HostPort(ipaddress.ip_address("192.168.150.1"), 5100)
+        assert claim(srv, pki, listeners=[right]).psk == PSK
+    finally:
+        on_loop(loop, srv.stop())
+
+
+@pytest.mark.parametrize("name, status, cls", [
+    ("NotFound", 409, NotFound), ("WrongListener", 404, "WrongListener"),
+    ("PeerRejected", 404, PeerRejected), ("AccessDenied", 400, AccessDenied),
+    ("InvalidArgument", 403, InvalidArgument), ("Busy", 500, PeerUnreachable),
+])
+def test_client_class_follows_the_error_name_not_the_status(
+    pki: PKI, name: str, status: int, cls: Any
+) -> None:
+    from scistreamd import errors
+
+    cls = getattr(errors, cls) if isinstance(cls, str) else cls
+    body = json.dumps({"error": name, "message": "the fix"}).encode()
+    srv = RawTLSServer(pki, _http(f"{status} X", body))
+    try:
+        with pytest.raises(cls, match="the fix") as err:
+            claim_endpoint(HostPort(LOCAL, srv.port), UID, trust_file=pki.ca, timeout=GUARD)
+        assert type(err.value) is cls
+    finally:
+        srv.close()
+
+
+def test_one_source_cannot_take_every_connection(make_server: Any, pki: PKI) -> None:
+    # 127.0.0.2 fills its share with connections that never start TLS; 127.0.0.1 is served.
+    srv = make_server(max_per_source=3, max_connections=8)
+    hogs = []
+    try:
+        for _ in range(6):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", srv.address.port))
+            hogs.append(s)
+        # Beyond its share, the server closes the source's connections at once.
+        assert sum(1 for s in hogs[3:] if _closed_by_server(s)) == 3
+        assert claim(srv, pki).uid == UID
+        assert health(srv.address, trust_file=pki.ca, timeout=GUARD)["status"] == "ok"
+    finally:
+        for s in hogs:
+            s.close()
+
+
+def test_handshake_deadline_is_short_by_default(make_server: Any, pki: PKI) -> None:
+    srv = make_server(timeout=30.0)
+    assert srv._handshake_timeout <= 3.0
+    with socket.create_connection(("127.0.0.1", srv.address.port)) as s:
+        s.settimeout(GUARD)  # guard only: the server closes it after the handshake deadline
+        assert _closed_by_server(s)
+
+
+class DeadPeer:
+    """Accepts TCP connections and never answers; counts those open at once."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.open = 0
+        self.most = 0
+        self.lock = threading.Lock()
+        self.conns: List[socket.socket] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(conn)
+                self.open += 1
+                self.most = max(self.most, self.open)
+            threading.Thread(target=self._wait, args=(conn,), daemon=True).start()
+
+    def _wait(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(4096):
+                pass
+        with self.lock:
+            self.open -= 1
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_concurrent_claims_do_not_wait_for_each_other(pki: PKI) -> None:
+    from scistreamd.peerclient import PeerClient
+
+    dead = DeadPeer()
+    client = PeerClient(trust_file=pki.ca, timeout=5.0)
+
+    async def main() -> List[Any]:
+        peer = HostPort(LOCAL, dead.port)
+        return await asyncio.gather(*(client.claim_async(peer, UID) for _ in range(30)),
+                                    return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+        assert all(isinstance(r, PeerUnreachable) for r in results), results
+        # All 30 were at the dead peer at once: none queued behind another.
+        assert dead.most == 30
+    finally:
+        client.close()
+        dead.close()
