@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import grp
 import logging
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -42,6 +45,7 @@ from .model import (
     Role,
     State,
     new_uid,
+    parse_claimant_ip,
     parse_hostport,
     parse_hostport_list,
     parse_ip,
@@ -49,10 +53,11 @@ from .model import (
     parse_options,
     parse_port_list,
     parse_uid,
+    socket_unit_name,
 )
 from .ports import PortAllocator
 from .relay import new_psk, relay_file_path, render_psk_file, render_stunnel_config
-from .relay_unit import relay_unit_properties
+from .relay_unit import allow_property, relay_socket_properties, relay_unit_properties
 from .store import PSK_FILE, KeyStore, StateStore, parse_name
 from .systemd import ABSENT, Systemd, SystemdError, UnitStatus, unit_object_path
 
@@ -66,6 +71,8 @@ MSG_CLAIM = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a74")
 
 MAX_TRUST_PEM = 1024 * 1024
 RELAY_PATTERN = "scistream-*-*.service"
+#: The relays' socket units (same names as their services, .socket).
+SOCKET_PATTERN = socket_unit_name(RELAY_PATTERN)
 
 
 def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> None:
@@ -115,6 +122,25 @@ def _listening(listeners: Iterable[HostPort]) -> bool:
     return all(w in found for w in wanted)
 
 
+def _taken(listeners: Iterable[HostPort]) -> List[HostPort]:
+    """The listeners some other socket holds now (after a socket unit failed to bind).
+
+    A bind probe as systemd binds (SO_REUSEADDR): only a socket that really
+    occupies the address makes it fail, and the probe is closed at once.
+    """
+    taken = []
+    for hp in listeners:
+        family = socket.AF_INET6 if hp.host.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((str(hp.host), hp.port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    taken.append(hp)
+    return taken
+
+
 class Manager:
     def __init__(self, cfg: Config, systemd: Systemd, *,
                  listener: Optional[EndpointListener] = None) -> None:
@@ -130,6 +156,9 @@ class Manager:
         self._refreshing: Dict[Tuple[str, Role], asyncio.Task] = {}
         #: Endpoints whose relay is being restarted on purpose (re-arm).
         self._restarting: Set[Tuple[str, Role]] = set()
+        #: Endpoints whose listeners a .socket unit holds (the others: relays
+        #: adopted from a version without socket units, or relay_socket_activation off).
+        self._sockets: Set[Tuple[str, Role]] = set()
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers
@@ -148,6 +177,7 @@ class Manager:
         if self.endpoints.pop(ep.key, None) is not None:
             self.listener.endpoint_removed(ep)
         self._by_unit_path.pop(unit_object_path(ep.unit), None)
+        self._sockets.discard(ep.key)
         if not any(k[0] == ep.uid for k in self.endpoints):
             self._uid_locks.pop(ep.uid, None)
 
@@ -287,12 +317,25 @@ class Manager:
         return self.keys.write(ep.uid, ep.role, render_psk_file(ep.uid, psk), conf)
 
     async def _start_unit(self, ep: Endpoint) -> None:
+        """Create and start the relay (and its socket unit); raise RelayFailed if it did not.
+
+        With socket activation one call creates both units and starts the
+        relay, which Requires= its socket: systemd binds the listeners first
+        and the job fails at once if a port is taken. When the job is done the
+        listeners are bound and the relay runs; connections that arrive before
+        stunnel accepts wait in the socket's backlog, so nothing polls for them.
+        """
         props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.uid, ep.role))
+        sock = self.cfg.relay_socket_activation
+        aux = [(ep.socket_unit, relay_socket_properties(ep, self.cfg))] if sock else []
         # A failed unit of the same name (an earlier crash) would block the start.
         await self.systemd.reset_failed(ep.unit)
+        if sock:
+            await self.systemd.reset_failed(ep.socket_unit)
+            self._sockets.add(ep.key)
         t0 = time.monotonic()
         try:
-            result = await self.systemd.start_transient(ep.unit, props,
+            result = await self.systemd.start_transient(ep.unit, props, aux=aux,
                                                         timeout=self.cfg.relay_start_timeout)
         except SystemdError as e:
             raise RelayFailed(f"systemd refused to start {ep.unit}: {e.message}") from e
@@ -300,12 +343,30 @@ class Manager:
             raise RelayFailed(f"{ep.unit} did not start within "
                               f"{self.cfg.relay_start_timeout:g}s") from e
         if result != "done":
+            if sock:
+                await self._raise_bind_failure(ep, result)
             raise RelayFailed(f"{ep.unit} failed to start (job {result}): "
                               f"see 'scistreamctl logs {ep.uid}'")
         t1 = time.monotonic()
-        await self._wait_listening(ep)
+        if not sock:
+            await self._wait_listening(ep)
         logger.debug("%s: started in %.1f ms, listening %.1f ms later", ep.unit,
                      (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+
+    async def _raise_bind_failure(self, ep: Endpoint, result: str) -> None:
+        """Name why the socket unit did not start: usually a listener port someone holds."""
+        sock_result = await self.systemd.socket_result(ep.socket_unit)
+        taken = await asyncio.to_thread(_taken, ep.listeners)
+        if taken:
+            raise RelayFailed(
+                f"listener {', '.join(map(str, taken))} of tunnel {ep.uid} is in use by another "
+                "process on this host (address already in use): stop that process, or "
+                "take the port out of port_range, and request the tunnel again")
+        if sock_result and sock_result != "success":
+            raise RelayFailed(
+                f"systemd could not open the listeners {', '.join(map(str, ep.listeners))} of "
+                f"tunnel {ep.uid} ({ep.socket_unit}: {sock_result}): see 'journalctl -u "
+                f"{ep.socket_unit}'")
 
     async def _wait_listening(self, ep: Endpoint) -> None:
         deadline = time.monotonic() + self.cfg.relay_start_timeout
@@ -330,19 +391,31 @@ class Manager:
             delay = min(delay * 1.5, 0.01)
 
     async def _teardown(self, ep: Endpoint) -> None:
-        """Stop the unit, remove keys and state, free ports, drop the object. Idempotent."""
-        try:
-            await self.systemd.stop(ep.unit)
-        except Exception as e:  # keep going: everything else must still be returned
-            logger.error("stopping %s failed: %s", ep.unit, e)
-        try:
-            await self.systemd.reset_failed(ep.unit)
-        except Exception as e:
-            logger.debug("reset-failed of %s: %s", ep.unit, e)
+        """Stop the units, remove keys and state, free ports, drop the object. Idempotent."""
+        await self._stop_units(ep)
         self.keys.remove(ep.uid, ep.role)
         self.store.delete(ep.uid, ep.role)
         self.ports.release(h.port for h in ep.listeners)
         self._untrack(ep)
+
+    async def _stop_units(self, ep: Endpoint) -> None:
+        """Stop the relay's socket (which stops the relay: it Requires= it), then the relay
+        (a relay without socket unit, or one still stopping), and forget both.
+
+        Socket first: a stopped relay whose socket still listened would be
+        started again by the next connection. Every unit is tried whatever
+        happened to the one before: nothing may be left behind.
+        """
+        for unit in (ep.socket_unit, ep.unit):
+            try:
+                await self.systemd.stop(unit)
+            except Exception as e:  # keep going: everything else must still be returned
+                logger.error("stopping %s failed: %s", unit, e)
+        for unit in (ep.socket_unit, ep.unit):
+            try:
+                await self.systemd.reset_failed(unit)
+            except Exception as e:
+                logger.debug("reset-failed of %s: %s", unit, e)
 
     # ------------------------------------------------------------- release
     async def release(self, uid: object, role: Optional[Role] = None) -> List[Endpoint]:
@@ -387,10 +460,28 @@ class Manager:
             if ep.state is not State.ACTIVE:
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
             psk = self.keys.read_psk(uid, Role.INBOUND)
-            self._set(ep, claimed_by=claimant[:200], claimed_at=time.time())
+            ip = parse_claimant_ip(claimant)
+            await self._allow_only(ep, ip)
+            self._set(ep, claimed_by=claimant[:200], claimed_at=time.time(), claimant_ip=ip)
             _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
             return {"uid": uid, "listeners": [str(h) for h in ep.listeners], "psk": psk,
                     "cipher_suites": self.cfg.relay_ciphersuites}
+
+    async def _allow_only(self, ep: Endpoint, claimant_ip: Any) -> None:
+        """Make the listeners of ``ep`` accept TCP from ``claimant_ip`` only (None: from
+        nobody), before the key leaves; a claim that cannot be enforced is refused
+        and consumes nothing."""
+        if ep.key not in self._sockets:
+            logger.warning("%s has no socket unit (created by an earlier version): its "
+                           "listeners stay open to any address until it is re-armed", ep.unit)
+            return
+        want = dataclasses.replace(ep, claimant_ip=claimant_ip)
+        try:
+            await self.systemd.set_properties(ep.socket_unit, [allow_property(want, self.cfg)])
+        except SystemdError as e:
+            raise PeerRejected(
+                f"the inbound side could not restrict tunnel {ep.uid} to the claimant's address "
+                f"({e.name}); nothing was claimed: try again or ask its operator") from e
 
     async def endpoint_state(self, uid: str) -> Dict[str, Any]:
         """For the peer's liveness check: does the inbound half still exist? No secrets."""
@@ -441,23 +532,44 @@ class Manager:
             # report that as a failure (see _refresh).
             self._restarting.add(ep.key)
             try:
-                # Stop and start a fresh transient unit rather than RestartUnit: the
-                # new unit has this version's properties even if the old one came
-                # from an earlier version (whose relay read its key elsewhere).
-                # _start_unit also resets the failed state, so quick re-arms never
-                # hit the unit's start rate limit.
-                await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
-                await self._start_unit(ep)
+                if await self._socket_listening(ep):
+                    # The socket keeps the ports bound while the relay restarts
+                    # with the new key (no window for another process to take
+                    # them); its allow list goes back to nobody until the next claim.
+                    await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
+                    await self._allow_only(ep, None)
+                    await self.systemd.reset_failed(ep.unit)
+                    result = await self.systemd.start(ep.unit,
+                                                      timeout=self.cfg.relay_start_timeout)
+                    if result != "done":
+                        raise RelayFailed(f"{ep.unit} failed to restart (job {result}): "
+                                          f"see 'scistreamctl logs {ep.uid}'")
+                else:
+                    # No socket unit (a relay of an earlier version) or a failed one:
+                    # stop everything and start a fresh pair rather than RestartUnit,
+                    # so the units have this version's properties. _start_unit also
+                    # resets the failed state, so quick re-arms never hit the start
+                    # rate limit.
+                    self._set(ep, claimant_ip=None)
+                    await self._stop_units(ep)
+                    await self._start_unit(ep)
             except (SystemdError, asyncio.TimeoutError) as e:
                 raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
             finally:
                 self._restarting.discard(ep.key)
                 # Whatever the outcome, the monitor now reports what the relay really is.
                 self._on_unit_change(unit_object_path(ep.unit))
-            self._set(ep, claimed_by="", claimed_at=0.0, state=State.ACTIVE, detail="")
+            self._set(ep, claimed_by="", claimed_at=0.0, claimant_ip=None, state=State.ACTIVE,
+                      detail="")
             _log(logging.INFO, MSG_REQUEST, ep, "inbound endpoint %s re-armed with a new key",
                  ep.uid)
             return ep
+
+    async def _socket_listening(self, ep: Endpoint) -> bool:
+        if ep.key not in self._sockets:
+            return False
+        _load, active, _sub = await self.systemd.unit_state(ep.socket_unit)
+        return active == "active"
 
     # ------------------------------------------------------ unit monitoring
     def _on_unit_change(self, path: str) -> None:
@@ -540,11 +652,11 @@ class Manager:
         # One ListUnitsByPatterns gives every relay's state; per relay only its
         # NRestarts is asked (below, concurrently): re-adoption stays fast at N=1000.
         units = {name: (active, sub) for name, active, sub
-                 in await self.systemd.list_units([RELAY_PATTERN])}
+                 in await self.systemd.list_units([RELAY_PATTERN, SOCKET_PATTERN])}
         known_units = set()
         adopted: List[Endpoint] = []
         for ep in eps:
-            known_units.add(ep.unit)
+            known_units.update((ep.unit, ep.socket_unit))
             running = units.get(ep.unit, ("inactive", ""))[0] in ("active", "activating",
                                                                    "reloading")
             if ep.state in (State.STARTING, State.RELEASING):
@@ -555,13 +667,17 @@ class Manager:
             self.ports.adopt(h.port for h in ep.listeners)
             self._track(ep)
             if running:
+                # A relay of an earlier version has no socket unit: adopted as it
+                # is (it keeps its connections); a re-arm gives it one.
+                if ep.socket_unit in units:
+                    self._sockets.add(ep.key)
                 adopted.append(ep)
                 continue
             if ep.state is State.FAILED:
                 continue
             try:
                 logger.info("recreating relay %s from persisted state", ep.unit)
-                await self.systemd.stop(ep.unit)
+                await self._stop_units(ep)
                 # Rendered afresh: the config follows this version's layout
                 # (e.g. a key directory written by 0.1.0).
                 self._write_keys(ep, self.keys.read_psk(ep.uid, ep.role))
@@ -576,7 +692,13 @@ class Manager:
             active, sub = units[ep.unit]
             self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit], 0))
         for name in units:
-            if name not in known_units:
+            if name not in known_units and name.endswith(".socket"):
+                # Its service (if any) is stopped with it (Requires=) and below.
+                logger.warning("stopping orphan relay socket %s (no state for it)", name)
+                await self.systemd.stop(name)
+                await self.systemd.reset_failed(name)
+        for name in units:
+            if name not in known_units and not name.endswith(".socket"):
                 logger.warning("stopping orphan relay %s (no state for it)", name)
                 await self.systemd.stop(name)
                 await self.systemd.reset_failed(name)
