@@ -615,15 +615,17 @@ class Manager:
         else:
             why = ("the relay unit is gone" if st.active_state == ABSENT else
                    f"relay {st.active_state} ({st.result or st.sub_state})")
-            if ep.state is not State.FAILED:
-                _log(logging.ERROR, MSG_FAILURE, ep, "%s endpoint %s failed: %s",
-                     ep.role.value, ep.uid, why)
-            first = ep.state is not State.FAILED
+            if ep.state is State.FAILED:
+                # The first reason stays: it is the one that says what went wrong
+                # (e.g. a recreated relay's port taken), not "the unit is gone".
+                self._set(ep, n_restarts=st.n_restarts)
+                return
+            _log(logging.ERROR, MSG_FAILURE, ep, "%s endpoint %s failed: %s",
+                 ep.role.value, ep.uid, why)
             self._set(ep, state=State.FAILED,
                       detail=f"{why}; see 'scistreamctl logs {ep.uid}', then release it",
                       n_restarts=st.n_restarts)
-            if first:
-                asyncio.ensure_future(self._add_failure_reason(ep, why))
+            asyncio.ensure_future(self._add_failure_reason(ep, why))
 
     async def _add_failure_reason(self, ep: Endpoint, why: str) -> None:
         """Append the relay's own last error to StateDetail (e.g. "Address already in use")."""
@@ -675,6 +677,8 @@ class Manager:
                 continue
             if ep.state is State.FAILED:
                 continue
+            # The units stop and start on purpose: not a failure for the monitor.
+            self._restarting.add(ep.key)
             try:
                 logger.info("recreating relay %s from persisted state", ep.unit)
                 await self._stop_units(ep)
@@ -687,6 +691,8 @@ class Manager:
                 _log(logging.ERROR, MSG_FAILURE, ep, "recreating %s failed: %s", ep.unit, e)
                 self._set(ep, state=State.FAILED,
                           detail=f"could not recreate the relay at start-up: {e}")
+            finally:
+                self._restarting.discard(ep.key)
         restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
         for ep in adopted:
             active, sub = units[ep.unit]

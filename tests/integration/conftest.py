@@ -81,7 +81,7 @@ def residue(host) -> list:
     """Everything an endpoint could leave on a host: units, keys, state, listening ports."""
     found = []
     units = host.run(["systemctl", "list-units", "--all", "--no-legend", "--plain",
-                      "scistream-*.service"], check=False).stdout.split()
+                      "scistream-*.service", "scistream-*.socket"], check=False).stdout.split()
     found += [u for u in units if u.startswith("scistream-")]
     for d in (KEY_DIR, STATE_DIR):
         ls = host.run(["ls", "-A", d], check=False).stdout.split()
