@@ -472,8 +472,9 @@ class Manager:
         nobody), before the key leaves; a claim that cannot be enforced is refused
         and consumes nothing."""
         if ep.key not in self._sockets:
-            logger.warning("%s has no socket unit (created by an earlier version): its "
-                           "listeners stay open to any address until it is re-armed", ep.unit)
+            logger.warning("%s has no socket unit (relay_socket_activation is off, or an "
+                           "earlier version made it): its listeners accept any address",
+                           ep.unit)
             return
         want = dataclasses.replace(ep, claimant_ip=claimant_ip)
         try:

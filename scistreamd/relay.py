@@ -216,6 +216,31 @@ def nofile_for_connections(max_connections: int) -> int:
     return -(-max_connections * 256 // 125)  # ceiling
 
 
+#: Descriptors a relay holds besides two per connection and one per listener: stdin,
+#: stdout, stderr, stunnel's signal and terminate pipes (7), and a margin.
+STUNNEL_BASE_FDS = 16
+
+
+def relay_nofile(max_connections: int, listeners: int, fit: int) -> int:
+    """LimitNOFILE= of a relay with ``listeners`` listeners: stunnel's cap is
+    ``max_connections``, raised where needed (never past ``fit``, what the relay's
+    memory and task caps allow) so that descriptors last until the cap.
+
+    stunnel's formula leaves nofile*6/256 descriptors beyond two per client. When that
+    is less than the relay needs besides (STUNNEL_BASE_FDS + listeners), accept()
+    fails with EMFILE before the cap: stunnel then pauses accepting and new
+    connections wait in the backlog instead of being closed at once. Found on the test
+    bed with a cap of 32 (70 descriptors): the cap needs headroom, so small caps and
+    relays with many listeners get a higher one, up to ``fit``.
+    """
+    want = nofile_for_connections(max_connections)
+    need = STUNNEL_BASE_FDS + listeners
+    enough = max(256, -(-need * 256 // 6))
+    if stunnel_max_clients(want) * 2 + need <= want or fit <= max_connections:
+        return want
+    return max(want, min(enough, nofile_for_connections(max(fit, 5))))
+
+
 def stunnel_max_clients(nofile: int) -> int:
     """stunnel 5.68's client cap for a descriptor limit (nofile_for_connections inverts it)."""
     nofile = max(nofile, 16)

@@ -38,13 +38,13 @@ from typing import Any, List, Tuple
 from dbus_next import Variant
 
 from . import RELAY_GROUP, SLICE
-from .config import RELAY_SCHEDULING, Config
+from .config import RELAY_SCHEDULING, Config, relay_connection_fit
 from .model import Endpoint, IPNetwork
 from .relay import (
     RELAY_KEY_DIR,
     listener_allow_networks,
-    nofile_for_connections,
     relay_file_path,
+    relay_nofile,
     stunnel_command,
 )
 from .store import CONF_FILE
@@ -59,7 +59,8 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List
     """
     argv = stunnel_command(cfg.stunnel, relay_file_path(CONF_FILE))
     # stunnel derives its connection cap from the descriptor limit (relay.py).
-    nofile = nofile_for_connections(cfg.relay_max_connections)
+    nofile = relay_nofile(cfg.relay_max_connections, len(ep.listeners),
+                          relay_connection_fit(cfg.relay_memory_max, cfg.relay_tasks_max))
     props: List[Tuple[str, Variant]] = [
         ("Description", Variant("s", f"SciStream {ep.role.value} relay {ep.uid}")),
         ("Slice", Variant("s", SLICE)),

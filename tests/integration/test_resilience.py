@@ -43,6 +43,7 @@ pytestmark = pytest.mark.testbed
 
 MiB = 1 << 20
 SERVICE = "scistreamd.service"
+STUNNEL_BINDS = "/etc/scistream/conf.d/60-stunnel-binds.toml"
 
 #: A paced sender that runs until told to stop, so a test controls how long
 #: the transfer lasts instead of guessing: it sends random bytes at RATE
@@ -139,6 +140,11 @@ def unit_props(host, unit: str, *props: str) -> Dict[str, str]:
 
 def relay_unit(uid: str, role: str) -> str:
     return f"scistream-{role}-{uid}.service"
+
+
+def relay_socket(uid: str, role: str) -> str:
+    """The socket unit holding the relay's listeners: the relay's name, suffix .socket."""
+    return relay_unit(uid, role)[: -len(".service")] + ".socket"
 
 
 def relay_pid(host, uid: str, role: str) -> int:
@@ -317,7 +323,8 @@ def test_state_without_unit_is_recreated_from_persisted_key(s1, s2, apps, restor
         s1.run(["systemctl", "stop", SERVICE, "scistream.slice"])
     else:
         s1.run(["systemctl", "stop", SERVICE])
-        s1.run(["systemctl", "stop", relay_unit(uid, "inbound")])
+        # The relay is its service and the socket unit holding its listeners.
+        s1.run(["systemctl", "stop", relay_socket(uid, "inbound"), relay_unit(uid, "inbound")])
     if how == "from-0.1.0-layout":
         unit = relay_unit(uid, "inbound")
         s1.run(["sh", "-c", f"chown -R root:root {d} && chmod 0700 {d} && "
@@ -510,11 +517,25 @@ def test_killed_relay_is_restarted_and_counted(s1, s2, apps, restore):
     assert residue(s1) == [] and residue(s2) == []
 
 
-def test_relay_that_cannot_start_ends_failed_with_reason(s1, apps, restore):
-    """A relay whose port was taken meanwhile fails on every restart until
-    systemd's start limit: the endpoint turns ``failed`` with a reason in
-    `scistreamctl status` (the port conflict is in `scistreamctl logs`);
-    release then leaves nothing."""
+@pytest.fixture
+def stunnel_binds(s1):
+    """relay_socket_activation = false on server1: stunnel binds its own listeners (the
+    fallback for a stunnel without systemd support), so a port is free while a relay restarts.
+    With socket units nobody can take it (test_security_relay.py)."""
+    s1.run(["sh", "-c", f"printf 'relay_socket_activation = false\\n' > {STUNNEL_BINDS}"])
+    s1.run(["systemctl", "restart", SERVICE])
+    try:
+        yield s1
+    finally:
+        s1.run(["rm", "-f", STUNNEL_BINDS])
+        s1.run(["systemctl", "restart", SERVICE])
+
+
+def test_relay_that_cannot_start_ends_failed_with_reason(s1, apps, restore, stunnel_binds):
+    """Without socket units (relay_socket_activation = false), a relay whose port was
+    taken meanwhile fails on every restart until systemd's start limit: the endpoint
+    turns ``failed`` with a reason in `scistreamctl status` (the port conflict is in
+    `scistreamctl logs`); release then leaves nothing."""
     req = inbound(s1, 5331)
     uid, l1 = req["uid"], req["listeners"][0]
     ip, port = l1.rsplit(":", 1)

@@ -184,6 +184,27 @@ def test_unclaimed_inbound_listener_accepts_nobody(fresh, s1, s2, apps):
     assert show(s1, service, "ActiveState")["ActiveState"] == "active"
 
 
+def test_access_lists_survive_daemon_reload_and_recreation(fresh, s1, s2, apps):
+    """The claimant's address stays the only one allowed after `systemctl daemon-reload`
+    (transient units are re-read from their files) and after the relay is recreated from
+    persisted state (both units stopped while the daemon was down)."""
+    with tunnel(s1, s2, apps) as (uid, ins, outs, _):
+        port = port_of(ins[0])
+        service, sock = units(s1, uid, "inbound")
+        s1.run(["systemctl", "daemon-reload"])
+        assert show(s1, sock, "IPAddressAllow")["IPAddressAllow"] == f"{S2_IP}/32"
+        assert probe(s1, S1_IP, port) == "timeout"
+        assert echo(s2, S2_IP, port_of(outs[0]), "reloaded") == "reloaded"
+        s1.run(["systemctl", "stop", "scistreamd"])
+        s1.run(["systemctl", "stop", sock, service])
+        s1.run(["systemctl", "start", "scistreamd"])
+        wait_until(lambda: show(s1, sock, "ActiveState")["ActiveState"] == "active", 30,
+                   "the relay to be recreated")
+        assert show(s1, sock, "IPAddressAllow")["IPAddressAllow"] == f"{S2_IP}/32"
+        assert probe(s1, S1_IP, port) == "timeout"
+        assert echo(s2, S2_IP, port_of(outs[0]), "recreated") == "recreated"
+
+
 def test_flood_from_other_addresses_gets_nothing_through(fresh, s1, s2, apps):
     """Once claimed by server2, another address of server2 and server1 itself get no
     connection to the inbound listener, however many they try; the tunnel goes on."""

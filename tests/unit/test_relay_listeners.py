@@ -19,7 +19,13 @@ from scistreamd.model import (
     parse_network,
     socket_unit_name,
 )
-from scistreamd.relay import listener_allow_networks, nofile_for_connections, stunnel_max_clients
+from scistreamd.relay import (
+    STUNNEL_BASE_FDS,
+    listener_allow_networks,
+    nofile_for_connections,
+    relay_nofile,
+    stunnel_max_clients,
+)
 from scistreamd.relay_unit import relay_socket_properties, relay_unit_properties
 
 UID = "bd9f1a7e-04d7-11f0-b44c-946dae415862"
@@ -192,6 +198,27 @@ def test_stunnel_formula_matches_its_source() -> None:
 def test_nofile_refuses_bad_counts(bad: object) -> None:
     with pytest.raises(InvalidArgument):
         nofile_for_connections(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("listeners", [1, 2, 10, 40])
+def test_default_cap_is_exact_with_descriptors_to_spare(listeners: int) -> None:
+    fit = 1344  # what 256M and 4096 tasks allow
+    nofile = relay_nofile(1024, listeners, fit)
+    cap = stunnel_max_clients(nofile)
+    assert cap >= 1024 and cap <= fit
+    # accept() must not run out of descriptors before stunnel's cap closes connections.
+    assert nofile - 2 * cap >= STUNNEL_BASE_FDS + listeners
+    if listeners <= 2:
+        assert cap == 1024
+
+
+def test_small_caps_are_raised_to_close_cleanly_within_the_fit() -> None:
+    nofile = relay_nofile(32, 1, 1344)
+    cap = stunnel_max_clients(nofile)
+    assert 32 < cap <= 1344 and nofile - 2 * cap >= STUNNEL_BASE_FDS + 1
+    # Never past what memory and tasks allow: then the cap stays as configured.
+    assert relay_nofile(32, 1, 32) == nofile_for_connections(32)
+    assert stunnel_max_clients(relay_nofile(1024, 500, 1344)) == 1344
 
 
 # ---------------------------------------------------------------- allow lists
