@@ -461,7 +461,13 @@ class Manager:
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
             psk = self.keys.read_psk(uid, Role.INBOUND)
             ip = parse_claimant_ip(claimant)
-            await self._allow_only(ep, ip)
+            try:
+                await self._allow_only(ep, ip)
+            except SystemdError as e:
+                raise PeerRejected(
+                    f"the inbound side could not restrict tunnel {uid} to the claimant's "
+                    f"address ({e.name}); nothing was claimed: try again or ask its "
+                    "operator") from e
             self._set(ep, claimed_by=claimant[:200], claimed_at=time.time(), claimant_ip=ip)
             _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
             return {"uid": uid, "listeners": [str(h) for h in ep.listeners], "psk": psk,
@@ -469,20 +475,15 @@ class Manager:
 
     async def _allow_only(self, ep: Endpoint, claimant_ip: Any) -> None:
         """Make the listeners of ``ep`` accept TCP from ``claimant_ip`` only (None: from
-        nobody), before the key leaves; a claim that cannot be enforced is refused
-        and consumes nothing."""
+        nobody). Raises SystemdError if systemd refuses: a claim is then refused and
+        consumes nothing (the list is in force before the key leaves)."""
         if ep.key not in self._sockets:
             logger.warning("%s has no socket unit (relay_socket_activation is off, or an "
                            "earlier version made it): its listeners accept any address",
                            ep.unit)
             return
         want = dataclasses.replace(ep, claimant_ip=claimant_ip)
-        try:
-            await self.systemd.set_properties(ep.socket_unit, [allow_property(want, self.cfg)])
-        except SystemdError as e:
-            raise PeerRejected(
-                f"the inbound side could not restrict tunnel {ep.uid} to the claimant's address "
-                f"({e.name}); nothing was claimed: try again or ask its operator") from e
+        await self.systemd.set_properties(ep.socket_unit, [allow_property(want, self.cfg)])
 
     async def endpoint_state(self, uid: str) -> Dict[str, Any]:
         """For the peer's liveness check: does the inbound half still exist? No secrets."""

@@ -32,6 +32,7 @@ from tests.integration.conftest import (
     residue,
     tool,
     wait_listening,
+    wait_until,
 )
 
 S1_IP = "192.168.150.1"
@@ -789,7 +790,10 @@ def test_relay_killed_is_restarted_and_the_object_says_so(clean, s1, s2, apps):
     changed = [e["body"] for e in events if e["member"] == "PropertiesChanged"]
     assert all(b[0] == ENDPOINT_IFACE for b in changed)
     assert changed[-1][1]["NRestarts"] == 1
+    # The listener never closed (its socket unit holds it); wait for the relay itself.
     wait_listening(s1, int(listener.rsplit(":", 1)[1]), S1_IP)
+    wait_until(lambda: show(s1, unit, "ActiveState")["ActiveState"] == "active", 30,
+               "the relay to run again")
     assert show(s1, unit, "NRestarts", "ActiveState") == {"NRestarts": "1", "ActiveState": "active"}
     assert main_pid(s1, unit) != pid
     props = managed_objects(s1)[path][ENDPOINT_IFACE]
