@@ -399,23 +399,24 @@ class Manager:
         self._untrack(ep)
 
     async def _stop_units(self, ep: Endpoint) -> None:
-        """Stop the relay's socket (which stops the relay: it Requires= it), then the relay
-        (a relay without socket unit, or one still stopping), and forget both.
+        """Stop the relay and its socket unit (if any) and forget both.
 
-        Socket first: a stopped relay whose socket still listened would be
-        started again by the next connection. Every unit is tried whatever
-        happened to the one before: nothing may be left behind.
+        Both stop jobs are queued at once (one round trip, not two): the socket
+        stops in the same go, so a connection arriving meanwhile cannot start the
+        relay again. Every unit is tried whatever happens to the other: nothing
+        may be left behind.
         """
-        for unit in (ep.socket_unit, ep.unit):
-            try:
-                await self.systemd.stop(unit)
-            except Exception as e:  # keep going: everything else must still be returned
-                logger.error("stopping %s failed: %s", unit, e)
-        for unit in (ep.socket_unit, ep.unit):
-            try:
-                await self.systemd.reset_failed(unit)
-            except Exception as e:
-                logger.debug("reset-failed of %s: %s", unit, e)
+        units = (ep.socket_unit, ep.unit)
+        stopped = await asyncio.gather(*(self.systemd.stop(u) for u in units),
+                                       return_exceptions=True)
+        for unit, res in zip(units, stopped):
+            if isinstance(res, BaseException):  # keep going: the rest must be returned
+                logger.error("stopping %s failed: %s", unit, res)
+        reset = await asyncio.gather(*(self.systemd.reset_failed(u) for u in units),
+                                     return_exceptions=True)
+        for unit, res in zip(units, reset):
+            if isinstance(res, BaseException):
+                logger.debug("reset-failed of %s: %s", unit, res)
 
     # ------------------------------------------------------------- release
     async def release(self, uid: object, role: Optional[Role] = None) -> List[Endpoint]:
