@@ -558,10 +558,17 @@ def test_relay_that_cannot_start_ends_failed_with_reason(s1, apps, restore, stun
     assert "relay failed" in props["StateDetail"]
     assert props["NRestarts"] >= 1
     assert unit_props(s1, relay_unit(uid, "inbound"), "ActiveState")["ActiveState"] == "failed"
-    status = s1.ctl("status", uid)
+
+    def status_shows_detail():
+        # The relay's own last error is appended to the detail a moment after the
+        # failure (it is read from the journal): compare reads taken together.
+        p = endpoint_properties(s1, uid, "inbound")
+        st = s1.ctl("status", uid)
+        return f"StateDetail: {p['StateDetail']}" in st.stdout and st
+
+    status = wait_until(status_shows_detail, 30, "status to show the endpoint's StateDetail")
     assert status.returncode == 0
     assert "State:       failed" in status.stdout
-    assert f"StateDetail: {props['StateDetail']}" in status.stdout
     logs = s1.ctl("logs", uid).stdout
     assert "Address already in use" in logs
 
