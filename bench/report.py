@@ -142,6 +142,9 @@ def markdown(results: Dict[str, Any]) -> str:
             if top:
                 lines.append("Slowest imports (cumulative ms): " + ", ".join(
                     f"{t['module']} {t['cumulative_ms']:.0f}" for t in top[:6]) + ".")
+    from .relaymodes import markdown as relaymodes_markdown
+
+    lines += relaymodes_markdown(results)
     if results.get("scale") is not None and "scale_config" in results:
         lines += ["", "### Scale: inbound endpoints on server1", "",
                   "| N | daemon RSS MB | relays RSS MB (PSS) | ListEndpoints ms | "

@@ -3,7 +3,7 @@ in one run on the test bed.
 
     python3 -m bench.run [--reps 5] [--seconds 5] [--cp-runs 20] [--lat-rounds 5000]
                          [--scale 100,250,500,1000]
-                         [--only dataplane,latency,controlplane,scale]
+                         [--only dataplane,latency,controlplane,scale,relaymodes]
                          [--quick] [--reuse] [--keep] [--results DIR]
 
 Boots its own two-host test bed (named ``tb-bench`` unless
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("dataplane", "latency", "controlplane", "scale")
+SECTIONS = ("dataplane", "latency", "controlplane", "scale", "relaymodes")
 DEFAULT_TESTBED = "tb-bench"
 
 
@@ -175,6 +175,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results.update(scale.run(bed, a.scale, log=log))
             except Exception as e:
                 errors["scale"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        if "relaymodes" in a.sections:
+            from . import relaymodes
+
+            log("bench: relay listeners, socket units vs stunnel binding (before/after) ...")
+            try:
+                results.update(relaymodes.run(bed, a.reps, a.seconds, a.cp_runs, log=log))
+            except Exception as e:
+                errors["relaymodes"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
     finally:
         if not a.keep:

@@ -14,14 +14,14 @@ import difflib
 import logging
 import re
 from dataclasses import dataclass, field, fields
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_network
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import toml
 
 from .errors import ConfigError, InvalidArgument
-from .model import IPAddress, parse_ip, parse_port
+from .model import IPAddress, IPNetwork, parse_ip, parse_network, parse_port
 from .ports import FIRST_UNPRIVILEGED_PORT
 from .relay import (
     DEFAULT_CIPHERSUITES,
@@ -47,6 +47,16 @@ _MEMORY_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _MIN_MEMORY = 8 * 1024**2
 _PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
 _MAX_SECONDS = 300.0
+#: What one relayed connection may cost a relay (stunnel: a thread, its stack,
+#: two 18 KiB buffers, OpenSSL's records): 117 KiB were measured idle; the margin
+#: covers connections that are moving data. And what the relay needs besides.
+RELAY_CONNECTION_MEMORY = 192 * 1024
+RELAY_BASE_MEMORY = 4 * 1024**2  # 2.4 MiB measured for an idle relay
+#: Threads of a relay besides one per connection (main, cron, and a margin).
+RELAY_BASE_TASKS = 4
+MAX_CLIENT_NETWORKS = 256
+#: stunnel needs 16 descriptors: (16 - 6) / 2 clients.
+MIN_RELAY_CONNECTIONS = 5
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,21 @@ class Config:
     stunnel: Path = Path("/usr/bin/stunnel4")
     #: Bytes; 0 = no limit.
     relay_memory_max: int = 256 * 1024**2
-    #: stunnel runs a thread per connection: this caps connections per relay.
+    #: stunnel runs a thread per connection: TasksMax= of each relay, a backstop
+    #: that relay_max_connections must stay below.
     relay_tasks_max: int = 4096
+    #: Concurrent connections one relay serves; beyond it stunnel closes new ones
+    #: at once ("Connection rejected: too many clients") instead of growing into
+    #: relay_memory_max and being killed. Checked against both caps at load.
+    relay_max_connections: int = 1024
+    #: Listeners are held by a systemd .socket unit per relay (bound before the
+    #: reply, kept across relay restarts, IP access lists); false: stunnel binds
+    #: them itself (no IP access lists; for a stunnel built without systemd support).
+    relay_socket_activation: bool = True
+    #: Networks whose hosts may connect to outbound relays' local listeners (the
+    #: application side, plaintext). This host's own listen_address is always allowed.
+    outbound_client_networks: Tuple[IPNetwork, ...] = (ip_network("127.0.0.0/8"),
+                                                       ip_network("::1/128"))
     #: Nice= of each relay. A gateway's job is relaying: when its cores are shared
     #: with other work, relays come first (bench/results/evidence-explore-scheduling.json).
     relay_nice: int = -5
@@ -204,6 +227,20 @@ def _memory(value: object) -> int:
     return size
 
 
+def _networks(value: object) -> Tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise _Bad(f'expected an array of CIDR strings, e.g. ["127.0.0.0/8", "10.1.0.0/16"], '
+                   f"got {_type_name(value)}")
+    if len(value) > MAX_CLIENT_NETWORKS:
+        raise _Bad(f"{len(value)} networks: use at most {MAX_CLIENT_NETWORKS} (summarise them)")
+    nets = []
+    for item in value:
+        if not isinstance(item, str):
+            raise _Bad(f"expected CIDR strings, got {_type_name(item)} in the array")
+        nets.append(parse_network(item, "network"))
+    return tuple(dict.fromkeys(nets))  # duplicates dropped, order kept
+
+
 def _choice(names: Tuple[str, ...], what: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if isinstance(value, str) and value in names:
@@ -228,6 +265,9 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "stunnel": _path,
     "relay_memory_max": _memory,
     "relay_tasks_max": lambda v: _int(v, 1, 1_000_000),
+    "relay_max_connections": lambda v: _int(v, MIN_RELAY_CONNECTIONS, 1_000_000),
+    "relay_socket_activation": _bool,
+    "outbound_client_networks": _networks,
     "relay_nice": lambda v: _int(v, -20, 19),
     "relay_cpu_scheduling": _choice(tuple(RELAY_SCHEDULING), "scheduling policy"),
     "relay_start_timeout": _seconds,
@@ -256,7 +296,7 @@ def _parse_value(source: str, key: str, value: object) -> object:
 
 
 def _check_consistency(
-    values: Mapping[str, Any], sources: Mapping[str, str], rank: Mapping[str, int]
+    values: Dict[str, Any], sources: Mapping[str, str], rank: Mapping[str, int]
 ) -> None:
     low, high = values["port_range"]
     peer_port = values["peer_port"]
@@ -272,6 +312,43 @@ def _check_consistency(
             f"port_range {low}-{high} includes peer_port {peer_port}: "
             "choose a port_range that excludes the peer port",
         )
+    _check_relay_caps(values, sources, rank)
+
+
+def relay_connection_fit(memory_max: int, tasks_max: int) -> int:
+    """How many connections a relay can hold within both caps (memory 0 = no limit)."""
+    fit = tasks_max - RELAY_BASE_TASKS
+    if memory_max:
+        fit = min(fit, (memory_max - RELAY_BASE_MEMORY) // RELAY_CONNECTION_MEMORY)
+    return fit
+
+
+def _check_relay_caps(
+    values: Dict[str, Any], sources: Mapping[str, str], rank: Mapping[str, int]
+) -> None:
+    """relay_max_connections must be reached before TasksMax and MemoryMax: then a
+    flood is refused connection by connection instead of getting the relay killed.
+
+    Not set: the default, lowered to what the other two caps allow (an existing
+    configuration with a small relay_memory_max keeps working). Set: checked.
+    """
+    memory, tasks = values["relay_memory_max"], values["relay_tasks_max"]
+    fit = relay_connection_fit(memory, tasks)
+    if "relay_max_connections" not in sources:
+        values["relay_max_connections"] = min(values["relay_max_connections"], fit)
+    conns = values["relay_max_connections"]
+    if conns > fit or conns < MIN_RELAY_CONNECTIONS:
+        tight = ("relay_tasks_max" if fit == tasks - RELAY_BASE_TASKS else "relay_memory_max")
+        keys = [k for k in ("relay_max_connections", tight) if k in sources] or [tight]
+        later = max(keys, key=lambda k: rank[sources[k]])
+        raise ConfigError(
+            sources.get(later, "<defaults>"), later,
+            f"relay_max_connections {conns} does not fit relay_memory_max "
+            f"{memory // 1024**2}M and relay_tasks_max {tasks}: each connection needs "
+            f"{RELAY_CONNECTION_MEMORY // 1024}K and a thread, besides "
+            f"{RELAY_BASE_MEMORY // 1024**2}M and {RELAY_BASE_TASKS} threads per relay, so "
+            f"these allow {max(fit, 0)}; lower relay_max_connections (at least "
+            f"{MIN_RELAY_CONNECTIONS}) or raise relay_memory_max / relay_tasks_max")
 
 
 def config_from_mapping(data: Mapping[str, object], source: str = "<config>") -> Config:

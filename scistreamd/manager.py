@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import grp
 import logging
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +50,7 @@ from .model import (
     new_relay_id,
     new_uid,
     parse_allowed_peer,
+    parse_claimant_ip,
     parse_hostport,
     parse_hostport_list,
     parse_ip,
@@ -55,13 +59,14 @@ from .model import (
     parse_port_list,
     parse_uid,
     peer_matches,
+    socket_unit_name,
 )
 from .peerclient import PeerClient
 from .peertls import check_trust_pem
 from .peerwire import PeerEndpoint
 from .ports import PortAllocator
 from .relay import new_psk, relay_file_path, render_psk_file, render_stunnel_config
-from .relay_unit import relay_unit_properties
+from .relay_unit import allow_property, relay_socket_properties, relay_unit_properties
 from .store import PSK_FILE, KeyStore, StateStore, parse_name
 from .systemd import ABSENT, Systemd, SystemdError, UnitStatus, unit_object_path
 from .targets import target_refusal
@@ -78,6 +83,8 @@ MSG_CLAIM_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75")
 #: How many released inbound uids a claim can still tell apart from unknown ones.
 _RELEASED_MEMORY = 4096
 RELAY_PATTERN = "scistream-*-*.service"
+#: The relays' socket units (same names as their services, .socket).
+SOCKET_PATTERN = socket_unit_name(RELAY_PATTERN)
 
 
 def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> None:
@@ -132,6 +139,25 @@ def _listening(listeners: Iterable[HostPort]) -> bool:
     return all(w in found for w in wanted)
 
 
+def _taken(listeners: Iterable[HostPort]) -> List[HostPort]:
+    """The listeners some other socket holds now (after a socket unit failed to bind).
+
+    A bind probe as systemd binds (SO_REUSEADDR): only a socket that really
+    occupies the address makes it fail, and the probe is closed at once.
+    """
+    taken = []
+    for hp in listeners:
+        family = socket.AF_INET6 if hp.host.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((str(hp.host), hp.port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    taken.append(hp)
+    return taken
+
+
 class Manager:
     def __init__(self, cfg: Config, systemd: Systemd, peers: PeerClient, *,
                  listener: Optional[EndpointListener] = None) -> None:
@@ -151,6 +177,9 @@ class Manager:
         #: Inbound uids released here, oldest first (this run only): a late claim
         #: gets "released", not "unknown uid".
         self._released: Dict[str, None] = {}
+        #: Endpoints whose listeners a .socket unit holds (the others: relays
+        #: adopted from a version without socket units, or relay_socket_activation off).
+        self._sockets: Set[Tuple[str, Role]] = set()
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers
@@ -169,6 +198,7 @@ class Manager:
         if self.endpoints.pop(ep.key, None) is not None:
             self.listener.endpoint_removed(ep)
         self._by_unit_path.pop(unit_object_path(ep.unit), None)
+        self._sockets.discard(ep.key)
         if not any(k[0] == ep.uid for k in self.endpoints):
             self._uid_locks.pop(ep.uid, None)
 
@@ -335,12 +365,25 @@ class Manager:
         return self.keys.write(ep.relay_id, ep.role, render_psk_file(ep.uid, psk), conf)
 
     async def _start_unit(self, ep: Endpoint) -> None:
+        """Create and start the relay (and its socket unit); raise RelayFailed if it did not.
+
+        With socket activation one call creates both units and starts the
+        relay, which Requires= its socket: systemd binds the listeners first
+        and the job fails at once if a port is taken. When the job is done the
+        listeners are bound and the relay runs; connections that arrive before
+        stunnel accepts wait in the socket's backlog, so nothing polls for them.
+        """
         props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.relay_id, ep.role))
+        sock = self.cfg.relay_socket_activation
+        aux = [(ep.socket_unit, relay_socket_properties(ep, self.cfg))] if sock else []
         # A failed unit of the same name (an earlier crash) would block the start.
         await self.systemd.reset_failed(ep.unit)
+        if sock:
+            await self.systemd.reset_failed(ep.socket_unit)
+            self._sockets.add(ep.key)
         t0 = time.monotonic()
         try:
-            result = await self.systemd.start_transient(ep.unit, props,
+            result = await self.systemd.start_transient(ep.unit, props, aux=aux,
                                                         timeout=self.cfg.relay_start_timeout)
         except SystemdError as e:
             raise RelayFailed(f"systemd refused to start {ep.unit}: {e.message}") from e
@@ -348,12 +391,30 @@ class Manager:
             raise RelayFailed(f"{ep.unit} did not start within "
                               f"{self.cfg.relay_start_timeout:g}s") from e
         if result != "done":
+            if sock:
+                await self._raise_bind_failure(ep, result)
             raise RelayFailed(f"{ep.unit} failed to start (job {result}): "
                               f"see 'scistreamctl logs {ep.uid}'")
         t1 = time.monotonic()
-        await self._wait_listening(ep)
+        if not sock:
+            await self._wait_listening(ep)
         logger.debug("%s: started in %.1f ms, listening %.1f ms later", ep.unit,
                      (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+
+    async def _raise_bind_failure(self, ep: Endpoint, result: str) -> None:
+        """Name why the socket unit did not start: usually a listener port someone holds."""
+        sock_result = await self.systemd.socket_result(ep.socket_unit)
+        taken = await asyncio.to_thread(_taken, ep.listeners)
+        if taken:
+            raise RelayFailed(
+                f"listener {', '.join(map(str, taken))} of tunnel {ep.uid} is in use by another "
+                "process on this host (address already in use): stop that process, or "
+                "take the port out of port_range, and request the tunnel again")
+        if sock_result and sock_result != "success":
+            raise RelayFailed(
+                f"systemd could not open the listeners {', '.join(map(str, ep.listeners))} of "
+                f"tunnel {ep.uid} ({ep.socket_unit}: {sock_result}): see 'journalctl -u "
+                f"{ep.socket_unit}'")
 
     async def _wait_listening(self, ep: Endpoint) -> None:
         deadline = time.monotonic() + self.cfg.relay_start_timeout
@@ -378,19 +439,32 @@ class Manager:
             delay = min(delay * 1.5, 0.01)
 
     async def _teardown(self, ep: Endpoint) -> None:
-        """Stop the unit, remove keys and state, free ports, drop the object. Idempotent."""
-        try:
-            await self.systemd.stop(ep.unit)
-        except Exception as e:  # keep going: everything else must still be returned
-            logger.error("stopping %s failed: %s", ep.unit, e)
-        try:
-            await self.systemd.reset_failed(ep.unit)
-        except Exception as e:
-            logger.debug("reset-failed of %s: %s", ep.unit, e)
+        """Stop the units, remove keys and state, free ports, drop the object. Idempotent."""
+        await self._stop_units(ep)
         self.keys.remove(ep.relay_id, ep.role)
         self.store.delete(ep.uid, ep.role)
         self.ports.release(h.port for h in ep.listeners)
         self._untrack(ep)
+
+    async def _stop_units(self, ep: Endpoint) -> None:
+        """Stop the relay and its socket unit (if any) and forget both.
+
+        Both stop jobs are queued at once (one round trip, not two): the socket
+        stops in the same go, so a connection arriving meanwhile cannot start the
+        relay again. Every unit is tried whatever happens to the other: nothing
+        may be left behind.
+        """
+        units = (ep.socket_unit, ep.unit)
+        stopped = await asyncio.gather(*(self.systemd.stop(u) for u in units),
+                                       return_exceptions=True)
+        for unit, res in zip(units, stopped):
+            if isinstance(res, BaseException):  # keep going: the rest must be returned
+                logger.error("stopping %s failed: %s", unit, res)
+        reset = await asyncio.gather(*(self.systemd.reset_failed(u) for u in units),
+                                     return_exceptions=True)
+        for unit, res in zip(units, reset):
+            if isinstance(res, BaseException):
+                logger.debug("reset-failed of %s: %s", unit, res)
 
     # ------------------------------------------------------------- release
     async def release(self, uid: object, role: Optional[Role] = None) -> List[Endpoint]:
@@ -467,9 +541,30 @@ class Manager:
             if ep.state is not State.ACTIVE:
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
             psk = self.keys.read_psk(ep.relay_id, Role.INBOUND, uid)
-            self._set(ep, claimed_by=str(claimant)[:200], claimed_at=time.time())
+            ip = parse_claimant_ip(claimant.address)
+            try:
+                await self._allow_only(ep, ip)
+            except SystemdError as e:
+                raise PeerRejected(
+                    f"the inbound side could not restrict tunnel {uid} to the claimant's "
+                    f"address ({e.name}); nothing was claimed: try again or ask its "
+                    "operator") from e
+            self._set(ep, claimed_by=str(claimant)[:200], claimed_at=time.time(),
+                      claimant_ip=ip)
             _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
             return PeerEndpoint(uid, ep.listeners, psk, self.cfg.relay_ciphersuites).to_json()
+
+    async def _allow_only(self, ep: Endpoint, claimant_ip: Any) -> None:
+        """Make the listeners of ``ep`` accept TCP from ``claimant_ip`` only (None: from
+        nobody). Raises SystemdError if systemd refuses: a claim is then refused and
+        consumes nothing (the list is in force before the key leaves)."""
+        if ep.key not in self._sockets:
+            logger.warning("%s has no socket unit (relay_socket_activation is off, or an "
+                           "earlier version made it): its listeners accept any address",
+                           ep.unit)
+            return
+        want = dataclasses.replace(ep, claimant_ip=claimant_ip)
+        await self.systemd.set_properties(ep.socket_unit, [allow_property(want, self.cfg)])
 
     async def endpoint_state(self, uid: str) -> Dict[str, Any]:
         """For the peer's liveness check: does the inbound half still exist? No secrets."""
@@ -519,25 +614,46 @@ class Manager:
             # report that as a failure (see _refresh).
             self._restarting.add(ep.key)
             try:
-                # Stop and start a fresh transient unit rather than RestartUnit: the
-                # new unit has this version's properties even if the old one came
-                # from an earlier version (whose relay read its key elsewhere).
-                # _start_unit also resets the failed state, so quick re-arms never
-                # hit the unit's start rate limit.
-                await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
-                if ep.legacy_relay_id:
-                    self._rename_relay(ep, psk)
-                await self._start_unit(ep)
+                if await self._socket_listening(ep):
+                    # The socket keeps the ports bound while the relay restarts
+                    # with the new key (no window for another process to take
+                    # them); its allow list goes back to nobody until the next claim.
+                    await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
+                    await self._allow_only(ep, None)
+                    await self.systemd.reset_failed(ep.unit)
+                    result = await self.systemd.start(ep.unit,
+                                                      timeout=self.cfg.relay_start_timeout)
+                    if result != "done":
+                        raise RelayFailed(f"{ep.unit} failed to restart (job {result}): "
+                                          f"see 'scistreamctl logs {ep.uid}'")
+                else:
+                    # No socket unit (a relay of an earlier version) or a failed one:
+                    # stop everything and start a fresh pair rather than RestartUnit,
+                    # so the units have this version's properties. _start_unit also
+                    # resets the failed state, so quick re-arms never hit the start
+                    # rate limit.
+                    self._set(ep, claimant_ip=None)
+                    await self._stop_units(ep)
+                    if ep.legacy_relay_id:
+                        self._rename_relay(ep, psk)
+                    await self._start_unit(ep)
             except (SystemdError, asyncio.TimeoutError) as e:
                 raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
             finally:
                 self._restarting.discard(ep.key)
                 # Whatever the outcome, the monitor now reports what the relay really is.
                 self._on_unit_change(unit_object_path(ep.unit))
-            self._set(ep, claimed_by="", claimed_at=0.0, state=State.ACTIVE, detail="")
+            self._set(ep, claimed_by="", claimed_at=0.0, claimant_ip=None, state=State.ACTIVE,
+                      detail="")
             _log(logging.INFO, MSG_REQUEST, ep, "inbound endpoint %s re-armed with a new key",
                  ep.uid)
             return ep
+
+    async def _socket_listening(self, ep: Endpoint) -> bool:
+        if ep.key not in self._sockets:
+            return False
+        _load, active, _sub = await self.systemd.unit_state(ep.socket_unit)
+        return active == "active"
 
     # ------------------------------------------------------ unit monitoring
     def _on_unit_change(self, path: str) -> None:
@@ -583,15 +699,17 @@ class Manager:
         else:
             why = ("the relay unit is gone" if st.active_state == ABSENT else
                    f"relay {st.active_state} ({st.result or st.sub_state})")
-            if ep.state is not State.FAILED:
-                _log(logging.ERROR, MSG_FAILURE, ep, "%s endpoint %s failed: %s",
-                     ep.role.value, ep.uid, why)
-            first = ep.state is not State.FAILED
+            if ep.state is State.FAILED:
+                # The first reason stays: it is the one that says what went wrong
+                # (e.g. a recreated relay's port taken), not "the unit is gone".
+                self._set(ep, n_restarts=st.n_restarts)
+                return
+            _log(logging.ERROR, MSG_FAILURE, ep, "%s endpoint %s failed: %s",
+                 ep.role.value, ep.uid, why)
             self._set(ep, state=State.FAILED,
                       detail=f"{why}; see 'scistreamctl logs {ep.uid}', then release it",
                       n_restarts=st.n_restarts)
-            if first:
-                asyncio.ensure_future(self._add_failure_reason(ep, why))
+            asyncio.ensure_future(self._add_failure_reason(ep, why))
 
     async def _add_failure_reason(self, ep: Endpoint, why: str) -> None:
         """Append the relay's own last error to StateDetail (e.g. "Address already in use")."""
@@ -620,11 +738,11 @@ class Manager:
         # One ListUnitsByPatterns gives every relay's state; per relay only its
         # NRestarts is asked (below, concurrently): re-adoption stays fast at N=1000.
         units = {name: (active, sub) for name, active, sub
-                 in await self.systemd.list_units([RELAY_PATTERN])}
+                 in await self.systemd.list_units([RELAY_PATTERN, SOCKET_PATTERN])}
         known_units = set()
         adopted: List[Endpoint] = []
         for ep in eps:
-            known_units.add(ep.unit)
+            known_units.update((ep.unit, ep.socket_unit))
             running = units.get(ep.unit, ("inactive", ""))[0] in ("active", "activating",
                                                                    "reloading")
             if ep.state in (State.STARTING, State.RELEASING):
@@ -635,13 +753,19 @@ class Manager:
             self.ports.adopt(h.port for h in ep.listeners)
             self._track(ep)
             if running:
+                # A relay of an earlier version has no socket unit: adopted as it
+                # is (it keeps its connections); a re-arm gives it one.
+                if ep.socket_unit in units:
+                    self._sockets.add(ep.key)
                 adopted.append(ep)
                 continue
             if ep.state is State.FAILED:
                 continue
+            # The units stop and start on purpose: not a failure for the monitor.
+            self._restarting.add(ep.key)
             try:
                 logger.info("recreating relay %s from persisted state", ep.unit)
-                await self.systemd.stop(ep.unit)
+                await self._stop_units(ep)
                 # Rendered afresh: the config follows this version's layout
                 # (e.g. a key directory written by 0.1.0).
                 psk = self.keys.read_psk(ep.relay_id, ep.role, ep.uid)
@@ -655,12 +779,20 @@ class Manager:
                 _log(logging.ERROR, MSG_FAILURE, ep, "recreating %s failed: %s", ep.unit, e)
                 self._set(ep, state=State.FAILED,
                           detail=f"could not recreate the relay at start-up: {e}")
+            finally:
+                self._restarting.discard(ep.key)
         restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
         for ep in adopted:
             active, sub = units[ep.unit]
             self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit], 0))
         for name in units:
-            if name not in known_units:
+            if name not in known_units and name.endswith(".socket"):
+                # Its service (if any) is stopped with it (Requires=) and below.
+                logger.warning("stopping orphan relay socket %s (no state for it)", name)
+                await self.systemd.stop(name)
+                await self.systemd.reset_failed(name)
+        for name in units:
+            if name not in known_units and not name.endswith(".socket"):
                 logger.warning("stopping orphan relay %s (no state for it)", name)
                 await self.systemd.stop(name)
                 await self.systemd.reset_failed(name)

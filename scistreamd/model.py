@@ -18,7 +18,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 from . import ENDPOINT_PATH_PREFIX
@@ -27,6 +27,7 @@ from .errors import InvalidArgument
 logger = logging.getLogger(__name__)
 
 IPAddress = Union[IPv4Address, IPv6Address]
+IPNetwork = Union[IPv4Network, IPv6Network]
 
 #: Upper bound of any list argument (ports, listeners); also bounds num_conn in state files.
 MAX_LIST_LEN = 1024
@@ -382,6 +383,9 @@ class Endpoint:
     #: inbound: who claimed the key over the peer port, and when.
     claimed_by: str = ""
     claimed_at: float = 0.0
+    #: inbound: the claimant's source address on the peer port; once set, the
+    #: relay's listeners accept TCP from it only (IPAddressAllow= on its socket unit).
+    claimant_ip: IPAddress | None = None
     #: why the endpoint failed, for status output.
     detail: str = ""
     n_restarts: int = 0
@@ -421,6 +425,9 @@ class Endpoint:
             raise InvalidArgument("endpoint has no targets")
         if self.peer is not None and not isinstance(self.peer, HostPort):
             raise InvalidArgument(f"endpoint peer {_show(self.peer)} is not a HostPort")
+        if self.claimant_ip is not None and not isinstance(self.claimant_ip,
+                                                           (IPv4Address, IPv6Address)):
+            raise InvalidArgument(f"endpoint claimant_ip {_show(self.claimant_ip)} is not an IP")
         if not _is_int(self.n_restarts) or self.n_restarts < 0:
             raise InvalidArgument(f"endpoint n_restarts {_show(self.n_restarts)} is not >= 0")
         _parse_time(self.created_at, "endpoint created_at")
@@ -444,6 +451,13 @@ class Endpoint:
     def legacy_relay_id(self) -> bool:
         """Whether the relay is still named by its uid (a record of an earlier version)."""
         return self.relay_id == self.uid
+
+    @property
+    def socket_unit(self) -> str:
+        """The relay's .socket unit: it holds the listeners (derived from :attr:`unit`,
+        so whatever names the service names the socket; same base name, so systemd
+        pairs them by default)."""
+        return socket_unit_name(self.unit)
 
     @property
     def key(self) -> Tuple[str, Role]:
@@ -471,6 +485,7 @@ class Endpoint:
             "peer": str(self.peer) if self.peer is not None else None,
             "claimed_by": self.claimed_by,
             "claimed_at": self.claimed_at,
+            "claimant_ip": str(self.claimant_ip) if self.claimant_ip is not None else None,
             "detail": self.detail,
             "n_restarts": self.n_restarts,
             # Only when set: a record without it still loads in an older daemon.
@@ -488,8 +503,8 @@ class Endpoint:
         if not isinstance(d, dict):
             raise InvalidArgument(f"endpoint record must be an object, not {_show(d)}")
         required = {"uid", "role", "listeners", "targets", "num_conn", "created_at"}
-        optional = {"state", "peer", "claimed_by", "claimed_at", "detail", "n_restarts",
-                    "allowed_peer", "relay_id"}
+        optional = {"state", "peer", "claimed_by", "claimed_at", "claimant_ip", "detail",
+                    "n_restarts", "allowed_peer", "relay_id"}
         unknown = [k for k in d if k not in required | optional]
         if unknown:
             raise InvalidArgument(
@@ -502,6 +517,7 @@ class Endpoint:
             raise InvalidArgument(f"num_conn {_show(d['num_conn'])} is not an integer")
         num_conn = parse_num_conn(d["num_conn"], MAX_LIST_LEN)
         peer_raw = d.get("peer")
+        claimant_raw = d.get("claimant_ip")
         n_restarts = d.get("n_restarts", 0)
         if not _is_int(n_restarts) or n_restarts < 0:
             raise InvalidArgument(f"n_restarts {_show(n_restarts)} is not an integer >= 0")
@@ -517,6 +533,7 @@ class Endpoint:
             peer=None if peer_raw is None else parse_hostport(peer_raw, "peer"),
             claimed_by=_parse_text(d.get("claimed_by", ""), "claimed_by"),
             claimed_at=_parse_time(d.get("claimed_at", 0.0), "claimed_at"),
+            claimant_ip=None if claimant_raw is None else parse_ip(claimant_raw, "claimant_ip"),
             detail=_parse_text(d.get("detail", ""), "detail"),
             n_restarts=n_restarts,
             allowed_peer=parse_allowed_peer(d.get("allowed_peer", ""), "allowed_peer"),
@@ -541,6 +558,44 @@ def parse_relay_unit(value: object) -> str:
         if m:
             return relay_unit_name(parse_role(m.group(1)), parse_relay_id(m.group(2)))
     raise InvalidArgument(f"{_show(value)} is not a scistream relay unit name")
+
+
+def socket_unit_name(service_unit: str) -> str:
+    """The .socket unit paired with relay service ``service_unit``."""
+    if not isinstance(service_unit, str) or not service_unit.endswith(".service"):
+        raise InvalidArgument(f"{_show(service_unit)} is not a service unit name")
+    return service_unit[: -len(".service")] + ".socket"
+
+
+def parse_claimant_ip(claimant: object) -> IPAddress:
+    """The address of a claimant as the peer port describes it: ``"ip:port"`` or
+    ``"[v6]:port"``, optionally followed by a space and more (e.g. ``CN=name``)."""
+    if not isinstance(claimant, str) or not claimant.strip():
+        raise InvalidArgument(f"claimant {_show(claimant)} names no address")
+    return parse_hostport(claimant.split(" ", 1)[0], "claimant address").host
+
+
+def parse_network(value: object, what: str) -> IPNetwork:
+    """A CIDR network such as ``10.1.0.0/16`` or ``2001:db8::/32``; a bare address
+    is a single-host network. Host bits must be zero (``10.1.2.3/16`` is a typo
+    for either the host or the network, so it is refused, not guessed)."""
+    if not isinstance(value, str) or not value or len(value) > _MAX_IP_LEN + 4:
+        raise InvalidArgument(f"{what} {_show(value)} is not a network: write a CIDR such as "
+                              "10.1.0.0/16 or 2001:db8::/32")
+    addr, _, prefix = value.partition("/")
+    if not _IP_CHARS.fullmatch(addr) or (prefix and not re.fullmatch(r"[0-9]{1,3}", prefix)):
+        raise InvalidArgument(f"{what} {_show(value)} is not a network: write a CIDR such as "
+                              "10.1.0.0/16 or 2001:db8::/32 (no host names)")
+    try:
+        return ip_network(value, strict=True)
+    except ValueError as e:
+        raise InvalidArgument(f"{what} {_show(value)} is not a network ({e}): write a CIDR "
+                              "such as 10.1.0.0/16, with the host bits zero") from None
+
+
+def host_network(ip: IPAddress) -> IPNetwork:
+    """The single-address network of ``ip`` (/32 or /128)."""
+    return ip_network(ip)
 
 
 def _parse_stored_hostports(values: object, what: str) -> Tuple[HostPort, ...]:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from ipaddress import ip_network
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 from .errors import InvalidArgument
-from .model import Endpoint, HostPort, Role, parse_uid
+from .model import Endpoint, HostPort, IPAddress, IPNetwork, Role, parse_uid
 
 logger = logging.getLogger(__name__)
 
@@ -196,3 +197,78 @@ def stunnel_command(stunnel: Path, conf_path: str) -> List[str]:
         parse_safe_path(str(stunnel), "stunnel path"),
         parse_safe_path(conf_path, "config path"),
     ]
+
+
+def nofile_for_connections(max_connections: int) -> int:
+    """The RLIMIT_NOFILE that makes stunnel 5.68 allow exactly ``max_connections`` clients.
+
+    stunnel (src/fd.c, get_limits) derives its cap from the descriptor limit:
+    max_clients = nofile*125/256 when nofile >= 256, else (nofile-6)/2; past it
+    each new connection is accepted and closed at once ("Connection rejected:
+    too many clients"). This inverts that formula (smallest nofile giving the cap).
+    """
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) \
+            or max_connections < 5:
+        raise InvalidArgument(f"max_connections {max_connections!r:.60} is not an integer >= 5")
+    small = 2 * max_connections + 6
+    if small < 256:
+        return small
+    return -(-max_connections * 256 // 125)  # ceiling
+
+
+#: Descriptors a relay holds besides two per connection and one per listener: stdin,
+#: stdout, stderr, stunnel's signal and terminate pipes (7), and a margin.
+STUNNEL_BASE_FDS = 16
+
+
+def relay_nofile(max_connections: int, listeners: int, fit: int) -> int:
+    """LimitNOFILE= of a relay with ``listeners`` listeners: stunnel's cap is
+    ``max_connections``, raised where needed (never past ``fit``, what the relay's
+    memory and task caps allow) so that descriptors last until the cap.
+
+    stunnel's formula leaves nofile*6/256 descriptors beyond two per client. When that
+    is less than the relay needs besides (STUNNEL_BASE_FDS + listeners), accept()
+    fails with EMFILE before the cap: stunnel then pauses accepting and new
+    connections wait in the backlog instead of being closed at once. Found on the test
+    bed with a cap of 32 (70 descriptors): the cap needs headroom, so small caps and
+    relays with many listeners get a higher one, up to ``fit``.
+    """
+    want = nofile_for_connections(max_connections)
+    need = STUNNEL_BASE_FDS + listeners
+    enough = max(256, -(-need * 256 // 6))
+    if stunnel_max_clients(want) * 2 + need <= want or fit <= max_connections:
+        return want
+    return max(want, min(enough, nofile_for_connections(max(fit, 5))))
+
+
+def stunnel_max_clients(nofile: int) -> int:
+    """stunnel 5.68's client cap for a descriptor limit (nofile_for_connections inverts it)."""
+    nofile = max(nofile, 16)
+    return nofile * 125 // 256 if nofile >= 256 else (nofile - 6) // 2
+
+
+_LOCAL_NETWORKS = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
+
+
+def listener_allow_networks(
+    ep: Endpoint, listen_address: IPAddress, client_networks: Sequence[IPNetwork]
+) -> List[IPNetwork]:
+    """Who may open TCP connections to the listeners of ``ep`` (everyone else: denied).
+
+    - inbound, unclaimed: nobody (nobody has the key yet, so no connection can
+      carry data; a flood before the claim reaches no relay thread);
+    - inbound, claimed: the claimant's address only. A claim from this very host
+      (both halves on one gateway) also allows the host's own addresses, which its
+      outbound relay connects from;
+    - outbound: the configured client networks plus this host's listen_address (an
+      application on the gateway itself connects from that address).
+    """
+    own = ip_network(listen_address)
+    if ep.role is Role.OUTBOUND:
+        return list(dict.fromkeys([*client_networks, own]))
+    if ep.claimant_ip is None:
+        return []
+    nets = [ip_network(ep.claimant_ip)]
+    if ep.claimant_ip.is_loopback or ep.claimant_ip == listen_address:
+        nets += [*_LOCAL_NETWORKS, own]
+    return list(dict.fromkeys(nets))

@@ -20,23 +20,41 @@ directory carry the endpoint's opaque relay id instead, because every local
 user can read them (systemctl show, /run/systemd/transient, cgroup paths).
 
 No PartOf=/BindsTo= on scistreamd: relays outlive a daemon restart or upgrade.
+
+Listeners (relay_socket_activation, the default): a transient .socket unit
+per relay binds them and hands them to stunnel (systemd socket activation;
+stunnel 5.68 takes descriptor i for its i-th [service] section, in the
+order of the socket's ListenStream= lines = the endpoint's mappings). The
+socket stays bound while the relay crashes, restarts or is re-armed, so no
+other process can take the port meanwhile, and its start job tells at once
+whether the bind worked. Its IPAddressAllow=/IPAddressDeny= lists (BPF on
+the socket's cgroup) apply to the listening socket and every connection
+accepted from it; the relay's own connections to its targets are made from
+the service's cgroup and are not filtered.
 """
 
 from __future__ import annotations
 
+import socket
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, List, Tuple
 
 from dbus_next import Variant
 
 from . import RELAY_GROUP, SLICE
-from .config import RELAY_SCHEDULING, Config
-from .model import Endpoint
-from .relay import RELAY_KEY_DIR, relay_file_path, stunnel_command
+from .config import RELAY_SCHEDULING, Config, relay_connection_fit
+from .model import Endpoint, IPNetwork
+from .relay import (
+    RELAY_KEY_DIR,
+    listener_allow_networks,
+    relay_file_path,
+    relay_nofile,
+    stunnel_command,
+)
 from .store import CONF_FILE
 
 USEC = 1_000_000
-LIMIT_NOFILE = 65536  # two descriptors per relayed connection
 
 
 def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List[Any]]:
@@ -45,6 +63,9 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List
     ``key_dir`` is the endpoint's own key directory on the host.
     """
     argv = stunnel_command(cfg.stunnel, relay_file_path(CONF_FILE))
+    # stunnel derives its connection cap from the descriptor limit (relay.py).
+    nofile = relay_nofile(cfg.relay_max_connections, len(ep.listeners),
+                          relay_connection_fit(cfg.relay_memory_max, cfg.relay_tasks_max))
     props: List[Tuple[str, Variant]] = [
         ("Description", Variant("s", f"SciStream {ep.role.value} relay")),
         ("Slice", Variant("s", SLICE)),
@@ -90,12 +111,54 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List
         ("AmbientCapabilities", Variant("t", 0)),
         ("RestrictAddressFamilies", Variant("(bas)", [True, ["AF_INET", "AF_INET6", "AF_UNIX"]])),
         ("UMask", Variant("u", 0o077)),
-        ("LimitNOFILE", Variant("t", LIMIT_NOFILE)),
-        ("LimitNOFILESoft", Variant("t", LIMIT_NOFILE)),
+        ("LimitNOFILE", Variant("t", nofile)),
+        ("LimitNOFILESoft", Variant("t", nofile)),
         ("TasksMax", Variant("t", cfg.relay_tasks_max)),
         ("Nice", Variant("i", cfg.relay_nice)),
         ("CPUSchedulingPolicy", Variant("i", RELAY_SCHEDULING[cfg.relay_cpu_scheduling])),
     ]
     if cfg.relay_memory_max:
         props.append(("MemoryMax", Variant("t", cfg.relay_memory_max)))
+    if cfg.relay_socket_activation:
+        # Starting the relay starts (binds) its socket first; stopping the
+        # socket stops the relay; the relay's own stop leaves the socket bound.
+        props.append(("Requires", Variant("as", [ep.socket_unit])))
+        props.append(("After", Variant("as", [ep.socket_unit])))
     return [list(p) for p in props]
+
+
+_ANY = (ip_network("0.0.0.0/0"), ip_network("::/0"))
+
+
+def ip_address_list(nets) -> Variant:
+    """IPAddressAllow=/IPAddressDeny= as systemd's a(iayu): (family, address, prefix)."""
+    return Variant("a(iayu)", [
+        [int(socket.AF_INET if n.version == 4 else socket.AF_INET6), n.network_address.packed,
+         n.prefixlen] for n in nets])
+
+
+def allow_property(ep: Endpoint, cfg: Config) -> List[Any]:
+    """The socket's IPAddressAllow= for the endpoint as it is now (see listener_allow_networks)."""
+    nets: List[IPNetwork] = listener_allow_networks(ep, cfg.listen_address,
+                                                    cfg.outbound_client_networks)
+    return ["IPAddressAllow", ip_address_list(nets)]
+
+
+def relay_socket_properties(ep: Endpoint, cfg: Config) -> List[List[Any]]:
+    """The .socket unit holding the listeners of ``ep``, one ListenStream= per mapping, in
+    mapping order (stunnel gives descriptor i to its i-th section)."""
+    props: List[Tuple[str, Variant]] = [
+        ("Description", Variant("s", f"Listeners of {ep.unit}")),
+        ("Slice", Variant("s", SLICE)),
+        ("Listen", Variant("a(ss)", [["Stream", str(listener)]
+                                     for listener, _target in ep.mappings()])),
+        # One relay process for all connections (not a process per connection).
+        ("Accept", Variant("b", False)),
+        # Ordering as for the relay: at shutdown scistreamd stops first.
+        ("Before", Variant("as", ["scistreamd.service"])),
+        # Deny everyone, then allow: the allow list wins where both match.
+        ("IPAddressDeny", ip_address_list(_ANY)),
+    ]
+    out = [list(p) for p in props]
+    out.append(allow_property(ep, cfg))
+    return out

@@ -21,6 +21,7 @@ SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+SOCKET_IFACE = "org.freedesktop.systemd1.Socket"
 PROPS = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
@@ -157,11 +158,27 @@ class Systemd:
             self._jobs.pop(job, None)
 
     async def start_transient(self, name: str, properties: List[List[Any]],
-                              timeout: float = 30) -> str:
-        """Start a transient unit, wait for its job; returns the job result ("done", ...)."""
+                              timeout: float = 30,
+                              aux: Sequence[Tuple[str, List[List[Any]]]] = ()) -> str:
+        """Start a transient unit, wait for its job; returns the job result ("done", ...).
+
+        ``aux`` units (name, properties) are created along with it, loaded but not
+        started (as systemd-run does with a socket's service).
+        """
         (job,) = await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))",
-                                          [name, "fail", properties, []])
+                                          [name, "fail", properties,
+                                           [[n, p] for n, p in aux]])
         return await self._wait_job(job, timeout)
+
+    async def start(self, name: str, timeout: float = 30) -> str:
+        """Start a loaded unit and wait for its job; returns the job result."""
+        (job,) = await self._manager_call("StartUnit", "ss", [name, "replace"])
+        return await self._wait_job(job, timeout)
+
+    async def set_properties(self, name: str, properties: List[List[Any]]) -> None:
+        """SetUnitProperties(runtime): in effect when the call returns (e.g. IP access
+        lists: the unit's BPF programs are replaced before systemd replies)."""
+        await self._manager_call("SetUnitProperties", "sba(sv)", [name, True, properties])
 
     async def stop(self, name: str, timeout: float = 30) -> Optional[str]:
         """Stop a unit and wait; None if there was no such unit loaded."""
@@ -185,11 +202,12 @@ class Systemd:
         (units,) = await self._manager_call("ListUnitsByPatterns", "asas", [[], list(patterns)])
         return [(u[0], u[3], u[4]) for u in units]
 
-    async def _service_property(self, name: str, prop: str, default: Any) -> Any:
+    async def _service_property(self, name: str, prop: str, default: Any,
+                                iface: str = SERVICE_IFACE) -> Any:
         """One property of a service unit; ``default`` if the unit is gone or has none."""
         try:
             (value,) = await self._call(SYSTEMD, unit_object_path(name), PROPS, "Get", "ss",
-                                        [SERVICE_IFACE, prop])
+                                        [iface, prop])
         except SystemdError:
             return default
         return value.value
@@ -219,6 +237,10 @@ class Systemd:
         return UnitStatus(name=name, active_state=active_state, sub_state=sub_state,
                           result=result, n_restarts=n_restarts, main_pid=main_pid,
                           load_state=load_state)
+
+    async def socket_result(self, name: str) -> str:
+        """Result of a socket unit ("success", "resources" for a failed bind, ...)."""
+        return str(await self._service_property(name, "Result", "", SOCKET_IFACE))
 
     async def n_restarts(self, names: Sequence[str]) -> Dict[str, int]:
         """NRestarts of many services, asked concurrently (at most MAX_INFLIGHT at a time)."""

@@ -81,7 +81,7 @@ def residue(host) -> list:
     """Everything an endpoint could leave on a host: units, keys, state, listening ports."""
     found = []
     units = host.run(["systemctl", "list-units", "--all", "--no-legend", "--plain",
-                      "scistream-*.service"], check=False).stdout.split()
+                      "scistream-*.service", "scistream-*.socket"], check=False).stdout.split()
     found += [u for u in units if u.startswith("scistream-")]
     for d in (KEY_DIR, STATE_DIR):
         ls = host.run(["ls", "-A", d], check=False).stdout.split()
@@ -430,3 +430,28 @@ def bus2(hosts):
     c = DBusBatch(hosts[1])
     yield c
     c.close()
+
+
+def claim_key(claimant, inbound_ip: str, uid: str, listeners=()) -> str:
+    """Claim the key of inbound endpoint ``uid`` over the peer port from ``claimant``, as its
+    daemon would (its own certificate and trust file); returns the key.
+
+    Inbound listeners accept connections only from their claimant (IPAddressAllow= on the
+    relay's socket unit; nobody before the claim), so a test client that talks to an inbound
+    relay directly claims first, from the host it connects from.
+    """
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from scistreamd import peer\n"
+        "from scistreamd.config import load_config\n"
+        "from scistreamd.model import parse_hostport, parse_hostport_list\n"
+        "cfg = load_config(Path('/etc/scistream/scistreamd.toml'))\n"
+        "info = peer.claim_endpoint(parse_hostport(sys.argv[1], 'peer'), sys.argv[2],\n"
+        "    listeners=parse_hostport_list(sys.argv[3:], 'listeners', min_len=0),\n"
+        "    trust_file=cfg.peer_trust_file, client_cert=cfg.peer_cert,\n"
+        "    client_key=cfg.peer_key, timeout=cfg.peer_timeout)\n"
+        "print(info.psk)\n")
+    out = claimant.run(["env", "PYTHONPATH=/run/testbed/src", "python3", "-c", script,
+                        f"{inbound_ip}:5000", uid, *listeners])
+    return out.stdout.strip()

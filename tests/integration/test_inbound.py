@@ -27,11 +27,13 @@ from tests.integration.conftest import (
     KEY_DIR,
     STATE_DIR,
     SignalWatch,
+    claim_key,
     dbus,
     dbus_many,
     residue,
     tool,
     wait_listening,
+    wait_until,
 )
 
 S1_IP = "192.168.150.1"
@@ -105,6 +107,15 @@ def psk_of(host, uid: str) -> str:
     text = host.run(["cat", f"{key_dir_of(host, uid)}/psk"]).stdout
     ident, _, key = text.strip().partition(":")
     assert ident == uid, f"psk file identity {ident!r} is not the uid {uid}"
+    return key
+
+
+def claimed(s1, s2, uid: str) -> str:
+    """The key of ``uid`` as a peer gateway gets it: claimed from server2 over the peer port.
+    The relay then accepts connections from server2 (its claimant) and nobody else; the key
+    is the one in the root-only file."""
+    key = claim_key(s2, S1_IP, uid)
+    assert key == psk_of(s1, uid)
     return key
 
 
@@ -354,7 +365,7 @@ def test_tls13_client_with_the_key_reaches_the_app(clean, s1, s2, apps):
     assert s1.run(["ss", "-Htln", f"src {listeners[0]}"]).stdout.strip(), "no listener"
 
     payload = secrets.token_hex(24 * 1024)  # 48 KiB line, several TLS records
-    out, err = tls_client(s2, listeners[0], payload + "\n", *with_key(uid, psk_of(s1, uid)))
+    out, err = tls_client(s2, listeners[0], payload + "\n", *with_key(uid, claimed(s1, s2, uid)))
     assert out == f"ETH:{payload}\n", f"reply differs from what was sent: {out[:200]!r} {err}"
     assert (connections(s1, eth), connections(s1, lo)) == (1, 0)
 
@@ -397,7 +408,7 @@ class TestClientsWithoutAValidTls13Key:
         try:
             count = echo_app(apps, s1, 5300, "APP:")
             uid, _, (listener,) = inbound(s1, [5300])
-            yield uid, listener, psk_of(s1, uid), count
+            yield uid, listener, claimed(s1, bed["server2"], uid), count
         finally:
             apps.stop_all()
             s1.ctl("release", "--all")
@@ -435,7 +446,7 @@ def test_num_conn_3_over_2_receivers_maps_round_robin(clean, s1, s2, apps):
     uid, _, listeners = inbound(s1, [5300, 5301], num_conn=3)
     low = DEFAULTS.port_range[0]
     assert listeners == [f"{S1_IP}:{p}" for p in (low, low + 1, low + 2)]
-    key = psk_of(s1, uid)
+    key = claimed(s1, s2, uid)
     replies = []
     for i, listener in enumerate(listeners):
         out, err = tls_client(s2, listener, f"via-{i}\n", *with_key(uid, key))
@@ -453,7 +464,7 @@ def test_release_leaves_nothing_and_the_port_can_be_reused(clean, s1, s2, apps):
                  check=True)
     made = json.loads(out.stdout)
     uid, path, (listener,) = made["uid"], made["endpoint"], made["listeners"]
-    key = psk_of(s1, uid)
+    key = claimed(s1, s2, uid)
     key_dir = key_dir_of(s1, uid)
     # Traffic first: the relay's closed connections linger in TIME_WAIT on its port.
     assert tls_client(s2, listener, "one\n", *with_key(uid, key))[0] == "APP:one\n"
@@ -488,7 +499,7 @@ def test_release_leaves_nothing_and_the_port_can_be_reused(clean, s1, s2, apps):
     # The same port again, for a working relay.
     uid2, _, listeners2 = inbound(s1, [5300])
     assert listeners2 == [listener]
-    assert tls_client(s2, listener, "three\n", *with_key(uid2, psk_of(s1, uid2)))[0] == \
+    assert tls_client(s2, listener, "three\n", *with_key(uid2, claimed(s1, s2, uid2)))[0] == \
         "APP:three\n"
     assert connections(s1, count) == 2
 
@@ -703,7 +714,8 @@ def test_logs_by_uid_have_the_relays_and_the_daemons_lines(clean, s1, s2):
     uid, _, (listener,) = inbound(s1, [5300])
     other, _, _ = inbound(s1, [5300])
     unit = unit_of(s1, uid)
-    # A handshake gives the relay something to say about this tunnel.
+    # A handshake gives the relay something to say about this tunnel (from its claimant).
+    claim_key(s2, S1_IP, uid)
     tls_client(s2, listener, "x\n", *with_key(uid, secrets.token_hex(32)))
 
     def relay(e):
@@ -800,7 +812,7 @@ def test_relay_killed_is_restarted_and_the_object_says_so(clean, s1, s2, apps):
     echo_app(apps, s1, 5300, "APP:")
     uid, path, (listener,) = inbound(s1, [5300])
     unit = unit_of(s1, uid)
-    key = psk_of(s1, uid)
+    key = claimed(s1, s2, uid)
     pid = main_pid(s1, unit)
     watch = SignalWatch(s1, path, until="NRestarts=1", timeout=10)
     try:
@@ -812,7 +824,10 @@ def test_relay_killed_is_restarted_and_the_object_says_so(clean, s1, s2, apps):
     changed = [e["body"] for e in events if e["member"] == "PropertiesChanged"]
     assert all(b[0] == ENDPOINT_IFACE for b in changed)
     assert changed[-1][1]["NRestarts"] == 1
+    # The listener never closed (its socket unit holds it); wait for the relay itself.
     wait_listening(s1, int(listener.rsplit(":", 1)[1]), S1_IP)
+    wait_until(lambda: show(s1, unit, "ActiveState")["ActiveState"] == "active", 30,
+               "the relay to run again")
     assert show(s1, unit, "NRestarts", "ActiveState") == {"NRestarts": "1", "ActiveState": "active"}
     assert main_pid(s1, unit) != pid
     props = managed_objects(s1)[path][ENDPOINT_IFACE]
@@ -857,7 +872,7 @@ def test_daemon_restart_keeps_relays_and_their_ports(clean, s1, s2, apps):
     assert main_pid(s1, unit) == pid
     props = managed_objects(s1)[path][ENDPOINT_IFACE]
     assert (props["Uid"], props["State"], props["Listeners"]) == (uid, "active", [listener])
-    key = psk_of(s1, uid)
+    key = claimed(s1, s2, uid)
     assert tls_client(s2, listener, "still\n", *with_key(uid, key))[0] == "APP:still\n"
     # Its port is still held: a new request does not get it twice.
     _, _, listeners = inbound(s1, [5300])

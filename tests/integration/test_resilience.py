@@ -43,6 +43,7 @@ pytestmark = pytest.mark.testbed
 
 MiB = 1 << 20
 SERVICE = "scistreamd.service"
+STUNNEL_BINDS = "/etc/scistream/conf.d/60-stunnel-binds.toml"
 
 #: A paced sender that runs until told to stop, so a test controls how long
 #: the transfer lasts instead of guessing: it sends random bytes at RATE
@@ -154,6 +155,11 @@ def relay_unit(host, uid: str, role: str) -> str:
         assert props is not None, f"no {role} endpoint {uid} on {host.name}"
         _UNITS[key] = props["Unit"]
     return _UNITS[key]
+
+
+def relay_socket(host, uid: str, role: str) -> str:
+    """The socket unit holding the relay's listeners: the relay's name, suffix .socket."""
+    return relay_unit(host, uid, role)[: -len(".service")] + ".socket"
 
 
 def relay_pid(host, uid: str, role: str) -> int:
@@ -335,7 +341,9 @@ def test_state_without_unit_is_recreated_from_persisted_key(s1, s2, apps, restor
         s1.run(["systemctl", "stop", SERVICE, "scistream.slice"])
     else:
         s1.run(["systemctl", "stop", SERVICE])
-        s1.run(["systemctl", "stop", relay_unit(s1, uid, "inbound")])
+        # The relay is its service and the socket unit holding its listeners.
+        s1.run(["systemctl", "stop", relay_socket(s1, uid, "inbound"),
+                relay_unit(s1, uid, "inbound")])
     if how == "from-0.1.0-layout":
         unit = relay_unit(s1, uid, "inbound")
         s1.run(["sh", "-c", f"chown -R root:root {d} && chmod 0700 {d} && "
@@ -529,11 +537,25 @@ def test_killed_relay_is_restarted_and_counted(s1, s2, apps, restore):
     assert residue(s1) == [] and residue(s2) == []
 
 
-def test_relay_that_cannot_start_ends_failed_with_reason(s1, apps, restore):
-    """A relay whose port was taken meanwhile fails on every restart until
-    systemd's start limit: the endpoint turns ``failed`` with a reason in
-    `scistreamctl status` (the port conflict is in `scistreamctl logs`);
-    release then leaves nothing."""
+@pytest.fixture
+def stunnel_binds(s1):
+    """relay_socket_activation = false on server1: stunnel binds its own listeners (the
+    fallback for a stunnel without systemd support), so a port is free while a relay restarts.
+    With socket units nobody can take it (test_security_relay.py)."""
+    s1.run(["sh", "-c", f"printf 'relay_socket_activation = false\\n' > {STUNNEL_BINDS}"])
+    s1.run(["systemctl", "restart", SERVICE])
+    try:
+        yield s1
+    finally:
+        s1.run(["rm", "-f", STUNNEL_BINDS])
+        s1.run(["systemctl", "restart", SERVICE])
+
+
+def test_relay_that_cannot_start_ends_failed_with_reason(s1, apps, restore, stunnel_binds):
+    """Without socket units (relay_socket_activation = false), a relay whose port was
+    taken meanwhile fails on every restart until systemd's start limit: the endpoint
+    turns ``failed`` with a reason in `scistreamctl status` (the port conflict is in
+    `scistreamctl logs`); release then leaves nothing."""
     req = inbound(s1, 5331)
     uid, l1 = req["uid"], req["listeners"][0]
     ip, port = l1.rsplit(":", 1)
@@ -556,10 +578,17 @@ def test_relay_that_cannot_start_ends_failed_with_reason(s1, apps, restore):
     assert "relay failed" in props["StateDetail"]
     assert props["NRestarts"] >= 1
     assert unit_props(s1, relay_unit(s1, uid, "inbound"), "ActiveState")["ActiveState"] == "failed"
-    status = s1.ctl("status", uid)
+
+    def status_shows_detail():
+        # The relay's own last error is appended to the detail a moment after the
+        # failure (it is read from the journal): compare reads taken together.
+        p = endpoint_properties(s1, uid, "inbound")
+        st = s1.ctl("status", uid)
+        return f"StateDetail: {p['StateDetail']}" in st.stdout and st
+
+    status = wait_until(status_shows_detail, 30, "status to show the endpoint's StateDetail")
     assert status.returncode == 0
     assert "State:       failed" in status.stdout
-    assert f"StateDetail: {props['StateDetail']}" in status.stdout
     logs = s1.ctl("logs", uid).stdout
     assert "Address already in use" in logs
 
