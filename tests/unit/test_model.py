@@ -491,7 +491,9 @@ def test_relay_ids_are_opaque_and_never_the_uid() -> None:
     assert len(ids) == 50
     for e in eps:
         assert re.fullmatch(r"[0-9a-f]{16}", e.relay_id)
-        for part in UID.split("-"):
+        # The uid's 8- and 12-digit groups: a 4-digit group turns up in 16 random
+        # hex digits by chance (~3% of runs over 50 ids), which proves nothing.
+        for part in (p for p in UID.split("-") if len(p) >= 8):
             assert part not in e.unit
         assert Endpoint.from_dict(json.loads(json.dumps(e.to_dict()))).unit == e.unit
 
