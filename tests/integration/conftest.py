@@ -443,14 +443,14 @@ def claim_key(claimant, inbound_ip: str, uid: str, listeners=()) -> str:
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from scistreamd import peer\n"
         "from scistreamd.config import load_config\n"
         "from scistreamd.model import parse_hostport, parse_hostport_list\n"
+        "from scistreamd.peerclient import PeerClient\n"
         "cfg = load_config(Path('/etc/scistream/scistreamd.toml'))\n"
-        "info = peer.claim_endpoint(parse_hostport(sys.argv[1], 'peer'), sys.argv[2],\n"
-        "    listeners=parse_hostport_list(sys.argv[3:], 'listeners', min_len=0),\n"
-        "    trust_file=cfg.peer_trust_file, client_cert=cfg.peer_cert,\n"
-        "    client_key=cfg.peer_key, timeout=cfg.peer_timeout)\n"
+        "client = PeerClient(trust_file=cfg.peer_trust_file, client_cert=cfg.peer_cert,\n"
+        "                    client_key=cfg.peer_key, timeout=cfg.peer_timeout)\n"
+        "info = client.claim(parse_hostport(sys.argv[1], 'peer'), sys.argv[2],\n"
+        "    parse_hostport_list(sys.argv[3:], 'listeners', min_len=0))\n"
         "print(info.psk)\n")
     out = claimant.run(["env", "PYTHONPATH=/run/testbed/src", "python3", "-c", script,
                         f"{inbound_ip}:5000", uid, *listeners])

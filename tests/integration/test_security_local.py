@@ -325,7 +325,9 @@ def _make_legacy(s1, uid: str) -> str:
     legacy_unit = f"scistream-inbound-{uid}.service"
     legacy_dir = f"{KEY_DIR}/{uid}-inbound"
     s1.run(["systemctl", "stop", "scistreamd.service"])
-    s1.run(["systemctl", "stop", unit])
+    # The relay and the .socket unit that holds its listeners (the previous version
+    # had none: its stunnel bound them itself).
+    s1.run(["systemctl", "stop", unit, unit[: -len(".service")] + ".socket"])
     s1.run(["mv", f"{KEY_DIR}/{relay_id}-inbound", legacy_dir])
     drop = ("import json,sys; p=sys.argv[1]; d=json.load(open(p)); del d['relay_id']; "
             "open(p,'w').write(json.dumps(d))")
