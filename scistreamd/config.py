@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import toml
 
-from .errors import ConfigError, InvalidArgument
+from .errors import ConfigError, InvalidArgument, ScistreamError
 from .model import IPAddress, IPNetwork, parse_ip, parse_network, parse_port
 from .ports import FIRST_UNPRIVILEGED_PORT
 from .relay import (
@@ -131,7 +131,7 @@ class Config:
         return f"{self.port_range[0]}-{self.port_range[1]}"
 
 
-class _Bad(Exception):
+class _Bad(ScistreamError):
     """A value problem, turned into ConfigError by the caller who knows file and key."""
 
 

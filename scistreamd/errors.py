@@ -13,10 +13,15 @@ from . import ERROR_PREFIX
 
 
 class ScistreamError(Exception):
-    """Base of all named failures; ``str(err)`` is the message a user sees."""
+    """The root of every exception scistreamd raises; ``str(err)`` is the message a
+    user sees, ``name`` its D-Bus error name (after ERROR_PREFIX)."""
 
     name: ClassVar[str] = "Failed"
     exit_code: ClassVar[int] = 1
+    #: A failure of this host (systemd, the configuration), not of the caller's
+    #: request: a D-Bus caller or peer gets the generic internal error and the
+    #: journal gets this message.
+    internal: ClassVar[bool] = False
 
     @classmethod
     def dbus_name(cls) -> str:
@@ -73,14 +78,17 @@ class WrongListener(ScistreamError):
     exit_code = 11
 
 
-class ConfigError(Exception):
-    """A bad configuration file: names the file, the key and the problem."""
+class ConfigError(ScistreamError):
+    """A bad configuration (file, key and problem), or a host set-up problem
+    named by ``path`` alone (a whole message, e.g. a missing system group)."""
 
-    def __init__(self, path: str, key: str, problem: str) -> None:
+    internal = True
+
+    def __init__(self, path: str, key: str = "", problem: str = "") -> None:
         self.path = path
         self.key = key
         self.problem = problem
-        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+        super().__init__(": ".join(part for part in (path, key, problem) if part))
 
 
 #: D-Bus error name -> class, for clients that turn a reply back into an exception.

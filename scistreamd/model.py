@@ -21,7 +21,6 @@ from enum import Enum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
-from . import ENDPOINT_PATH_PREFIX
 from .errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -463,10 +462,6 @@ class Endpoint:
     def key(self) -> Tuple[str, Role]:
         return (self.uid, self.role)
 
-    @property
-    def object_path(self) -> str:
-        return endpoint_object_path(self.uid, self.role)
-
     def mappings(self) -> List[Tuple[HostPort, HostPort]]:
         """listener i forwards to target i % len(targets) (round robin over targets)."""
         n = len(self.targets)
@@ -687,68 +682,3 @@ def peer_matches(allowed: str, who: PeerIdentity) -> bool:
     except ValueError:
         return any(_dns_key(d) == allowed for d in who.dns_names if "*" not in d)
     return any(type(ip) is type(want_ip) and ip == want_ip for ip in who.ips)
-
-
-# ---------------------------------------------------------------------------
-# D-Bus object paths
-
-
-def escape_object_path_component(s: str) -> str:
-    """Escape like systemd's bus_label_escape().
-
-    ASCII letters are kept, digits too except in the first position; every
-    other byte of the UTF-8 form becomes ``_`` plus two lower-case hex digits.
-    The empty string becomes ``_``.
-    """
-    if s == "":
-        return "_"
-    out = []
-    for i, b in enumerate(s.encode("utf-8")):
-        c = chr(b)
-        if ("a" <= c <= "z") or ("A" <= c <= "Z") or (i > 0 and "0" <= c <= "9"):
-            out.append(c)
-        else:
-            out.append(f"_{b:02x}")
-    return "".join(out)
-
-
-def unescape_object_path_component(s: str) -> str:
-    """Reverse :func:`escape_object_path_component`; InvalidArgument if malformed."""
-    if s == "_":
-        return ""
-    raw = bytearray()
-    i = 0
-    while i < len(s):
-        c = s[i]
-        if c == "_":
-            pair = s[i + 1 : i + 3]
-            if len(pair) != 2 or not re.fullmatch(r"[0-9a-f]{2}", pair):
-                raise InvalidArgument(f"object path component {_show(s)} is malformed")
-            raw.append(int(pair, 16))
-            i += 3
-        elif c.isascii() and c.isalnum():
-            raw.append(ord(c))
-            i += 1
-        else:
-            raise InvalidArgument(f"object path component {_show(s)} is malformed")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidArgument(f"object path component {_show(s)} is malformed") from None
-
-
-def endpoint_object_path(uid: str, role: Role) -> str:
-    """The D-Bus object path of endpoint (uid, role)."""
-    return f"{ENDPOINT_PATH_PREFIX}/{escape_object_path_component(uid)}_{role.value}"
-
-
-def parse_endpoint_object_path(path: object) -> Tuple[str, Role]:
-    """(uid, role) of an endpoint object path; InvalidArgument if it is not one."""
-    if isinstance(path, str) and path.startswith(ENDPOINT_PATH_PREFIX + "/"):
-        last = path[len(ENDPOINT_PATH_PREFIX) + 1 :]
-        for role in Role:
-            suffix = "_" + role.value
-            if last.endswith(suffix):
-                uid = unescape_object_path_component(last[: -len(suffix)])
-                return parse_uid(uid), role
-    raise InvalidArgument(f"{_show(path)} is not a scistream endpoint object path")

@@ -425,6 +425,9 @@ class PeerServer:
             raise Refusal("Busy", f"the daemon is busy (no answer within {self._timeout:g} s); "
                         "try again") from None
         except ScistreamError as e:
+            if e.internal:  # this host's trouble (systemd, config): details to the journal
+                logger.error("peer port: %s for %s failed: %s", what, who, e)
+                raise Refusal("Failed", _INTERNAL) from None
             # AccessDenied: the manager logged it, with the endpoint's fields.
             logger.log(logging.DEBUG if isinstance(e, AccessDenied) else logging.INFO,
                        "peer port: refused %s by %s: %s", what, who, e)

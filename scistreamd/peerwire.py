@@ -114,7 +114,7 @@ def route(target: str) -> Tuple[str, str]:
     return "", ""
 
 
-class Refusal(Exception):
+class Refusal(ScistreamError):
     """An error answer to send: its name (ERRORS gives the status), message, headers."""
 
     def __init__(self, name: str, message: str,

@@ -10,7 +10,6 @@ Pure: imports nothing from D-Bus or systemd.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 from typing import Callable, FrozenSet, Iterable, List, Set
@@ -41,21 +40,6 @@ def port_is_free(host: IPAddress, port: int) -> bool:
         _bind_probe(host, port)
     except OSError:
         return False
-    return True
-
-
-def address_is_local(host: IPAddress) -> bool:
-    """True if ``host`` is an address of this machine (bindable at all).
-
-    Without it every probe fails and allocation would report "no free ports";
-    the daemon checks this at start-up to name the real problem instead.
-    """
-    try:
-        _bind_probe(host, 0)
-    except OSError as err:
-        if err.errno == errno.EADDRNOTAVAIL:
-            return False
-        raise
     return True
 
 

@@ -15,6 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
+from .buspath import UNIT_PATH_PREFIX, unit_object_path
+from .errors import ScistreamError
+
 logger = logging.getLogger(__name__)
 
 SYSTEMD = "org.freedesktop.systemd1"
@@ -23,7 +26,6 @@ MANAGER = "org.freedesktop.systemd1.Manager"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 SOCKET_IFACE = "org.freedesktop.systemd1.Socket"
 PROPS = "org.freedesktop.DBus.Properties"
-UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 #: Calls to systemd awaiting their reply at once. dbus-daemon refuses more than
@@ -32,8 +34,11 @@ NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 MAX_INFLIGHT = 32
 
 
-class SystemdError(Exception):
-    """A systemd call failed; ``name`` is the D-Bus error name."""
+class SystemdError(ScistreamError):
+    """A systemd call failed; ``name`` is systemd's D-Bus error name (this
+    instance's, not ours: internal errors never reach a caller by name)."""
+
+    internal = True
 
     def __init__(self, name: str, message: str) -> None:
         super().__init__(f"{name}: {message}")
@@ -57,18 +62,6 @@ class UnitStatus:
 
 
 ABSENT = "absent"
-
-
-def unit_object_path(name: str) -> str:
-    """systemd's bus_label_escape of a unit name."""
-    out = []
-    for ch in name.encode():
-        c = chr(ch)
-        if c.isalnum() and c.isascii():
-            out.append(c)
-        else:
-            out.append(f"_{ch:02x}")
-    return UNIT_PATH_PREFIX + "".join(out)
 
 
 class Systemd:

@@ -48,10 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .verbs import VERBS
 
             text, data = VERBS[args.verb](args)
+        except CtlError as err:  # before its base: already the report
+            return _report(err, as_json)
         except ScistreamError as err:
             return _report(error_from_exception(err), as_json)
-        except CtlError as err:
-            return _report(err, as_json)
         except SystemExit as exc:  # --help / --version
             return exc.code if isinstance(exc.code, int) else EXIT_OK
         if as_json:

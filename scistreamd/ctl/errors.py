@@ -104,8 +104,8 @@ _BUS_UNREACHABLE_ERRORS = frozenset(
 )
 
 
-class CtlError(Exception):
-    """A failure to report: one line on stderr and an exit code."""
+class CtlError(ScistreamError):
+    """A failure to report: one line on stderr and an exit code (both per instance)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILED, name: str = "Failed") -> None:
         super().__init__(message)

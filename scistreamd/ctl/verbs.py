@@ -117,6 +117,18 @@ def cmd_outbound(args: argparse.Namespace) -> Output:
 # Endpoints by uid
 
 
+def _call_on_uid(args: argparse.Namespace, member: str) -> str:
+    """Call manager method ``member`` with the uid args.uid names (or a prefix of it)."""
+    ref = read_uid_ref(args.uid)
+
+    def call(client: Client) -> str:
+        uid = resolve(client, ref)
+        client.call(member, [uid])
+        return uid
+
+    return run_bus(args, call)
+
+
 def cmd_release(args: argparse.Namespace) -> Output:
     if args.all and args.uid:
         raise usage_error("give either UID or --all, not both", "release")
@@ -126,26 +138,12 @@ def cmd_release(args: argparse.Namespace) -> Output:
         return f"Released {count} {noun}.\n", {"released_count": count}
     if not args.uid:
         raise usage_error("give the UID to release, or --all", "release")
-    ref = read_uid_ref(args.uid)
-
-    def release(client: Client) -> str:
-        uid = resolve(client, ref)
-        client.call("Release", [uid])
-        return uid
-
-    uid = run_bus(args, release)
+    uid = _call_on_uid(args, "Release")
     return f"Released {uid}.\n", {"released": [uid]}
 
 
 def cmd_rearm(args: argparse.Namespace) -> Output:
-    ref = read_uid_ref(args.uid)
-
-    def rearm(client: Client) -> str:
-        uid = resolve(client, ref)
-        client.call("RearmEndpoint", [uid])
-        return uid
-
-    uid = run_bus(args, rearm)
+    uid = _call_on_uid(args, "RearmEndpoint")
     return f"Re-armed {uid}: the next claim gets a new key.\n", {"rearmed": uid}
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from scistreamd import ENDPOINT_IFACE, MANAGER_IFACE, MANAGER_PATH
 from scistreamd.interface import shape
+from tests.completion import COMPLETE_SH
 from tests.integration.conftest import as_user, dbus
 
 pytestmark = pytest.mark.testbed
@@ -21,18 +22,6 @@ XML_DIR = REPO / "etc" / "dbus-1" / "interfaces"
 COMPLETION = "/run/testbed/src/etc/bash-completion/scistreamctl"
 USER = "sstest-user"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
-
-#: Completes COMP_LINE as bash's programmable completion would (the shipped file
-#: sourced, COMP_* set as bash sets them) and prints COMPREPLY, one per line.
-COMPLETE_SH = r"""
-source "$1"
-COMP_LINE="$2"; COMP_POINT=${#COMP_LINE}
-read -ra COMP_WORDS <<< "$COMP_LINE"
-[[ "$COMP_LINE" == *" " ]] && COMP_WORDS+=("")
-COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
-_python_argcomplete scistreamctl
-printf '%s\n' "${COMPREPLY[@]}"
-"""
 
 
 def complete(host, line: str, user: str = "") -> List[str]:

@@ -31,6 +31,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -698,6 +699,13 @@ class Testbed:
         return "\n".join(lines)
 
 
+def mentions(line: str, name: str) -> bool:
+    """True if ``name`` is a whole word of ``line`` (a mountinfo line): a path
+    component, option value or field equal to it, never a part of one (a bed
+    named ``ext`` must not claim the ``ext4`` root mount)."""
+    return name in re.split(r"[\s/=,:]+", line)
+
+
 def leftovers(name: str = NAME) -> List[str]:
     """What the test bed ``name`` could leave on the machine; empty when clean."""
     found: List[str] = []
@@ -706,7 +714,7 @@ def leftovers(name: str = NAME) -> List[str]:
         if b.exists():
             found.append(f"cgroup {b}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        if name in line:
+        if mentions(line, name):
             found.append(f"mount {line}")
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():

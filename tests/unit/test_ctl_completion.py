@@ -16,6 +16,7 @@ from dbus_next.service import ServiceInterface, method
 
 from scistreamd import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, ctl
 from scistreamd.errors import InvalidArgument
+from tests.completion import COMPLETE_SH
 from tests.unit import test_ctl as base
 from tests.unit.test_ctl import UID, UID2, Peer, run, run_sub
 
@@ -28,17 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 COMPLETION = REPO / "etc" / "bash-completion" / "scistreamctl"
 BASH = shutil.which("bash")
 UID3 = "bd9f0000-0000-4000-8000-000000000000"  # shares "bd9f" with UID
-
-#: Completes COMP_LINE as bash's programmable completion would, and prints COMPREPLY.
-COMPLETE_SH = r"""
-source "$1"
-COMP_LINE="$2"; COMP_POINT=${#COMP_LINE}
-read -ra COMP_WORDS <<< "$COMP_LINE"
-[[ "$COMP_LINE" == *" " ]] && COMP_WORDS+=("")
-COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
-_python_argcomplete scistreamctl
-printf '%s\n' "${COMPREPLY[@]}"
-"""
 
 
 def complete(line: str, tmp_path: Path, env: Optional[Dict[str, str]] = None) -> List[str]:

@@ -1,0 +1,244 @@
+"""Who may call what on scistreamd's bus objects.
+
+Root and members of group ``scistream`` may do everything. Anyone else is
+asked about at polkit (actions org.scistream.tunnel1.manage / .inspect) when
+polkitd is on the bus, and refused otherwise. Unprivileged callers may
+introspect the manager and its ancestors, ping, and read the manager's own
+properties. The verdict is looked up once per (connection, action) and cached
+(unique bus names are never reused).
+
+Where the check happens, in dbus-next 0.2's dispatch path:
+
+- every incoming call passes :meth:`Authorizer.handle`, a public bus message
+  handler: it records the caller (a context variable the method task
+  inherits), refuses at once on a cached "no", and lets public calls through;
+- our own methods (Manager/Endpoint) check inside the exported method
+  (:meth:`Authorizer.require`, awaited by dbus_api's method wrapper), so an
+  unknown caller's lookup runs in the method's own task;
+- what dbus-next answers itself, synchronously (Properties.Get/GetAll,
+  ObjectManager.GetManagedObjects, Introspect, Peer on any path), has no
+  asynchronous hook: a message handler must answer now or claim the message.
+  For an unknown caller the message is held until the credentials/polkit
+  lookup is done and then dispatched again through ``bus._process_message``,
+  the one private call left: dbus-next 0.2 has no public way to resume a
+  message a handler has claimed. It only runs once per caller and action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import grp
+import logging
+import os
+import pwd
+from typing import Callable, Dict, Optional, Tuple
+
+from dbus_next import Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+from . import ENDPOINT_PATH_PREFIX, MANAGER_IFACE, MANAGER_PATH
+from .errors import AccessDenied
+
+logger = logging.getLogger(__name__)
+
+GROUP = "scistream"
+
+#: (interface, member) any local user may call on our objects.
+PUBLIC_CALLS = {
+    ("org.freedesktop.DBus.Introspectable", "Introspect"),
+    ("org.freedesktop.DBus.Peer", "Ping"),
+    ("org.freedesktop.DBus.Peer", "GetMachineId"),
+}
+
+INTROSPECT = ("org.freedesktop.DBus.Introspectable", "Introspect")
+#: Paths whose introspection anyone may read: the manager and its ancestors.
+#: dbus-next lists as children of path P every exported path *containing* P
+#: ("/endpoint" lists each endpoint), so every other path is privileged.
+PUBLIC_INTROSPECT_PATHS = {"/", "/org", "/org/scistream", MANAGER_PATH}
+
+#: Methods that change things; every other checked call only reads.
+MANAGE_CALLS = {"InboundRequest", "OutboundRequest", "Release", "ReleaseAll", "RearmEndpoint",
+                "Rearm"}
+ACTION_MANAGE = "org.scistream.tunnel1.manage"
+ACTION_INSPECT = "org.scistream.tunnel1.inspect"
+POLKIT = "org.freedesktop.PolicyKit1"
+
+#: The unique bus name of the caller whose method call is being dispatched.
+#: Set by the message handler just before dbus-next starts the method's task,
+#: which copies the context: each call's task sees its own caller.
+_CALLER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("scistreamd_caller",
+                                                                        default=None)
+
+Key = Tuple[str, str]  # (sender, action)
+
+
+def action_of_member(member: str) -> str:
+    return ACTION_MANAGE if member in MANAGE_CALLS else ACTION_INSPECT
+
+
+def denied_text() -> str:
+    return ("permission denied: inspecting and managing tunnels needs root, membership of "
+            f"group '{GROUP}', or a polkit grant of {ACTION_MANAGE}")
+
+
+class Authorizer:
+    """Decides once per (connection, action); see the module docstring."""
+
+    MAX_CACHE = 4096
+
+    def __init__(self, bus: MessageBus,
+                 checks_inside: Callable[[Message], bool] = lambda msg: False) -> None:
+        """``checks_inside(msg)``: True when ``msg`` dispatches to one of our
+        exported methods, which calls :meth:`require` itself."""
+        self._bus = bus
+        self._checks_inside = checks_inside
+        self._verdicts: Dict[Key, bool] = {}
+        self._pending: Dict[Key, asyncio.Future[bool]] = {}
+        try:
+            self._gid: Optional[int] = grp.getgrnam(GROUP).gr_gid
+        except KeyError:
+            self._gid = None  # no such group here: root only
+
+    @staticmethod
+    def action_of(msg: Message) -> Optional[str]:
+        """The polkit action a call needs, or None for the public ones."""
+        if msg.message_type != MessageType.METHOD_CALL:
+            return None
+        # Every path counts, not only ours: dbus-next answers GetManagedObjects
+        # on any path (/ included) with every endpoint below it, and Introspect
+        # lists child nodes, i.e. endpoint uids (even of unrelated paths).
+        path = msg.path or ""
+        below_endpoints = (path == ENDPOINT_PATH_PREFIX
+                           or path.startswith(ENDPOINT_PATH_PREFIX + "/"))
+        if (msg.interface, msg.member) == INTROSPECT:
+            # dbus-next answers Introspect only with an empty signature (else
+            # UnknownMethod, revealing nothing): let that through unchecked.
+            # The manager's node is public, stripped of its children for the
+            # unprivileged (see _refusal); every other path is not.
+            if msg.signature or path in PUBLIC_INTROSPECT_PATHS - {MANAGER_PATH}:
+                return None
+            return ACTION_INSPECT
+        if (msg.interface, msg.member) in PUBLIC_CALLS and not below_endpoints:
+            return None
+        if (msg.path == MANAGER_PATH and msg.interface == "org.freedesktop.DBus.Properties"
+                and msg.member in ("Get", "GetAll") and msg.body
+                and msg.body[0] == MANAGER_IFACE):
+            return None  # the daemon's own properties: Version, PeerPort, ...
+        return action_of_member(msg.member or "")
+
+    def handle(self, msg: Message) -> object:
+        """Bus message handler: None lets dispatch go on, a Message/True stops it."""
+        if msg.message_type == MessageType.METHOD_CALL:
+            _CALLER.set(msg.sender)
+        action = self.action_of(msg)
+        if action is None:
+            return None
+        key = (msg.sender, action)
+        verdict = self._verdicts.get(key)
+        if verdict is True:
+            return None
+        if verdict is False:
+            return self._refusal(msg)
+        if self._checks_inside(msg):
+            return None  # the method awaits require() in its own task
+        # Answered by dbus-next itself: hold it until the verdict is known.
+        self._lookup(key).add_done_callback(lambda _f: self._redispatch(msg))
+        return True
+
+    def _redispatch(self, msg: Message) -> None:
+        # The one private call (see the module docstring); the verdict is
+        # cached now, so handle() decides this time.
+        self._bus._process_message(msg)
+
+    async def require(self, action: str) -> None:
+        """Raise AccessDenied unless the caller of the current method may ``action``."""
+        sender = _CALLER.get()
+        if sender is None:  # not dispatched from the bus: nobody to vouch for
+            raise AccessDenied(denied_text())
+        key = (sender, action)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = await asyncio.shield(self._lookup(key))
+        if not verdict:
+            raise AccessDenied(denied_text())
+
+    def _lookup(self, key: Key) -> asyncio.Future[bool]:
+        """The verdict for ``key``, one lookup however many calls wait for it."""
+        fut = self._pending.get(key)
+        if fut is None:
+            fut = self._pending[key] = asyncio.ensure_future(self._resolve(key))
+        return fut
+
+    async def _resolve(self, key: Key) -> bool:
+        sender, action = key
+        try:
+            ok = await self._check(sender, action)
+        except Exception:
+            logger.exception("authorizing %s for %s failed", sender, action)
+            ok = False
+        if len(self._verdicts) >= self.MAX_CACHE:
+            # Unique names are never reused, so old verdicts are only memory.
+            self._verdicts.clear()
+        self._verdicts[key] = ok
+        self._pending.pop(key, None)
+        return ok
+
+    def _refusal(self, msg: Message) -> Message:
+        """AccessDenied; for the manager's introspection, its node without children:
+        whether any endpoint exists (child "endpoint") is not theirs to know."""
+        # dbus-next 0.2 builds the node privately; without it, plain AccessDenied.
+        introspect = getattr(self._bus, "_introspect_export_path", None)
+        if (msg.interface, msg.member) == INTROSPECT and msg.path == MANAGER_PATH and introspect:
+            node = introspect(MANAGER_PATH)
+            node.nodes = []
+            return Message.new_method_return(msg, "s", [node.tostring()])
+        return Message.new_error(msg, AccessDenied.dbus_name(), denied_text())
+
+    async def _bus_call(self, dest: str, path: str, iface: str, member: str, sig: str,
+                        body: list) -> Optional[list]:
+        reply = await self._bus.call(Message(destination=dest, path=path, interface=iface,
+                                             member=member, signature=sig, body=body))
+        return reply.body if reply.message_type == MessageType.METHOD_RETURN else None
+
+    async def _check(self, sender: str, action: str) -> bool:
+        body = await self._bus_call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                    "org.freedesktop.DBus", "GetConnectionCredentials", "s",
+                                    [sender])
+        if body is None:
+            return False
+        creds = body[0]
+        if self._is_privileged(creds.get("UnixUserID"), creds.get("UnixGroupIDs")):
+            return True
+        return await self._polkit(sender, action)
+
+    def _is_privileged(self, uid_v: Optional[Variant], gids_v: Optional[Variant]) -> bool:
+        if uid_v is None:
+            return False
+        uid = uid_v.value
+        if uid == 0:
+            return True
+        if self._gid is None:
+            return False
+        if gids_v is not None:
+            return self._gid in gids_v.value
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return self._gid in os.getgrouplist(pw.pw_name, pw.pw_gid)
+
+    async def _polkit(self, sender: str, action: str) -> bool:
+        has = await self._bus_call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                   "org.freedesktop.DBus", "NameHasOwner", "s", [POLKIT])
+        activatable = await self._bus_call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                           "org.freedesktop.DBus", "ListActivatableNames",
+                                           "", [])
+        if not (has and has[0]) and not (activatable and POLKIT in activatable[0]):
+            return False
+        subject = ["system-bus-name", {"name": Variant("s", sender)}]
+        reply = await self._bus_call(POLKIT, "/org/freedesktop/PolicyKit1/Authority",
+                                     "org.freedesktop.PolicyKit1.Authority",
+                                     "CheckAuthorization", "(sa{sv})sa{ss}us",
+                                     [subject, action, {}, 0, ""])
+        return bool(reply and reply[0][0])

@@ -1,0 +1,132 @@
+"""Unit tests of scistreamd.authz: which calls need which action, and the two
+places the check runs (inside our methods; held before dbus-next's own answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from types import SimpleNamespace
+from typing import Dict, List
+
+import pytest
+from dbus_next import Message, MessageType, Variant
+
+from scistreamd import ENDPOINT_IFACE, ENDPOINT_PATH_PREFIX, MANAGER_IFACE, MANAGER_PATH
+from scistreamd.authz import ACTION_INSPECT, ACTION_MANAGE, Authorizer
+from scistreamd.errors import AccessDenied
+
+EP_PATH = f"{ENDPOINT_PATH_PREFIX}/bd9f1a7e_2d04d7_2d11f0_2db44c_2d946dae415862_inbound"
+PROPS = "org.freedesktop.DBus.Properties"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
+PEER = "org.freedesktop.DBus.Peer"
+
+
+def call(path: str, iface: str, member: str, sig: str = "", body: list = None,
+         sender: str = ":1.7") -> Message:
+    return Message(path=path, interface=iface, member=member, signature=sig,
+                   body=body or [], sender=sender, serial=1)
+
+
+@pytest.mark.parametrize("msg,action", [
+    (call("/", INTROSPECTABLE, "Introspect"), None),
+    (call("/org/scistream", INTROSPECTABLE, "Introspect"), None),
+    (call(MANAGER_PATH, INTROSPECTABLE, "Introspect"), ACTION_INSPECT),  # stripped if refused
+    (call(EP_PATH, INTROSPECTABLE, "Introspect"), ACTION_INSPECT),
+    (call("/elsewhere", INTROSPECTABLE, "Introspect"), ACTION_INSPECT),
+    (call(EP_PATH, INTROSPECTABLE, "Introspect", "s", ["x"]), None),  # UnknownMethod anyway
+    (call("/", PEER, "Ping"), None),
+    (call(MANAGER_PATH, PEER, "GetMachineId"), None),
+    (call(EP_PATH, PEER, "Ping"), ACTION_INSPECT),
+    (call(MANAGER_PATH, PROPS, "Get", "ss", [MANAGER_IFACE, "Version"]), None),
+    (call(MANAGER_PATH, PROPS, "GetAll", "s", [MANAGER_IFACE]), None),
+    (call(EP_PATH, PROPS, "GetAll", "s", [ENDPOINT_IFACE]), ACTION_INSPECT),
+    (call(MANAGER_PATH, PROPS, "GetAll", "s", [ENDPOINT_IFACE]), ACTION_INSPECT),
+    (call("/", "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"), ACTION_INSPECT),
+    (call(MANAGER_PATH, MANAGER_IFACE, "ListEndpoints"), ACTION_INSPECT),
+    (call(MANAGER_PATH, MANAGER_IFACE, "InboundRequest"), ACTION_MANAGE),
+    (call(EP_PATH, ENDPOINT_IFACE, "Rearm"), ACTION_MANAGE),
+])
+def test_action_of(msg: Message, action: str) -> None:
+    assert Authorizer.action_of(msg) == action
+
+
+def reply(body: list) -> SimpleNamespace:
+    return SimpleNamespace(message_type=MessageType.METHOD_RETURN, body=body)
+
+
+class FakeBus:
+    """The daemon's bus connection as the authorizer uses it: credentials by sender."""
+
+    def __init__(self, uids: Dict[str, int]) -> None:
+        self.uids = uids
+        self.lookups: List[str] = []
+        self.redispatched: List[Message] = []
+
+    async def call(self, msg: Message) -> SimpleNamespace:
+        await asyncio.sleep(0)
+        if msg.member == "GetConnectionCredentials":
+            self.lookups.append(msg.body[0])
+            body = [{"UnixUserID": Variant("u", self.uids[msg.body[0]]),
+                     "UnixGroupIDs": Variant("au", [])}]
+            return reply(body)
+        if msg.member == "NameHasOwner":
+            return reply([False])
+        if msg.member == "ListActivatableNames":
+            return reply([[]])
+        raise AssertionError(f"unexpected call {msg.member}")
+
+    def _process_message(self, msg: Message) -> None:
+        self.redispatched.append(msg)
+
+
+def ours(msg: Message) -> bool:
+    return msg.interface in (MANAGER_IFACE, ENDPOINT_IFACE)
+
+
+def test_unknown_caller_of_a_dbus_next_answer_is_held_then_dispatched_once() -> None:
+    async def go() -> None:
+        bus = FakeBus({":1.7": 0})
+        auth = Authorizer(bus, ours)  # type: ignore[arg-type]
+        get = call(EP_PATH, PROPS, "GetAll", "s", [ENDPOINT_IFACE])
+        assert auth.handle(get) is True and auth.handle(get) is True  # both held
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert bus.redispatched == [get, get] and bus.lookups == [":1.7"]
+        assert auth.handle(get) is None  # the verdict is cached now
+
+    asyncio.run(go())
+
+
+def _method_call(auth: Authorizer, msg: Message, action: str) -> asyncio.Future[None]:
+    """What dbus-next does: message handlers first, then the method's task."""
+    assert auth.handle(msg) is None
+    return asyncio.ensure_future(auth.require(action))
+
+
+def test_our_methods_check_inside_with_their_own_caller() -> None:
+    async def go() -> None:
+        bus = FakeBus({":1.7": 0, ":1.8": 1000})
+        auth = Authorizer(bus, ours)  # type: ignore[arg-type]
+        root = [_method_call(auth, call(MANAGER_PATH, MANAGER_IFACE, "InboundRequest"),
+                             ACTION_MANAGE) for _ in range(3)]
+        user = _method_call(auth, call(MANAGER_PATH, MANAGER_IFACE, "InboundRequest",
+                                       sender=":1.8"), ACTION_MANAGE)
+        await asyncio.gather(*root)  # root may
+        with pytest.raises(AccessDenied, match="group 'scistream'"):
+            await user
+        assert sorted(bus.lookups) == [":1.7", ":1.8"]  # one lookup per caller
+        refused = auth.handle(call(MANAGER_PATH, MANAGER_IFACE, "InboundRequest",
+                                   sender=":1.8"))
+        assert isinstance(refused, Message) and refused.message_type == MessageType.ERROR
+        assert refused.error_name == AccessDenied.dbus_name()
+
+    asyncio.run(go())
+
+
+def test_a_method_run_without_a_bus_caller_is_refused() -> None:
+    async def go() -> None:
+        auth = Authorizer(FakeBus({}))  # type: ignore[arg-type]
+        with pytest.raises(AccessDenied):
+            await auth.require(ACTION_INSPECT)
+
+    contextvars.Context().run(asyncio.run, go())
