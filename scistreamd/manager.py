@@ -17,22 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
-import grp
 import logging
-import os
-import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
 
-from . import RELAY_GROUP
 from .config import Config
 from .errors import (
     AccessDenied,
     AlreadyExists,
-    ConfigError,
     InvalidArgument,
     NotFound,
     PeerRejected,
@@ -41,6 +35,7 @@ from .errors import (
     ScistreamError,
     WrongListener,
 )
+from .hostprobe import HostProbes
 from .model import (
     Endpoint,
     HostPort,
@@ -115,57 +110,17 @@ class _NoListener:
         pass
 
 
-def _listening(listeners: Iterable[HostPort]) -> bool:
-    """Whether every listener has a socket in LISTEN state (kernel table, no probe traffic)."""
-    wanted = {(h.host.packed, h.port) for h in listeners}
-    found = set()
-    for table, size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] != "0A":  # TCP_LISTEN
-                continue
-            addr_hex, port_hex = f[1].split(":")
-            raw = bytes.fromhex(addr_hex)
-            # /proc prints the address as 32-bit words in host (little-endian) order.
-            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            port = int(port_hex, 16)
-            if size == 16 and packed[:12] == b"\0" * 10 + b"\xff\xff":
-                packed = packed[12:]  # v4-mapped
-            found.add((packed, port))
-    return all(w in found for w in wanted)
-
-
-def _taken(listeners: Iterable[HostPort]) -> List[HostPort]:
-    """The listeners some other socket holds now (after a socket unit failed to bind).
-
-    A bind probe as systemd binds (SO_REUSEADDR): only a socket that really
-    occupies the address makes it fail, and the probe is closed at once.
-    """
-    taken = []
-    for hp in listeners:
-        family = socket.AF_INET6 if hp.host.version == 6 else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((str(hp.host), hp.port))
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    taken.append(hp)
-    return taken
-
-
 class Manager:
     def __init__(self, cfg: Config, systemd: Systemd, peers: PeerClient, *,
-                 listener: Optional[EndpointListener] = None) -> None:
+                 listener: Optional[EndpointListener] = None,
+                 probes: Optional[HostProbes] = None) -> None:
         self.cfg = cfg
         self.systemd = systemd
         self.peers = peers
+        #: listening sockets, journal, group: a test passes fakes.
+        self.probes = probes or HostProbes()
         self.store = StateStore(cfg.state_dir)
-        self.keys = KeyStore(cfg.key_dir, _relay_gid())
+        self.keys = KeyStore(cfg.key_dir, self.probes.relay_gid())
         self.ports = PortAllocator(cfg.listen_address, *cfg.port_range)
         self.endpoints: Dict[Tuple[str, Role], Endpoint] = {}
         self.listener: EndpointListener = listener or _NoListener()
@@ -404,7 +359,7 @@ class Manager:
     async def _raise_bind_failure(self, ep: Endpoint, result: str) -> None:
         """Name why the socket unit did not start: usually a listener port someone holds."""
         sock_result = await self.systemd.socket_result(ep.socket_unit)
-        taken = await asyncio.to_thread(_taken, ep.listeners)
+        taken = await asyncio.to_thread(self.probes.taken, ep.listeners)
         if taken:
             raise RelayFailed(
                 f"listener {', '.join(map(str, taken))} of tunnel {ep.uid} is in use by another "
@@ -419,7 +374,7 @@ class Manager:
     async def _wait_listening(self, ep: Endpoint) -> None:
         deadline = time.monotonic() + self.cfg.relay_start_timeout
         delay = 0.002
-        while not _listening(ep.listeners):
+        while not self.probes.listening(ep.listeners):
             # Polled every few ms while the caller waits: only the one small call
             # that says whether the relay still runs; its full status on failure.
             _load, active, _sub = await self.systemd.unit_state(ep.unit)
@@ -716,7 +671,7 @@ class Manager:
         # The unit's failure reaches us over D-Bus before journald has stored
         # the relay's last stderr lines: give it a moment.
         await asyncio.sleep(0.5)
-        last = await asyncio.to_thread(_last_relay_error, ep.unit)
+        last = await asyncio.to_thread(self.probes.last_relay_error, ep.unit)
         if last and self.endpoints.get(ep.key) is ep and ep.state is State.FAILED:
             self._set(ep, detail=f"{why}: {last}; see 'scistreamctl logs {ep.uid}', "
                                  "then release it")
@@ -817,51 +772,3 @@ def _require_listeners(uid: str, asked: Iterable[HostPort], have: Sequence[HostP
             f"{', '.join(unknown)} is not a listener of tunnel {uid} (it has "
             f"{', '.join(map(str, have))}); nothing was claimed: repeat the outbound request "
             "with the listeners the inbound request printed")
-
-
-def _relay_gid() -> Optional[int]:
-    """Group scistream-relay's id; None for a daemon not run by root (development)."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        return grp.getgrnam(RELAY_GROUP).gr_gid
-    except KeyError:
-        raise ConfigError(
-            f"group {RELAY_GROUP} does not exist: relays read their keys through it. The "
-            "package creates it (sysusers.d/scistream.conf); run 'systemd-sysusers' to "
-            "create it now") from None
-
-
-def _last_relay_error(unit: str) -> str:
-    """The last error line of relay unit ``unit``, for StateDetail.
-
-    stunnel logs errors as "LOG3[..]: text" once running, and as "[!] text"
-    (with the details on the "[.]" line before it) while still starting.
-    """
-    try:
-        from systemd import journal
-
-        reader = journal.Reader()
-        try:
-            reader.this_boot()
-            # By unit: relay lines carry no SCISTREAM_UID (relay_unit.py).
-            reader.add_match(_SYSTEMD_UNIT=unit, SYSLOG_IDENTIFIER="scistream-relay")
-            reader.seek_tail()
-            failed = ""
-            for _ in range(50):
-                entry = reader.get_previous()
-                if not entry:
-                    break
-                text = str(entry.get("MESSAGE", ""))
-                if failed:
-                    return (text[4:] if text.startswith("[.] ") else failed)[:200]
-                if text.startswith("[!] "):
-                    failed = text[4:]
-                elif any(f"LOG{n}[" in text for n in "0123") and "No trusted" not in text:
-                    return text.split("]: ", 1)[-1][:200]
-            return failed[:200]
-        finally:
-            reader.close()
-    except Exception as e:  # the journal is a nicety here, never a failure
-        logger.debug("reading the relay's journal failed: %s", e)
-    return ""
