@@ -21,7 +21,18 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
+from typing import (
+    Any,
+    AsyncIterator,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from .config import Config
 from .errors import (
@@ -125,7 +136,8 @@ class Manager:
         self.endpoints: Dict[Tuple[str, Role], Endpoint] = {}
         self.listener: EndpointListener = listener or _NoListener()
         self._by_unit_path: Dict[str, Tuple[str, Role]] = {}
-        self._uid_locks: Dict[str, asyncio.Lock] = {}
+        #: per uid: its lock and how many hold or await it (see _lock).
+        self._uid_locks: Dict[str, Tuple[asyncio.Lock, List[int]]] = {}
         self._refreshing: Dict[Tuple[str, Role], asyncio.Task] = {}
         #: Endpoints whose relay is being restarted on purpose (re-arm).
         self._restarting: Set[Tuple[str, Role]] = set()
@@ -138,11 +150,24 @@ class Manager:
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers
-    def _lock(self, uid: str) -> asyncio.Lock:
-        lock = self._uid_locks.get(uid)
-        if lock is None:
-            lock = self._uid_locks[uid] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _lock(self, uid: str) -> AsyncIterator[None]:
+        """Hold the uid's lock. It exists while someone holds or awaits it, and no
+        longer: a lock kept per uid ever asked about (a peer's claims of random
+        uids) would grow without bound, and one dropped while awaited (as release
+        did) let the next request run beside the waiter."""
+        entry = self._uid_locks.get(uid)
+        if entry is None:
+            entry = self._uid_locks[uid] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._uid_locks[uid]
 
     def _track(self, ep: Endpoint) -> None:
         self.endpoints[ep.key] = ep
@@ -154,8 +179,6 @@ class Manager:
             self.listener.endpoint_removed(ep)
         self._by_unit_path.pop(unit_object_path(ep.unit), None)
         self._sockets.discard(ep.key)
-        if not any(k[0] == ep.uid for k in self.endpoints):
-            self._uid_locks.pop(ep.uid, None)
 
     def _set(self, ep: Endpoint, persist: bool = True, **changes: Any) -> None:
         changed = [k for k, v in changes.items() if getattr(ep, k) != v]
@@ -563,6 +586,10 @@ class Manager:
         """New key for an inbound endpoint and a fresh claim; the old key stops working."""
         (ep,) = self.get(uid, Role.INBOUND)
         async with self._lock(ep.uid):
+            # A release that held the lock meanwhile removed it: re-arming now
+            # would start a relay, keys and state nothing tracks.
+            if self.endpoints.get(ep.key) is not ep:
+                raise NotFound(f"endpoint {ep.uid} was released meanwhile")
             psk = new_psk()
             self._write_keys(ep, psk)
             # The relay is down for a moment on purpose: the unit monitor must not

@@ -225,6 +225,7 @@ class Bed:
         assert self.listener.objects == {}
         assert self.systemd.units == {}
         assert m._by_unit_path == {} and m._sockets == set() and m._restarting == set()
+        assert m._uid_locks == {}
 
     def assert_holds(self, *eps: Endpoint) -> None:
         """Exactly ``eps`` are accounted for: tracked, exported, ports, keys and state."""
@@ -988,3 +989,48 @@ def test_fakes_follow_the_systemd_client_signatures() -> None:
             assert list(inspect.signature(fn).parameters) == list(
                 inspect.signature(getattr(real, name)).parameters), name
 
+
+
+# ------------------------------------------------------------------ per-uid locks
+
+
+def test_requests_leave_no_lock_behind(tmp_path: Path) -> None:
+    # A lock per uid asked about, kept forever, would let any peer grow the
+    # daemon's memory with claims of random uids.
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        for _ in range(3):
+            with pytest.raises(NotFound):
+                await bed.m.claim(new_uid(), PeerIdentity("192.168.150.2:40000"))
+        bed.peers.script.add("claim", PeerUnreachable("down"))
+        with pytest.raises(PeerUnreachable):
+            await outbound(bed, new_uid())
+        ep = await inbound(bed)
+        await bed.m.release(ep.uid)
+        bed.assert_clean()
+        assert bed.m._uid_locks == {}
+    run(go)
+
+
+def test_rearm_racing_a_release_does_not_resurrect_the_endpoint(tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        ep = await inbound(bed)
+        entered, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow_stop() -> str:
+            entered.set()
+            await go_on.wait()
+            return "done"
+        bed.systemd.script.add("stop", slow_stop)
+        release = asyncio.ensure_future(bed.m.release(ep.uid))
+        await entered.wait()
+        rearm = asyncio.ensure_future(bed.m.rearm(ep.uid))
+        await asyncio.sleep(0.01)  # the re-arm now waits for the uid's lock
+        go_on.set()
+        await release
+        with pytest.raises(NotFound):
+            await rearm
+        bed.assert_clean()
+        assert bed.m._uid_locks == {}
+    run(go)
