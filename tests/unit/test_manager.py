@@ -463,11 +463,17 @@ def test_outbound_answer_lacking_the_listeners_is_refused(tmp_path: Path) -> Non
     run(go)
 
 
-def test_outbound_relay_failure_after_the_claim_rolls_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outcome, message", [
+    (systemd_error(), "systemd refused"),
+    (asyncio.TimeoutError(), "did not start within"),
+    ("failed", "could not open the listeners"),
+])
+def test_outbound_relay_failure_after_the_claim_rolls_back(
+        tmp_path: Path, outcome: Any, message: str) -> None:
     async def go() -> None:
         bed = Bed(tmp_path)
-        bed.systemd.script.add("start_transient", systemd_error())
-        with pytest.raises(RelayFailed, match="systemd refused"):
+        bed.systemd.script.add("start_transient", outcome)
+        with pytest.raises(RelayFailed, match=message):
             await outbound(bed, new_uid(), n=2)
         bed.assert_clean()
     run(go)
@@ -564,6 +570,26 @@ def test_release_when_stopping_fails_still_returns_keys_state_and_ports(
         await bed.m.release(ep.uid)
         # The stop failed, so the fake still lists the units; everything else is back.
         bed.systemd.units.clear()
+        bed.assert_clean()
+    run(go)
+
+
+def test_release_cancelled_midway_can_be_repeated(tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        ep = await inbound(bed, n=2)
+        entered = asyncio.Event()
+        bed.systemd.script.add("stop", await blocked(entered))
+        task = asyncio.ensure_future(bed.m.release(ep.uid))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Still accounted for (a restart would roll the releasing record back) ...
+        assert ep.state is State.RELEASING
+        bed.assert_holds(ep)
+        # ... and a second release finishes the job.
+        await bed.m.release(ep.uid)
         bed.assert_clean()
     run(go)
 
