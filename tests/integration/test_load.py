@@ -386,8 +386,11 @@ class TestConnectionCap:
                 h.run(["rm", "-f", CAP_DROPIN])
                 h.run(["systemctl", "restart", "scistreamd.service"])
 
+    # Not run in `make test` while it is known to fail: each failing run waits out its
+    # hanging connections (483 s of an 18-minute suite on 2026-12-03). Run it by hand with
+    # --runxfail when working on the cap.
     @pytest.mark.xfail(
-        strict=False,
+        run=False,
         reason="open: through a tunnel whose two relays are both at relay_max_connections "
                "(400), established connections go on and no relay restarts, but connections "
                "past the cap were seen to time out instead of being closed (8 of 8 churn "
