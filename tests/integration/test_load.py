@@ -292,6 +292,21 @@ def echo_load(t, *args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def assert_full_relays_held(t, res: dict, before: Dict[str, str]) -> None:
+    """What a tunnel whose relays are full must still do (echo_load --hold/--churn result
+    ``res``): every connection that got through at first answers in every later round,
+    refused ones are closed rather than left hanging, no relay restarted, and the tunnel
+    serves again afterwards."""
+    first = res["hold_rounds"][0]
+    assert all(r == first for r in res["hold_rounds"]), (
+        f"established connections stopped answering: {[len(r) for r in res['hold_rounds']]}")
+    assert not any("timed out" in f for f in res["failures"]), (
+        f"refused connections hung instead of being closed: {res['failures']}")
+    assert relay_state(t) == before, "a relay restarted when it was full"
+    after = echo_load(t, "--sequential", "5")
+    assert after["sequential_ok"] == 5, f"the tunnel did not recover: {after}"
+
+
 class TestOneTunnel:
     @pytest.fixture(scope="class")
     def tunnel(self, hosts, bus1, bus2):
@@ -351,14 +366,7 @@ class TestOneTunnel:
                           f"TasksMax={DEFAULTS.relay_tasks_max}"])
         first = res["hold_rounds"][0]
         assert len(first) >= HOLD, res
-        # Every connection that got through at first still answers in every later round.
-        assert all(r == first for r in res["hold_rounds"]), (
-            f"established connections stopped answering: {[len(r) for r in res['hold_rounds']]}")
-        assert not any("timed out" in f for f in res["failures"]), (
-            f"refused connections hung instead of being closed: {res['failures']}")
-        assert relay_state(t) == before, "a relay restarted when it was full"
-        after = echo_load(t, "--sequential", "5")
-        assert after["sequential_ok"] == 5, f"the tunnel did not recover: {after}"
+        assert_full_relays_held(t, res, before)
 
 
 CAP_DROPIN = "/etc/scistream/conf.d/50-cap.toml"
@@ -409,13 +417,7 @@ class TestConnectionCap:
         first = res["hold_rounds"][0]
         # stunnel counts a connection when its thread starts: a burst may pass by a few.
         assert HOLD <= len(first) <= self.CAP + 8, res
-        assert all(r == first for r in res["hold_rounds"]), (
-            f"established connections stopped answering: {[len(r) for r in res['hold_rounds']]}")
-        assert not any("timed out" in f for f in res["failures"]), (
-            f"refused connections hung instead of being closed: {res['failures']}")
-        assert relay_state(t) == before, "a relay restarted when it was full"
-        after = echo_load(t, "--sequential", "5")
-        assert after["sequential_ok"] == 5, f"the tunnel did not recover: {after}"
+        assert_full_relays_held(t, res, before)
         log = t["s2"].run(["journalctl", "-u", t["units"]["server2"], "-o", "cat"]).stdout
         assert "Connection rejected: too many clients" in log
 
