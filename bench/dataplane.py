@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tests.testbed import Host, Testbed
 
@@ -293,12 +293,7 @@ def run(bed: Testbed, reps: int, seconds: float, paths: Sequence[str] = PATHS,
                 path.negotiated = negotiated_suite(bed, path)
         return _results(built, samples, reps, seconds)
     finally:
-        for path in built.values():
-            if path.teardown:
-                try:
-                    path.teardown()
-                except Exception as e:  # keep tearing down the rest
-                    logger.warning("teardown of %s: %s", path.name, e)
+        teardown_paths(built.values())
         for h in ("server1", "server2"):
             units = [u for path in built.values() if path.name != "scistreamd"
                      for u in path.units.get(h, [])]
@@ -335,3 +330,13 @@ def _results(built: Dict[str, RelayPath], samples: Dict[str, Dict[int, List[Dict
                                  "direction": "server2 -> server1 (iperf3 client on server2)",
                                  "p4_shape": "4 mappings: 4 iperf3 servers behind 4 listeners, "
                                              "4 concurrent iperf3 -P 1 clients, summed"}}
+
+
+def teardown_paths(paths: Iterable[Any]) -> None:
+    """Tear down every built path; one that fails is logged and the rest still go."""
+    for path in paths:
+        if path.teardown:
+            try:
+                path.teardown()
+            except Exception as e:  # keep tearing down the rest
+                logger.warning("teardown of %s: %s", path.name, e)

@@ -15,7 +15,6 @@ switched by a configuration drop-in and a daemon restart on both hosts.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Dict, List
 
 from tests.testbed import Testbed
@@ -23,8 +22,6 @@ from tests.testbed import Testbed
 from . import controlplane, dataplane
 from . import hosts as H
 from .stats import summary
-
-logger = logging.getLogger(__name__)
 
 MODES = {"socket_units": True, "stunnel_binds": False}
 MODE_LABELS = {"socket_units": "socket units + IP lists (now)",
@@ -64,12 +61,7 @@ def _throughput(bed: Testbed, reps: int, seconds: float,
                     log(f"  rep {rep + 1}/{reps} P{p} {mode:14} "
                         + (f"{g:6.2f} Gbit/s" if g is not None else f"failed: {r.get('error')}"))
     finally:
-        for path in paths.values():
-            if path.teardown:
-                try:
-                    path.teardown()
-                except Exception as e:  # keep tearing down the rest
-                    logger.warning("teardown of %s: %s", path.name, e)
+        dataplane.teardown_paths(paths.values())
         H.stop_units(bed["server1"], [f"bench-iperf-{p}.service" for p in dataplane.IPERF_PORTS])
     out: Dict[str, Any] = {}
     for mode, per_p in samples.items():
