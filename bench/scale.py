@@ -58,7 +58,7 @@ def _daemon_rss_mb(s1: Host) -> float:
 
 
 def _relays(s1: Host) -> Dict[str, Any]:
-    return H.inhost(s1, "rss", "--comm", "stunnel4", "--cgroup", RELAY_CGROUP, timeout=300)
+    return H.inhost(s1, "rss", "--comm", "stunnel", "--cgroup", RELAY_CGROUP, timeout=300)
 
 
 def _list(d: H.DbusDriver, n: int = 10) -> Dict[str, Any]:

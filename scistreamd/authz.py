@@ -59,7 +59,7 @@ PUBLIC_INTROSPECT_PATHS = {"/", "/org", "/org/scistream", MANAGER_PATH}
 
 #: Methods that change things; every other checked call only reads.
 MANAGE_CALLS = {"InboundRequest", "OutboundRequest", "Release", "ReleaseAll", "RearmEndpoint",
-                "Rearm"}
+                "Rearm", "Reload"}
 ACTION_MANAGE = "org.scistream.tunnel1.manage"
 ACTION_INSPECT = "org.scistream.tunnel1.inspect"
 POLKIT = "org.freedesktop.PolicyKit1"

@@ -127,14 +127,47 @@ def write_pair(pair: KeyPair, cert_path: Path, key_path: Path) -> None:
 
 
 def generate_host_cert_files(
-    cert_path: Path, key_path: Path, common_name: str, addresses: Sequence[IPAddress]
+    cert_path: Path, key_path: Path, common_name: str, addresses: Sequence[IPAddress],
+    dns_names: Sequence[str] = (),
 ) -> bool:
     """First-install helper: make a self-signed host certificate unless one exists.
 
     Returns False (and touches nothing) when either file already exists: a
-    host certificate is never overwritten.
+    host certificate is never overwritten (regenerate_host_cert_files does
+    that, on request only).
     """
     if cert_path.exists() or key_path.exists():
         return False
-    write_pair(make_host_cert(common_name, addresses), cert_path, key_path)
+    write_pair(make_host_cert(common_name, addresses, dns_names), cert_path, key_path)
     return True
+
+
+def regenerate_host_cert_files(
+    cert_path: Path, key_path: Path, common_name: str, addresses: Sequence[IPAddress],
+    dns_names: Sequence[str] = (),
+) -> List[Path]:
+    """Replace the host certificate and key with a new self-signed pair; the old
+    files are kept as ``<name>.old`` (returned), so the change can be undone."""
+    pair = make_host_cert(common_name, addresses, dns_names)
+    kept: List[Path] = []
+    for path in (cert_path, key_path):
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            os.replace(path, old)
+            kept.append(old)
+    write_pair(pair, cert_path, key_path)
+    return kept
+
+
+def host_dns_names(hostname: str, fqdn: str) -> List[str]:
+    """DNS SANs for a host certificate: its host name and fully qualified name,
+    without "localhost" or anything that is not a DNS name."""
+    names = []
+    for name in (hostname, fqdn):
+        name = name.strip().rstrip(".").lower()
+        valid = name and len(name) <= 253 and all(
+            0 < len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+            for label in name.split("."))
+        if valid and name not in ("localhost", "localhost.localdomain") and name not in names:
+            names.append(name)
+    return names

@@ -10,6 +10,7 @@ Pure: imports nothing from D-Bus or systemd.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import re
@@ -63,8 +64,14 @@ MIN_RELAY_CONNECTIONS = 5
 class Config:
     """Typed configuration; the defaults are those of the shipped scistreamd.toml."""
 
-    #: The host's facility address: relays listen here, the peer port too.
+    #: The host's facility address: the peer port listens here, relays too unless
+    #: relay_address says otherwise. 0.0.0.0 / "::": the peer port listens on all
+    #: of the host's addresses, relays on relay_address or the address the daemon
+    #: picks at start (hostaddrs.pick_relay_address).
     listen_address: IPAddress = IPv4Address("127.0.0.1")
+    #: Where relays listen (None: listen_address, or for a wildcard one the picked
+    #: address; the daemon stores its resolved choice here at start-up).
+    relay_address: IPAddress | None = None
     peer_port: int = 5000
     #: Relay ports to allocate from, low..high inclusive.
     port_range: Tuple[int, int] = (5100, 5200)
@@ -82,7 +89,9 @@ class Config:
     #: inbound half; 0 = never check.
     peer_check_interval: float = 30.0
     peer_enabled: bool = True
-    stunnel: Path = Path("/usr/bin/stunnel4")
+    #: /usr/bin/stunnel exists on both families: on Debian a link to stunnel4
+    #: (package stunnel4), on Fedora/EL9 the binary itself (package stunnel).
+    stunnel: Path = Path("/usr/bin/stunnel")
     #: Bytes; 0 = no limit.
     relay_memory_max: int = 256 * 1024**2
     #: stunnel runs a thread per connection: TasksMax= of each relay, a backstop
@@ -125,6 +134,12 @@ class Config:
     def peer_client_ca_file(self) -> Path:
         """The CA file client certificates on the peer port are verified with."""
         return self.peer_client_ca if self.peer_client_ca is not None else self.peer_trust_file
+
+    @property
+    def relay_listen_address(self) -> IPAddress:
+        """The concrete address relay listeners bind (resolved by the daemon when
+        listen_address is a wildcard and relay_address unset)."""
+        return self.relay_address if self.relay_address is not None else self.listen_address
 
     @property
     def port_range_text(self) -> str:
@@ -180,6 +195,27 @@ def _ip(value: object) -> IPAddress:
     if not isinstance(value, str):
         raise _Bad(f"expected an IP address string, got {_type_name(value)}")
     return parse_ip(value, "address")
+
+
+def _listen_ip(value: object) -> IPAddress:
+    """A unicast address, or the wildcard of either family (all of this host's)."""
+    if not isinstance(value, str):
+        raise _Bad(f"expected an IP address string, got {_type_name(value)}")
+    ip = parse_ip(value, "address", unicast=False)
+    if ip.is_multicast:
+        raise _Bad(f"{ip} is a multicast address: give this host's address, or \"0.0.0.0\" "
+                   "(\"::\" for IPv6 too) for all of them")
+    return ip
+
+
+def _relay_ip(value: object) -> IPAddress | None:
+    if value == "":
+        return None
+    ip = _ip(value)
+    if ip.is_unspecified or ip.is_multicast:
+        raise _Bad(f"{ip} is not one address: relays need a concrete address of this host "
+                   '(e.g. "192.168.150.1"), or "" to follow listen_address')
+    return ip
 
 
 def _path(value: object) -> Path:
@@ -251,7 +287,8 @@ def _choice(names: Tuple[str, ...], what: str) -> Callable[[object], str]:
 
 
 _PARSERS: Dict[str, Callable[[object], Any]] = {
-    "listen_address": _ip,
+    "listen_address": _listen_ip,
+    "relay_address": _relay_ip,
     "peer_port": _port,
     "port_range": _port_range,
     "peer_cert": _path,
@@ -280,6 +317,42 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "log_level": _choice(LOG_LEVELS, "level"),
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}
+
+
+#: Keys `systemctl reload scistreamd` applies to the running daemon (the others
+#: need a restart: they bind sockets, move state, or are part of running relays
+#: and their peers' claims). Relay settings apply to relays started afterwards.
+RELOADABLE_KEYS = frozenset({
+    "allowed_targets", "max_endpoints", "peer_check_interval", "outbound_client_networks",
+    "log_level", "peer_cert", "peer_key", "peer_trust_file", "peer_client_ca",
+    "peer_require_client_cert", "stunnel", "relay_memory_max", "relay_tasks_max",
+    "relay_max_connections", "relay_nice", "relay_cpu_scheduling", "relay_start_timeout",
+    "relay_log_level",
+})
+assert set(_PARSERS) >= RELOADABLE_KEYS
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What a reload does: the configuration to run with, and the changed keys it
+    applies and those it keeps at their running value until a restart."""
+
+    config: Config
+    applied: Tuple[str, ...]
+    needs_restart: Tuple[str, ...]
+
+
+def plan_reload(running: Config, new: Config) -> ReloadPlan:
+    """Merge a re-read configuration into the running one: reloadable keys take the
+    new value, the others keep the running one."""
+    changed = [k for k in _PARSERS if getattr(running, k) != getattr(new, k)]
+    applied = tuple(k for k in changed if k in RELOADABLE_KEYS)
+    kept = tuple(k for k in changed if k not in RELOADABLE_KEYS)
+    merged = dataclasses.replace(running, **{k: getattr(new, k) for k in applied},
+                                 sources={**running.sources,
+                                          **{k: v for k, v in new.sources.items()
+                                             if k in RELOADABLE_KEYS}})
+    return ReloadPlan(merged, applied, kept)
 
 
 def _parse_value(source: str, key: str, value: object) -> object:

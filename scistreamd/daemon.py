@@ -1,15 +1,23 @@
 """scistreamd: process entry — config, logging, bus, peer port, sd_notify, signals.
 
 Start-up order (READY=1 only when all of it holds):
-config loaded and valid -> system bus connected -> systemd subscription ->
-persisted endpoints re-adopted -> peer port listening -> bus name owned.
+config loaded and valid -> relay address resolved -> system bus connected ->
+systemd subscription -> persisted endpoints re-adopted -> peer port listening ->
+bus name owned.
 Stopping the daemon never stops relays: they are units of their own.
+
+STATUS= (systemctl status) follows every endpoint added or removed. Reload
+(SIGHUP, or the bus method Reload that ``scistreamd --reload`` = ExecReload
+calls and waits for): RELOADING=1, the files re-read and validated, the keys
+that may change at run time applied (config.RELOADABLE_KEYS), the others named
+in the journal and kept, READY=1. An invalid configuration changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -17,12 +25,12 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import BUS_NAME, __version__
-from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, load_config, plan_reload
 from .dbus_compat import AnsweredDBusErrors, patch_dbus_next_writer
-from .errors import ConfigError, ScistreamError
+from .errors import ConfigError, InvalidArgument, ScistreamError
 
 logger = logging.getLogger("scistreamd")
 
@@ -77,7 +85,8 @@ def _client_ca(cfg: Config) -> Optional[Path]:
     if cfg.peer_client_ca is None and not path.exists():
         logger.warning(
             "peer_trust_file %s does not exist: no peer daemon can be authenticated, so %s; "
-            "install the peer's CA or certificate there and restart scistreamd", path,
+            "install the peer's CA or certificate there and run 'systemctl reload "
+            "scistreamd'", path,
             "every claim of a key is refused" if cfg.peer_require_client_cert else
             "claims are accepted without client certificates only")
         return None
@@ -85,9 +94,124 @@ def _client_ca(cfg: Config) -> Optional[Path]:
 
 
 async def _notify(*lines: str) -> None:
+    _notify_now(*lines)
+
+
+def _notify_now(*lines: str) -> None:
     from systemd import daemon as sd
 
     sd.notify("\n".join(lines))
+
+
+def status_text(endpoints: int, failed: int = 0) -> str:
+    """STATUS= of the daemon: the real endpoint count, and how many failed."""
+    text = f"serving {endpoints} endpoint{'' if endpoints == 1 else 's'}"
+    return f"{text} ({failed} failed)" if failed else text
+
+
+class StatusKeeper:
+    """An EndpointListener that keeps systemd's StatusText equal to the real count:
+    the daemon's listeners (D-Bus objects, this) all see every add/change/remove."""
+
+    def __init__(self, inner: Any, manager_endpoints: Dict[Any, Any],
+                 notify: Any = _notify_now) -> None:
+        self._inner = inner
+        self._endpoints = manager_endpoints
+        self._notify = notify
+        self._last = ""
+        #: No notification before READY=1 (which carries the first status).
+        self.live = False
+
+    def current(self) -> str:
+        failed = sum(1 for ep in self._endpoints.values() if ep.state.value == "failed")
+        return status_text(len(self._endpoints), failed)
+
+    def update(self, force: bool = False) -> None:
+        text = self.current()
+        if self.live and (force or text != self._last):
+            self._last = text
+            try:
+                self._notify(f"STATUS={text}")
+            except OSError as e:  # a status line is never worth a failed request
+                logger.debug("sd_notify STATUS failed: %s", e)
+
+    def endpoint_added(self, ep: Any) -> None:
+        self._inner.endpoint_added(ep)
+        self.update()
+
+    def endpoint_changed(self, ep: Any, changed: Any) -> None:
+        self._inner.endpoint_changed(ep, changed)
+        if "state" in changed:
+            self.update()
+
+    def endpoint_removed(self, ep: Any) -> None:
+        self._inner.endpoint_removed(ep)
+        self.update()
+
+
+def resolve_config(cfg: Config) -> Config:
+    """``cfg`` with the concrete relay address (hostaddrs.resolve_relay_address)."""
+    import dataclasses
+
+    from .hostaddrs import resolve_relay_address
+
+    relay = resolve_relay_address(cfg.listen_address, cfg.relay_address)
+    return dataclasses.replace(cfg, relay_address=relay)
+
+
+class Reloader:
+    """Re-reads the configuration and applies what may change without a restart."""
+
+    def __init__(self, config_path: Path, required: bool, cfg: Config, manager: Any,
+                 peers: Any, peer_server: Any, status: StatusKeeper) -> None:
+        self._path, self._required = config_path, required
+        self.cfg = cfg
+        self._manager, self._peers, self._server = manager, peers, peer_server
+        self._status = status
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        """(applied keys, keys needing a restart); InvalidArgument, nothing changed,
+        when the new configuration is invalid."""
+        async with self._lock:
+            await _notify("RELOADING=1", "STATUS=reloading the configuration")
+            try:
+                return await self._reload()
+            except ScistreamError as e:
+                logger.error("configuration NOT reloaded, the running one stays: %s", e)
+                raise InvalidArgument(f"configuration not reloaded (the running one stays): "
+                                      f"{e}") from None
+            finally:
+                await _notify("READY=1", f"STATUS={self._status.current()}")
+
+    async def _reload(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        new = await asyncio.to_thread(load_config, self._path, required=self._required)
+        new = await asyncio.to_thread(resolve_config, new)
+        plan = plan_reload(self.cfg, new)
+        cfg = plan.config
+        if "stunnel" in plan.applied:
+            from .configcheck import check_stunnel
+
+            problems = await asyncio.to_thread(check_stunnel, cfg)
+            if problems:
+                raise ConfigError(problems[0])
+        # The peer port's TLS: loaded (and checked) before anything changes. The
+        # files are read afresh even when their names did not change.
+        if self._server is not None:
+            self._server.reload_tls(cfg.peer_cert, cfg.peer_key, _client_ca(cfg),
+                                    cfg.peer_require_client_cert)
+        self._peers.trust_file = cfg.peer_trust_file
+        self._peers.client_cert, self._peers.client_key = cfg.peer_cert, cfg.peer_key
+        await self._manager.apply_config(cfg)
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        self.cfg = cfg
+        logger.info("configuration reloaded from %s: %s", self._path,
+                    f"applied {', '.join(plan.applied)}" if plan.applied else "no change applied")
+        if plan.needs_restart:
+            logger.warning("configuration keys changed that take effect only on 'systemctl "
+                           "restart scistreamd' (tunnels keep running), kept at their running "
+                           "value until then: %s", ", ".join(plan.needs_restart))
+        return plan.applied, plan.needs_restart
 
 
 def _quiet_dbus_errors(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
@@ -99,7 +223,8 @@ def _quiet_dbus_errors(loop: asyncio.AbstractEventLoop, context: Dict[str, Any])
     loop.default_exception_handler(context)
 
 
-async def run(cfg: Config, *, user_bus: bool = False) -> int:
+async def run(cfg: Config, *, user_bus: bool = False,
+              config_path: Path = DEFAULT_CONFIG_PATH, config_required: bool = False) -> int:
     from dbus_next import BusType
     from dbus_next.aio import MessageBus
     from dbus_next.constants import NameFlag, RequestNameReply
@@ -115,9 +240,13 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: logger.warning(
-        "SIGHUP: configuration changes take effect on 'systemctl restart scistreamd' "
-        "(tunnels keep running)"))
+    cfg = resolve_config(cfg)
+    if cfg.relay_address != cfg.listen_address:
+        logger.info("relays listen on %s (%s)", cfg.relay_address,
+                    "relay_address" if "relay_address" in cfg.sources else
+                    f"chosen for listen_address {cfg.listen_address}: the default route's "
+                    "source address, else the first address that is not loopback or "
+                    "link-local; set relay_address to choose another")
 
     patch_dbus_next_writer()
     bus = await MessageBus(bus_type=BusType.SESSION if user_bus else BusType.SYSTEM).connect()
@@ -129,6 +258,8 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
                        client_key=cfg.peer_key, timeout=cfg.peer_timeout,
                        max_parallel=cfg.max_endpoints)
     manager = Manager(cfg, systemd, peers, listener=api)
+    status = StatusKeeper(api, manager.endpoints)
+    manager.listener = status
     api.attach(manager)
     await manager.adopt()
 
@@ -148,7 +279,18 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
             await peer_server.stop()
         return 1
 
-    await _notify("READY=1", f"STATUS=serving {len(manager.endpoints)} endpoints")
+    reloader = Reloader(config_path, config_required, cfg, manager, peers, peer_server, status)
+    api.reload = reloader.reload
+
+    def on_sighup() -> None:
+        async def go() -> None:
+            with contextlib.suppress(InvalidArgument):  # logged by reload()
+                await reloader.reload()
+        asyncio.ensure_future(go())
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+
+    status.live = True
+    await _notify("READY=1", f"STATUS={status.current()}")
     logger.info("scistreamd %s ready on %s (peer port %s, ports %s), %d endpoints adopted",
                 __version__, cfg.listen_address, cfg.peer_port if cfg.peer_enabled else "off",
                 cfg.port_range_text, len(manager.endpoints))
@@ -184,11 +326,88 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     return code
 
 
-def _addresses_for_cert(cfg: Config) -> List[Any]:
-    addrs = [cfg.listen_address]
-    if cfg.listen_address != ipaddress.ip_address("127.0.0.1"):
-        addrs.append(ipaddress.ip_address("127.0.0.1"))
-    return addrs
+def _cert_identity(cfg: Config) -> Tuple[str, List[Any], List[str]]:
+    """(common name, IP SANs, DNS SANs) of a generated host certificate: every
+    address of this host (but link-local ones), listen_address and relay_address
+    even if not configured yet, the host name and its fully qualified name."""
+    from .certs import host_dns_names
+    from .hostaddrs import certificate_addresses, host_addresses
+
+    addrs = [a for a in (cfg.listen_address, cfg.relay_address)
+             if a is not None and not a.is_unspecified]
+    try:
+        addrs += host_addresses()
+    except OSError as e:
+        logger.warning("cannot list this host's addresses (%s): the certificate names "
+                       "only %s", e, ", ".join(map(str, addrs)) or "127.0.0.1")
+    addrs.append(ipaddress.ip_address("127.0.0.1"))
+    hostname = socket.gethostname()
+    return hostname, certificate_addresses(addrs), host_dns_names(hostname, socket.getfqdn())
+
+
+def _print_cert(cfg: Config, names: Tuple[str, List[Any], List[str]]) -> None:
+    _cn, addrs, dns = names
+    print(f"  names: {', '.join([*map(str, addrs), *dns])}")
+    print(f"next step: exchange trust files with each peer gateway: copy {cfg.peer_cert} "
+          f"to the peer's peer_trust_file and the peer's certificate to "
+          f"{cfg.peer_trust_file} here, then run 'systemctl reload scistreamd' on both")
+
+
+def _check(cfg: Config) -> int:
+    from .configcheck import check_host
+    from .hostaddrs import host_addresses
+
+    problems = check_host(cfg, host_addresses())
+    for problem in problems:
+        print(f"scistreamd: {problem}", file=sys.stderr)
+    if problems:
+        print(f"scistreamd: {len(problems)} problem{'s' if len(problems) > 1 else ''} found",
+              file=sys.stderr)
+        return EX_CONFIG
+    try:
+        relay = resolve_config(cfg).relay_listen_address
+    except ConfigError as e:
+        print(f"scistreamd: {e}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"configuration OK (peer port {cfg.listen_address}:{cfg.peer_port}, relays on "
+          f"{relay})")
+    return 0
+
+
+async def _call_reload(user_bus: bool) -> Tuple[List[str], List[str]]:
+    from dbus_next import BusType, Message, MessageType
+    from dbus_next.aio import MessageBus
+
+    from . import MANAGER_IFACE, MANAGER_PATH
+
+    bus = await MessageBus(bus_type=BusType.SESSION if user_bus else BusType.SYSTEM).connect()
+    try:
+        reply = await bus.call(Message(destination=BUS_NAME, path=MANAGER_PATH,
+                                       interface=MANAGER_IFACE, member="Reload"))
+    finally:
+        bus.disconnect()
+    if reply.message_type == MessageType.ERROR:
+        text = reply.body[0] if reply.body else reply.error_name
+        raise ScistreamError(f"{text} ({reply.error_name})")
+    return reply.body[0], reply.body[1]
+
+
+def _reload(user_bus: bool) -> int:
+    """ExecReload: ask the running daemon to reload and wait for its verdict, so
+    'systemctl reload' fails, saying why, when the configuration is invalid."""
+    try:
+        applied, restart = asyncio.run(_call_reload(user_bus))
+    except ScistreamError as e:
+        print(f"scistreamd: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as e:
+        print(f"scistreamd: cannot reach scistreamd on the bus: {e}", file=sys.stderr)
+        return 1
+    print("configuration reloaded: " + (f"applied {', '.join(applied)}" if applied else
+                                        "no change applied"))
+    if restart:
+        print(f"needs 'systemctl restart scistreamd' (kept until then): {', '.join(restart)}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -200,34 +419,57 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--user", action="store_true",
                    help="serve the session bus and manage units of the user's manager "
                         "(development only)")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate the configuration and exit")
-    p.add_argument("--generate-cert", action="store_true",
-                   help="create a self-signed host certificate at peer_cert/peer_key unless "
-                        "one exists, and exit")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--check-config", action="store_true",
+                     help="check the configuration and what it refers to (TLS files, stunnel, "
+                          "the certificate's addresses); exit 78 naming each problem")
+    act.add_argument("--generate-cert", action="store_true",
+                     help="create a self-signed host certificate at peer_cert/peer_key naming "
+                          "every address of this host and its name, unless one exists, and exit")
+    act.add_argument("--regenerate-cert", action="store_true",
+                     help="replace the host certificate and key with new self-signed ones "
+                          "(the old ones are kept as *.old), and exit")
+    act.add_argument("--reload", action="store_true",
+                     help="make the running daemon re-read its configuration and wait for the "
+                          "result (ExecReload of scistreamd.service)")
     p.add_argument("--version", action="version", version=f"scistreamd {__version__}")
     args = p.parse_args(argv)
 
+    if args.reload:
+        return _reload(args.user)
+    config_path = args.config or DEFAULT_CONFIG_PATH
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG_PATH, required=args.config is not None)
+        cfg = load_config(config_path, required=args.config is not None)
     except ConfigError as e:
         print(f"scistreamd: configuration error: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
-        print("configuration OK")
-        return 0
-    if args.generate_cert:
-        from .certs import generate_host_cert_files
+        return _check(cfg)
+    if args.generate_cert or args.regenerate_cert:
+        from .certs import generate_host_cert_files, regenerate_host_cert_files
 
-        made = generate_host_cert_files(cfg.peer_cert, cfg.peer_key, socket.gethostname(),
-                                        _addresses_for_cert(cfg))
-        print(f"created {cfg.peer_cert}" if made else
-              f"{cfg.peer_cert} exists: left unchanged")
+        names = _cert_identity(cfg)
+        try:
+            if args.regenerate_cert:
+                kept = regenerate_host_cert_files(cfg.peer_cert, cfg.peer_key, *names)
+                print(f"created {cfg.peer_cert} and {cfg.peer_key}" + (
+                    f" (the old ones are {' and '.join(map(str, kept))})" if kept else ""))
+            elif generate_host_cert_files(cfg.peer_cert, cfg.peer_key, *names):
+                print(f"created {cfg.peer_cert} and {cfg.peer_key}")
+            else:
+                print(f"{cfg.peer_cert} exists: left unchanged (replace it with "
+                      "'scistreamd --regenerate-cert')")
+                return 0
+        except OSError as e:
+            print(f"scistreamd: cannot write the host certificate: {e}", file=sys.stderr)
+            return 1
+        _print_cert(cfg, names)
         return 0
 
     _setup_logging(cfg.log_level, _journal_available() and not sys.stderr.isatty())
     try:
-        return asyncio.run(run(cfg, user_bus=args.user))
+        return asyncio.run(run(cfg, user_bus=args.user, config_path=config_path,
+                               config_required=args.config is not None))
     except ConfigError as e:
         logger.error("configuration error: %s", e)
         return EX_CONFIG

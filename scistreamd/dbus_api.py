@@ -15,7 +15,7 @@
 
 import functools
 import logging
-from typing import Any, Callable, Dict, Iterable, Set
+from typing import Any, Awaitable, Callable, Dict, Iterable, Optional, Sequence, Set, Tuple
 
 from dbus_next import DBusError, Message, Variant
 from dbus_next.aio import MessageBus
@@ -214,6 +214,14 @@ class ManagerObject(ServiceInterface):
         await self._m.rearm(uid)
 
     @_method(MANAGER)
+    async def Reload(self):
+        if self._api.reload is None:
+            raise DBusError(f"{ERROR_PREFIX}.InvalidArgument",
+                            "this daemon cannot reload its configuration")
+        applied, needs_restart = await self._api.reload()
+        return [list(applied), list(needs_restart)]
+
+    @_method(MANAGER)
     async def ListEndpoints(self):
         return [[ep.uid, ep.role.value, ep.state.value, [str(h) for h in ep.listeners]]
                 for ep in self._m.list()]
@@ -228,7 +236,8 @@ class ManagerObject(ServiceInterface):
 
     @_property(MANAGER)
     def ListenAddress(self):
-        return str(self._m.cfg.listen_address)
+        # What a client hands to the other side: never a wildcard.
+        return str(self._m.cfg.relay_listen_address)
 
     @_property(MANAGER)
     def PortRange(self):
@@ -241,6 +250,8 @@ class TunnelApi:
     def __init__(self, bus: MessageBus) -> None:
         self.bus = bus
         self.manager: Manager  # set by attach()
+        #: The daemon's reload: () -> (applied keys, keys needing a restart).
+        self.reload: Optional[Callable[[], Awaitable[Tuple[Sequence[str], Sequence[str]]]]] = None
         self._objects: Dict[str, EndpointObject] = {}
         self.authorizer = Authorizer(bus, self._dispatches_to_us)
         bus.add_message_handler(self.authorizer.handle)

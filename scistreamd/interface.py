@@ -87,11 +87,17 @@ MANAGER = Interface(
                "New key and claim for inbound endpoint uid."),
         Method("ListEndpoints", (), (("endpoints", "a(sssas)"),),
                "Every endpoint: (uid, role, state, listeners)."),
+        Method("Reload", (), (("applied", "as"), ("needs_restart", "as")),
+               "Re-read the configuration files and apply the keys that can change "
+               "without a restart; returns the changed keys applied and those kept until "
+               "a restart. An invalid configuration changes nothing (InvalidArgument)."),
     ),
     properties=(
         Property("Version", "s"),
         Property("PeerPort", "q"),
-        Property("ListenAddress", "s"),
+        Property("ListenAddress", "s",
+                 "the address peers and applications reach this host at (relays listen "
+                 "there; for listen_address 0.0.0.0 or :: the relay address)"),
         Property("PortRange", "(qq)"),
     ),
 )

@@ -132,7 +132,7 @@ class Manager:
         self.probes = probes or HostProbes()
         self.store = StateStore(cfg.state_dir)
         self.keys = KeyStore(cfg.key_dir, self.probes.relay_gid())
-        self.ports = PortAllocator(cfg.listen_address, *cfg.port_range)
+        self.ports = PortAllocator(cfg.relay_listen_address, *cfg.port_range)
         self.endpoints: Dict[Tuple[str, Role], Endpoint] = {}
         self.listener: EndpointListener = listener or _NoListener()
         self._by_unit_path: Dict[str, Tuple[str, Role]] = {}
@@ -147,6 +147,8 @@ class Manager:
         #: Endpoints whose listeners a .socket unit holds (the others: relays
         #: adopted from a version without socket units, or relay_socket_activation off).
         self._sockets: Set[Tuple[str, Role]] = set()
+        #: Set when a reload changes peer_check_interval: the check loop starts over.
+        self._checks_changed = asyncio.Event()
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers
@@ -225,7 +227,7 @@ class Manager:
             try:
                 ep = Endpoint(
                     uid=uid, role=Role.INBOUND,
-                    listeners=tuple(HostPort(self.cfg.listen_address, p) for p in listen),
+                    listeners=tuple(HostPort(self.cfg.relay_listen_address, p) for p in listen),
                     targets=tuple(HostPort(ip, p) for p in ports),
                     num_conn=n, created_at=time.time(),
                     allowed_peer=str(opts.get("allowed_peer", "")))
@@ -276,7 +278,7 @@ class Manager:
                     "misbehaves; ask its administrator to check its journal")
             ep = Endpoint(
                 uid=uid, role=Role.OUTBOUND,
-                listeners=tuple(HostPort(self.cfg.listen_address, p) for p in held),
+                listeners=tuple(HostPort(self.cfg.relay_listen_address, p) for p in held),
                 targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr)
         except BaseException:
             self.ports.release(held)
@@ -574,13 +576,39 @@ class Manager:
                 logger.debug("peer check of %s: %s", ep.uid, e)
 
     async def run_peer_checks(self) -> None:
-        interval = self.cfg.peer_check_interval
-        while interval > 0:
-            await asyncio.sleep(interval)
+        """Check the peers every peer_check_interval (read afresh each round: a reload
+        may change it, and wakes this loop)."""
+        while True:
+            interval = self.cfg.peer_check_interval
+            self._checks_changed.clear()
+            if interval <= 0:
+                await self._checks_changed.wait()
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._checks_changed.wait(), interval)
+                continue  # the interval changed: wait the new one
             try:
                 await self.check_peers()
             except Exception:
                 logger.exception("peer check failed")
+
+    async def apply_config(self, cfg: Config) -> None:
+        """Run with a reloaded configuration (config.plan_reload merged it: only keys
+        that may change at run time differ). Requests read self.cfg as they run;
+        what lives beyond a request is updated here: the outbound listeners' IP
+        allow lists and the peer check loop."""
+        old, self.cfg = self.cfg, cfg
+        if old.peer_check_interval != cfg.peer_check_interval:
+            self._checks_changed.set()
+        if old.outbound_client_networks != cfg.outbound_client_networks:
+            for ep in [e for e in self.endpoints.values()
+                       if e.role is Role.OUTBOUND and e.key in self._sockets]:
+                try:
+                    await self.systemd.set_properties(ep.socket_unit,
+                                                      [allow_property(ep, cfg)])
+                except SystemdError as e:
+                    _log(logging.ERROR, MSG_FAILURE, ep, "could not apply the new "
+                         "outbound_client_networks to %s: %s", ep.socket_unit, e)
 
     async def rearm(self, uid: object) -> Endpoint:
         """New key for an inbound endpoint and a fresh claim; the old key stops working."""

@@ -177,6 +177,20 @@ class PeerServer:
                 f"; presented ones verified with {self._client_ca}" if self._client_ca else "")
         logger.info("peer port listening on %s (TLS; %s)", self.address, mode)
 
+    def reload_tls(self, cert: Path, key: Path, client_ca: Optional[Path],
+                   require_client_cert: bool) -> None:
+        """Use new TLS files (or new contents of the same files) for the connections
+        accepted from now on; open ones finish with the old. ConfigError (nothing
+        changed) when one does not load."""
+        ctx = server_context(Path(cert), Path(key), client_ca)
+        self._ctx = ctx
+        self._cert, self._key = Path(cert), Path(key)
+        self._client_ca = Path(client_ca) if client_ca is not None else None
+        self._require = bool(require_client_cert)
+        logger.info("peer port TLS reloaded (%s, %s; client certificates %s%s)", cert, key,
+                    "required" if self._require else "not required",
+                    f", verified with {client_ca}" if client_ca else ", no CA to verify them")
+
     async def stop(self) -> None:
         """Stop accepting and cut open connections short."""
         sock, self._sock = self._sock, None
@@ -390,7 +404,7 @@ class PeerServer:
         if self._client_ca is None:
             why = "this gateway has no CA to verify peer certificates with"
             fix = ("its administrator must install the peer's CA or certificate as "
-                   "peer_trust_file (or peer_client_ca) and restart scistreamd")
+                   "peer_trust_file (or peer_client_ca) and run 'systemctl reload scistreamd'")
         else:
             why = "no client certificate was presented"
             fix = ("configure peer_cert/peer_key on the claiming gateway and exchange trust "

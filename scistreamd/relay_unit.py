@@ -139,7 +139,7 @@ def ip_address_list(nets) -> Variant:
 
 def allow_property(ep: Endpoint, cfg: Config) -> List[Any]:
     """The socket's IPAddressAllow= for the endpoint as it is now (see listener_allow_networks)."""
-    nets: List[IPNetwork] = listener_allow_networks(ep, cfg.listen_address,
+    nets: List[IPNetwork] = listener_allow_networks(ep, cfg.relay_listen_address,
                                                     cfg.outbound_client_networks)
     return ["IPAddressAllow", ip_address_list(nets)]
 

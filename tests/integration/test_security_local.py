@@ -230,7 +230,7 @@ def test_a_local_user_learns_no_uid_and_steals_no_key(config, bed, apps):
     assert unit in text, f"{USER} never saw the relay unit {unit}: the search proves nothing"
     assert f"/run/systemd/transient/{unit}" in text
     assert "BindReadOnlyPaths=" in text and "LogExtraFields=" in text
-    assert "stunnel4" in text and "scistream.slice" in text  # the relay's cmdline and cgroup
+    assert "/usr/bin/stunnel" in text and "scistream.slice" in text  # relay cmdline, cgroup
     assert found["signals"], f"{USER} received no signal at all: the subscription is broken"
     assert found["owners"], "the watcher never learnt scistreamd's bus name"
     assert any("No journal files were opened" in x or "insufficient permissions" in x

@@ -152,6 +152,8 @@ DAEMON_DROPIN = """[Service]
 # Run the working tree's code, not an installed package.
 ExecStart=
 ExecStart=/usr/bin/python3 -m scistreamd.daemon
+ExecReload=
+ExecReload=/usr/bin/python3 -m scistreamd.daemon --reload
 Environment=PYTHONPATH=/run/testbed/src PYTHONDONTWRITEBYTECODE=1
 """
 

@@ -51,7 +51,7 @@ def test_defaults() -> None:
     assert c.peer_client_ca_file == Path("/etc/scistream/peer-ca.crt")
     assert c.peer_timeout == 10.0
     assert c.peer_enabled is True
-    assert c.stunnel == Path("/usr/bin/stunnel4")
+    assert c.stunnel == Path("/usr/bin/stunnel")
     assert c.relay_memory_max == 256 * 1024 * 1024
     assert c.relay_tasks_max == 4096
     assert (c.relay_nice, c.relay_cpu_scheduling) == (-5, "batch")
@@ -102,7 +102,7 @@ peer_client_ca = "/srv/sci/clients.crt"
 peer_require_client_cert = false
 peer_timeout = 2
 peer_enabled = false
-stunnel = "/usr/bin/stunnel"
+stunnel = "/usr/local/bin/stunnel"
 relay_memory_max = "1G"
 relay_tasks_max = 16
 relay_nice = 0
@@ -125,7 +125,7 @@ log_level = "debug"
     assert c.peer_require_client_cert is False
     assert c.peer_timeout == 2.0 and isinstance(c.peer_timeout, float)
     assert c.peer_enabled is False
-    assert c.stunnel == Path("/usr/bin/stunnel")
+    assert c.stunnel == Path("/usr/local/bin/stunnel")
     assert c.relay_memory_max == 1024**3
     assert c.relay_tasks_max == 16
     assert (c.relay_nice, c.relay_cpu_scheduling) == (0, "other")
@@ -279,7 +279,12 @@ def test_main_path_is_a_directory(tmp_path: Path) -> None:
 
 BAD_VALUES = [
     ("listen_address", '"server1"'),
-    ("listen_address", '"0.0.0.0"'),
+    ("listen_address", '"224.0.0.1"'),  # multicast (0.0.0.0 and :: mean all addresses)
+    ("listen_address", '"ff02::1"'),
+    ("relay_address", '"0.0.0.0"'),  # relays need one concrete address
+    ("relay_address", '"::"'),
+    ("relay_address", '"server1"'),
+    ("relay_address", "1"),
     ("listen_address", '"192.168.150.1\\n"'),
     ("listen_address", "3232273921"),
     ("peer_port", "0"),
