@@ -140,8 +140,13 @@ def resolve_relay_address(listen_address: IPAddress,
         return relay_address
     if not is_wildcard(listen_address):
         return listen_address
-    return pick_relay_address(listen_address, host_addresses(),
-                              (route_source(4), route_source(6)))
+    try:
+        addresses = host_addresses()
+    except OSError as e:
+        raise ConfigError("<host>", "listen_address", f"{listen_address} means all of this "
+                          f"host's addresses, but they cannot be listed ({e}): set "
+                          "relay_address to the address relays should listen on") from None
+    return pick_relay_address(listen_address, addresses, (route_source(4), route_source(6)))
 
 
 def certificate_addresses(addresses: Iterable[IPAddress]) -> List[IPAddress]:
