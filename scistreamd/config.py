@@ -211,11 +211,7 @@ def _listen_ip(value: object) -> IPAddress:
 def _relay_ip(value: object) -> IPAddress | None:
     if value == "":
         return None
-    ip = _ip(value)
-    if ip.is_unspecified or ip.is_multicast:
-        raise _Bad(f"{ip} is not one address: relays need a concrete address of this host "
-                   '(e.g. "192.168.150.1"), or "" to follow listen_address')
-    return ip
+    return _ip(value)  # one unicast address: relays need a concrete one
 
 
 def _path(value: object) -> Path:

@@ -452,3 +452,75 @@ def test_allowed_targets_bad_values(main: Path, value: str, needle: str) -> None
     with pytest.raises(ConfigError) as e:
         load_config(main)
     assert e.value.key == "allowed_targets" and needle in str(e.value), str(e.value)
+
+
+# --------------------------------------------------------------------------
+# listen_address wildcards, relay_address (issue 15 item 3)
+
+@pytest.mark.parametrize("text", ["0.0.0.0", "::"])
+def test_listen_address_may_be_a_wildcard(main: Path, text: str) -> None:
+    write(main, f'listen_address = "{text}"\n')
+    c = load_config(main)
+    assert c.listen_address.is_unspecified
+    assert c.relay_address is None
+    # Unresolved: the daemon stores its choice in relay_address at start-up.
+    assert c.relay_listen_address == c.listen_address
+
+
+def test_relay_address_places_relays(main: Path) -> None:
+    write(main, 'listen_address = "0.0.0.0"\nrelay_address = "192.168.150.11"\n')
+    c = load_config(main)
+    assert c.relay_listen_address == IPv4Address("192.168.150.11")
+    write(main, 'listen_address = "192.168.150.1"\nrelay_address = ""\n')
+    assert load_config(main).relay_listen_address == IPv4Address("192.168.150.1")
+
+
+def test_relay_address_wildcard_is_refused_naming_the_key(main: Path) -> None:
+    write(main, 'relay_address = "0.0.0.0"\n')
+    with pytest.raises(ConfigError, match="relay_address: address 0.0.0.0 is not a unicast"):
+        load_config(main)
+
+
+# --------------------------------------------------------------------------
+# reload
+
+def test_plan_reload_applies_reloadable_keys_and_keeps_the_others() -> None:
+    from scistreamd.config import RELOADABLE_KEYS, plan_reload
+
+    running = config_from_mapping({"listen_address": "192.168.150.1",
+                                   "allowed_targets": ["10.0.0.0/8"]})
+    new = config_from_mapping({"listen_address": "192.168.150.2", "peer_port": 5001,
+                               "allowed_targets": ["10.0.0.0/8", "192.168.0.0/16 5300"],
+                               "peer_check_interval": 5, "log_level": "debug"})
+    plan = plan_reload(running, new)
+    assert set(plan.applied) == {"allowed_targets", "peer_check_interval", "log_level"}
+    assert set(plan.needs_restart) == {"listen_address", "peer_port"}
+    assert plan.config.allowed_targets == new.allowed_targets
+    assert plan.config.peer_check_interval == 5.0
+    assert plan.config.listen_address == IPv4Address("192.168.150.1")  # kept
+    assert plan.config.peer_port == 5000  # kept
+    assert "listen_address" not in RELOADABLE_KEYS and "port_range" not in RELOADABLE_KEYS
+
+
+def test_plan_reload_without_changes_changes_nothing() -> None:
+    from scistreamd.config import plan_reload
+
+    c = config_from_mapping({"listen_address": "192.168.150.1"})
+    plan = plan_reload(c, config_from_mapping({"listen_address": "192.168.150.1"}))
+    assert plan.applied == () and plan.needs_restart == ()
+    assert plan.config == c
+
+
+def test_plan_reload_keeps_relay_caps_consistent() -> None:
+    # All relay caps are reloadable together: the merged configuration is the
+    # validated new one for them, never a mix that fails _check_relay_caps.
+    from scistreamd.config import RELOADABLE_KEYS, relay_connection_fit
+
+    assert {"relay_memory_max", "relay_tasks_max", "relay_max_connections"} <= RELOADABLE_KEYS
+    from scistreamd.config import plan_reload
+
+    old = config_from_mapping({})
+    new = config_from_mapping({"relay_memory_max": "64M", "relay_max_connections": 100})
+    merged = plan_reload(old, new).config
+    assert merged.relay_max_connections <= relay_connection_fit(merged.relay_memory_max,
+                                                                merged.relay_tasks_max)
