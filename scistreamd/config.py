@@ -67,8 +67,9 @@ class Config:
     #: The host's facility address: the peer port listens here, relays too unless
     #: relay_address says otherwise. 0.0.0.0 / "::": the peer port listens on all
     #: of the host's addresses, relays on relay_address or the address the daemon
-    #: picks at start (hostaddrs.pick_relay_address).
-    listen_address: IPAddress = IPv4Address("127.0.0.1")
+    #: picks at start (hostaddrs.pick_relay_address). The default: a first install
+    #: answers peers on the host's real addresses with no edit.
+    listen_address: IPAddress = IPv4Address("0.0.0.0")
     #: Where relays listen (None: listen_address, or for a wildcard one the picked
     #: address; the daemon stores its resolved choice here at start-up).
     relay_address: IPAddress | None = None

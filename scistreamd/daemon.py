@@ -247,6 +247,10 @@ async def run(cfg: Config, *, user_bus: bool = False,
                     f"chosen for listen_address {cfg.listen_address}: the default route's "
                     "source address, else the first address that is not loopback or "
                     "link-local; set relay_address to choose another")
+        if cfg.relay_listen_address.is_loopback and cfg.listen_address.is_unspecified:
+            logger.warning("this host has no address but loopback: relays listen on %s, "
+                           "which other gateways cannot reach; configure the network and "
+                           "restart scistreamd, or set relay_address", cfg.relay_address)
 
     patch_dbus_next_writer()
     bus = await MessageBus(bus_type=BusType.SESSION if user_bus else BusType.SYSTEM).connect()

@@ -114,8 +114,11 @@ def pick_relay_address(listen_address: IPAddress, addresses: Iterable[IPAddress]
     the source address of the default route (what other networks most likely
     reach this host at), else the host's first usable address (not loopback or
     link-local). ``route_sources`` holds route_source(4), route_source(6) as
-    found. ConfigError when the host has no usable address of those families.
+    found. A host with no such address (no network yet) gets its loopback
+    address, so the daemon still starts (the caller warns); ConfigError when
+    it has not even that.
     """
+    addresses = list(addresses)
     addrs = [a for a in addresses if is_usable(a)]
     for version in _families(listen_address):
         for src in route_sources:
@@ -123,6 +126,10 @@ def pick_relay_address(listen_address: IPAddress, addresses: Iterable[IPAddress]
                 return src
         for a in addrs:
             if a.version == version:
+                return a
+    for version in _families(listen_address):
+        for a in addresses:
+            if a.is_loopback and a.version == version:
                 return a
     raise ConfigError(
         "<host>", "listen_address",

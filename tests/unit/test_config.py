@@ -38,7 +38,8 @@ def test_default_path() -> None:
 
 def test_defaults() -> None:
     c = Config()
-    assert c.listen_address == IPv4Address("127.0.0.1")
+    assert c.listen_address == IPv4Address("0.0.0.0")
+    assert c.relay_address is None
     assert c.peer_port == 5000
     assert c.port_range == (5100, 5200)
     assert c.port_range_text == "5100-5200"

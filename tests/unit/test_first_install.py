@@ -47,9 +47,13 @@ def test_wildcard_v6_prefers_ipv6_then_ipv4() -> None:
     assert hostaddrs.pick_relay_address(any6, [LO4, A1, LO6, LL6], (None, None)) == A1
 
 
-def test_no_usable_address_is_a_config_error_naming_relay_address() -> None:
+def test_no_usable_address_falls_back_to_loopback_and_none_at_all_is_an_error() -> None:
+    # A host without network yet (e.g. at package install): the daemon still starts.
+    assert hostaddrs.pick_relay_address(ip_address("0.0.0.0"), [LO4, LO6, LL6],
+                                        (None, None)) == LO4
+    assert hostaddrs.pick_relay_address(ip_address("::"), [LO4, LO6], (None, None)) == LO6
     with pytest.raises(ConfigError, match="relay_address"):
-        hostaddrs.pick_relay_address(ip_address("0.0.0.0"), [LO4, LO6, LL6], (None, None))
+        hostaddrs.pick_relay_address(ip_address("0.0.0.0"), [LO6, LL6], (None, None))
 
 
 def test_resolve_relay_address_without_wildcard_reads_nothing() -> None:

@@ -190,6 +190,9 @@ class Bed:
     def __init__(self, tmp: Path, units: Optional[Dict[str, Tuple[str, str]]] = None,
                  **cfg: Any) -> None:
         self.tmp = tmp
+        # A concrete listen address: the daemon resolves the default wildcard before
+        # it builds the Manager (daemon.resolve_config).
+        cfg.setdefault("listen_address", ipaddress.ip_address("127.0.0.1"))
         self.cfg = Config(state_dir=tmp / "state", key_dir=tmp / "keys", port_range=(LOW, HIGH),
                           relay_start_timeout=0.2, **cfg)
         self.systemd = FakeSystemd(units)
