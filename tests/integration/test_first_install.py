@@ -306,3 +306,30 @@ def test_reload_applies_allowed_targets_and_refuses_an_invalid_file(clean, dropi
     assert f"{S1_IP}:5000" in listening and ":5001" not in listening, listening
     watch.check()
     assert daemon_status(s1)["ActiveState"] == "active"
+
+
+def test_trust_file_installed_after_start_takes_effect_on_reload(clean, dropin, s1, s2, apps):
+    """The first-install flow: the daemon runs without a trust file (every claim is
+    refused, by name); the operator installs it and reloads; claims work, same process."""
+    trust = "/etc/scistream/fi-peer-ca.crt"
+    s1.run(["rm", "-f", trust])
+    set_dropin(s1, f'peer_trust_file = "{trust}"\n')
+    restart(s1)
+    apps.start(s1, "fi-trust-echo", "python3", HOSTTOOL, "echo", "5300", "--tag", "trust:")
+    code, err, uid, listeners = inbound(s1, 5300)
+    assert code == 0, err
+    r = s2.ctl("outbound-request", "--remote_ip", S1_IP, "--receiver_ports", "5100",
+               "--num_conn", "1", uid, *listeners)
+    assert r.returncode != 0 and "no CA to verify" in r.stderr, r.stderr
+
+    watch = DaemonWatch(s1)
+    s1.run(["cp", "/etc/scistream/peer-ca.crt", trust])
+    r = s1.run(["systemctl", "reload", SERVICE], check=False)
+    assert r.returncode == 0, r.stderr
+    r = s2.ctl("outbound-request", "--remote_ip", S1_IP, "--receiver_ports", "5100",
+               "--num_conn", "1", uid, *listeners)
+    assert r.returncode == 0, r.stderr
+    ip, port = parse_request_output(r.stdout)[3][0].rsplit(":", 1)
+    assert tool(s2, "request", ip, port, "hi", "--timeout", "20").stdout.strip() == "trust:hi"
+    watch.check()
+    s1.run(["rm", "-f", trust])
