@@ -333,3 +333,43 @@ def test_trust_file_installed_after_start_takes_effect_on_reload(clean, dropin, 
     assert tool(s2, "request", ip, port, "hi", "--timeout", "20").stdout.strip() == "trust:hi"
     watch.check()
     s1.run(["rm", "-f", trust])
+
+
+def test_reload_opens_running_outbound_listeners_to_new_client_networks(clean, dropin, s1, s2,
+                                                                        apps):
+    """outbound_client_networks applies to the listeners of relays already running."""
+    apps.start(s1, "fi-net-echo", "python3", HOSTTOOL, "echo", "5300", "--tag", "net:")
+    code, err, uid, listeners = inbound(s1, 5300)
+    assert code == 0, err
+    r = s2.ctl("outbound-request", "--remote_ip", S1_IP, "--receiver_ports", "5100",
+               "--num_conn", "1", uid, *listeners)
+    assert r.returncode == 0, r.stderr
+    ip, port = parse_request_output(r.stdout)[3][0].rsplit(":", 1)
+    # server2's own address is always allowed; server1 is not in the default networks.
+    assert tool(s2, "request", ip, port, "own", "--timeout", "20").stdout.strip() == "net:own"
+    before = tool(s1, "request", ip, port, "other", "--timeout", "3", check=False).stdout.strip()
+    assert before != "net:other", "a host outside outbound_client_networks got through"
+
+    watch = DaemonWatch(s2)
+    set_dropin(s2, f'outbound_client_networks = ["127.0.0.0/8", "::1/128", "{S1_IP}/32"]\n')
+    r = s2.run(["systemctl", "reload", SERVICE], check=False)
+    assert r.returncode == 0, r.stderr
+    after = tool(s1, "request", ip, port, "other", "--timeout", "20", check=False).stdout.strip()
+    assert after == "net:other", f"the running relay's listener still refuses server1: {after}"
+    watch.check()
+
+
+def test_sighup_reloads_too(clean, dropin, s1):
+    set_dropin(s1, f'allowed_targets = ["{S1_IP} 5300"]\n')
+    restart(s1)
+    code, err, _uid, _ = inbound(s1, 5301)
+    assert code != 0 and "allowed_targets" in err, err
+    watch = DaemonWatch(s1)
+    cursor = journal_cursor(s1)
+    set_dropin(s1, f'allowed_targets = ["{S1_IP} 5300-5301"]\n')
+    s1.run(["systemctl", "kill", "-s", "HUP", "--kill-who=main", SERVICE])
+    wait_until(lambda: "configuration reloaded" in journal_since(s1, cursor, "-u", SERVICE), 30,
+               "the reload after SIGHUP")
+    code, err, _uid, _ = inbound(s1, 5301)
+    assert code == 0, err
+    watch.check()

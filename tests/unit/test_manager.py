@@ -9,6 +9,7 @@ No pytest-asyncio here: each test runs its coroutine with asyncio.run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import ipaddress
 from pathlib import Path
@@ -1062,4 +1063,44 @@ def test_rearm_racing_a_release_does_not_resurrect_the_endpoint(tmp_path: Path) 
             await rearm
         bed.assert_clean()
         assert bed.m._uid_locks == {}
+    run(go)
+
+
+# ------------------------------------------------------------------ reload (apply_config)
+
+
+def test_apply_config_updates_running_outbound_listeners_only_when_networks_change(
+        tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        inb = await inbound(bed)
+        out = await outbound(bed, new_uid())
+        bed.systemd.calls.clear()
+        await bed.m.apply_config(dataclasses.replace(bed.cfg, max_endpoints=5))
+        assert bed.m.cfg.max_endpoints == 5
+        assert bed.systemd.names("set_properties") == []
+        nets = (ipaddress.ip_network("10.0.0.0/8"),)
+        await bed.m.apply_config(dataclasses.replace(bed.m.cfg, outbound_client_networks=nets))
+        # Only the outbound endpoint's socket: an inbound one keeps its claimant list.
+        assert bed.systemd.names("set_properties") == [out.socket_unit]
+        assert inb.socket_unit not in bed.systemd.names("set_properties")
+    run(go)
+
+
+def test_peer_check_loop_follows_a_reloaded_interval(tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path, peer_check_interval=0.0)
+        checked = asyncio.Event()
+
+        async def check() -> None:
+            checked.set()
+        bed.m.check_peers = check  # type: ignore[method-assign]
+        loop = asyncio.ensure_future(bed.m.run_peer_checks())
+        try:
+            await asyncio.sleep(0.05)
+            assert not checked.is_set()  # 0 = never
+            await bed.m.apply_config(dataclasses.replace(bed.cfg, peer_check_interval=0.01))
+            await asyncio.wait_for(checked.wait(), 10)
+        finally:
+            loop.cancel()
     run(go)
