@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -240,6 +239,25 @@ async def run(cfg: Config, *, user_bus: bool = False,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP = reload; one that arrives during start-up is done once ready (its
+    # default action would end the daemon).
+    reloader: Optional[Reloader] = None
+    hup_pending: List[bool] = []
+
+    def on_sighup() -> None:
+        if reloader is None:
+            hup_pending.append(True)
+            return
+
+        async def go(r: Reloader) -> None:
+            try:
+                await r.reload()
+            except InvalidArgument:
+                pass  # logged by reload()
+            except Exception:
+                logger.exception("reload after SIGHUP failed")
+        asyncio.ensure_future(go(reloader))
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     cfg = resolve_config(cfg)
     if cfg.relay_address != cfg.listen_address:
         logger.info("relays listen on %s (%s)", cfg.relay_address,
@@ -286,18 +304,14 @@ async def run(cfg: Config, *, user_bus: bool = False,
     reloader = Reloader(config_path, config_required, cfg, manager, peers, peer_server, status)
     api.reload = reloader.reload
 
-    def on_sighup() -> None:
-        async def go() -> None:
-            with contextlib.suppress(InvalidArgument):  # logged by reload()
-                await reloader.reload()
-        asyncio.ensure_future(go())
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
-
     status.live = True
     await _notify("READY=1", f"STATUS={status.current()}")
-    logger.info("scistreamd %s ready on %s (peer port %s, ports %s), %d endpoints adopted",
-                __version__, cfg.listen_address, cfg.peer_port if cfg.peer_enabled else "off",
+    logger.info("scistreamd %s ready on %s (peer port %s, relays on %s ports %s), %d endpoints "
+                "adopted", __version__, cfg.listen_address,
+                cfg.peer_port if cfg.peer_enabled else "off", cfg.relay_listen_address,
                 cfg.port_range_text, len(manager.endpoints))
+    if hup_pending:
+        on_sighup()
 
     watchdog = None
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
