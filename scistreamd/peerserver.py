@@ -460,6 +460,8 @@ class PeerServer:
             logger.warning("peer port: %s for %s: no answer within %g s", what, who, timeout)
             raise Refusal("Busy", f"the daemon is busy (no answer within {timeout:g} s); "
                         "try again") from None
+        except Refusal:
+            raise
         except ScistreamError as e:
             if e.internal:  # this host's trouble (systemd, config): details to the journal
                 logger.error("peer port: %s for %s failed: %s", what, who, e)

@@ -28,7 +28,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from .endpoint_json import endpoint_json
-from .errors import AccessDenied, InvalidArgument, NotFound
+from .errors import AccessDenied, InvalidArgument, NotFound, ScistreamError
 from .identity import Identity
 from .manager import Manager
 from .model import Endpoint, parse_uid
@@ -139,6 +139,9 @@ class UserApi:
             except AccessDenied as e:
                 self._refused(None, source, f"token refused: {e}")
                 raise NoCredentials(str(e)) from None
+            except ScistreamError as e:  # e.g. AuthUnavailable: fail closed, by name
+                self._refused(None, source, f"token not checked: {e}")
+                raise
         if cert is not None:
             return cert
         why = ("no credentials: send 'Authorization: Bearer <token>'" +

@@ -169,6 +169,7 @@ def test_allowed_target_works_end_to_end(users, apps):
     """robot-a: inbound on server1 and outbound on server2, both over the user API;
     bytes arrive intact; Owner names robot-a on both; released over the API."""
     s1, s2 = users
+    cursor = journal_cursor(s1)
     apps.start(s1, "userapi-sink", "python3", HOSTTOOL, "sink", str(SINK_PORT),
                "/run/userapi-sink.sha", "--host", s1.ip)
     wait_listening(s1, SINK_PORT)
@@ -186,6 +187,9 @@ def test_allowed_target_works_end_to_end(users, apps):
     assert o["body"]["endpoint"]["owner"] == f"cert:{A}"
     assert endpoint_properties(s1, uid, "inbound")["Owner"] == f"cert:{A}"
     assert endpoint_properties(s2, uid, "outbound")["Owner"] == f"cert:{A}"
+    # The journal's tunnel events carry the owner too (journalctl SCISTREAM_OWNER=...).
+    journal_lines(s1, cursor, uid, "MESSAGE_ID=5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a71",
+                  f"SCISTREAM_OWNER=cert:{A}")
     host, port = local[0].rsplit(":", 1)
     sent = tool(s2, "send", host, port, str(4 * 1024 * 1024)).stdout.strip()
     got = s1.run(["sh", "-c", "for i in $(seq 200); do test -s /run/userapi-sink.sha && "

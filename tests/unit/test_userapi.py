@@ -13,7 +13,13 @@ import pytest
 from scistreamd import certs
 from scistreamd.config import config_from_mapping, load_config
 from scistreamd.endpoint_json import endpoint_json, iso_time, snake
-from scistreamd.errors import AccessDenied, ConfigError, InvalidArgument, NotFound
+from scistreamd.errors import (
+    AccessDenied,
+    ConfigError,
+    InvalidArgument,
+    NotFound,
+    ScistreamError,
+)
 from scistreamd.identity import LEGACY_OWNER, Identity, local_identity, parse_owner
 from scistreamd.model import Endpoint, HostPort, Role, State
 from scistreamd.peerwire import (
@@ -315,7 +321,13 @@ class FakeVerifier:
             return ALICE
         if token == "bob-token":
             return BOB
+        if token == "when-down":
+            raise Unavailable("the introspection endpoint cannot be reached")
         raise AccessDenied("the token is not active")
+
+
+class Unavailable(ScistreamError):
+    name = "AuthUnavailable"
 
 
 def _req(method: str, target: str, token: str = "") -> RequestHead:
@@ -377,6 +389,9 @@ def test_user_api_refuses_without_credentials() -> None:
     # ... not even list.
     with pytest.raises(AccessDenied, match="no rule of user_rules"):
         _ask(api, "GET", "/v1/tunnels", cert=ROBOT)
+    # The verifier cannot check: its named error, fail closed (no identity, nothing done).
+    with pytest.raises(Unavailable):
+        _ask(api, "GET", "/v1/tunnels", token="when-down")
     no_tokens = UserApi(FakeManager(), ())  # type: ignore[arg-type]
     with pytest.raises(AccessDenied, match="accepts no bearer tokens"):
         _ask(no_tokens, "GET", "/v1/tunnels", token="alice-token")
