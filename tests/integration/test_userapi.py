@@ -293,6 +293,22 @@ def test_per_identity_limit(users, clean):
     assert inbound(s1, s2, A)["status"] == 201
 
 
+def test_concurrent_requests_cannot_pass_the_limit(users, clean):
+    """Six creations of one identity at once, limit 2: exactly two succeed."""
+    s1, s2 = users
+    body = json.dumps({"remote_ip": s1.ip, "receiver_ports": [SINK_PORT], "num_conn": 1})
+    env = f"CERT={CLIENT_DIR}/{A}.crt KEY={CLIENT_DIR}/{A}.key"
+    script = (f"cat > {CLIENT_DIR}/client.py; for i in 1 2 3 4 5 6; do env {env} python3 "
+              f"{CLIENT_DIR}/client.py {s1.ip} 5000 POST /v1/tunnels/inbound '{body}' "
+              f"> {CLIENT_DIR}/out.$i & done; wait; cat {CLIENT_DIR}/out.*")
+    out = s2.run(["sh", "-c", script], input=CLIENT).stdout
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert sorted(a["status"] for a in answers) == [201] * LIMIT_A + [403] * (6 - LIMIT_A), out
+    assert all(a["body"]["error"] == "AccessDenied" for a in answers if a["status"] == 403)
+    listed = api(s2, s1.ip, "GET", "/v1/tunnels", cert=A)["body"]["tunnels"]
+    assert len(listed) == LIMIT_A
+
+
 def test_dbus_created_endpoints_show_a_local_owner(users, clean):
     s1, s2 = users
     out = s1.ctl("inbound-request", "--remote_ip", s1.ip, "--receiver_ports", str(SINK_PORT))
