@@ -47,6 +47,7 @@ from .errors import (
     WrongListener,
 )
 from .hostprobe import HostProbes
+from .identity import LEGACY_OWNER
 from .model import (
     Endpoint,
     HostPort,
@@ -101,7 +102,7 @@ def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> 
     """
     logger.log(level, text, *args, extra={
         "MESSAGE_ID": msg_id.hex, "SCISTREAM_UID": ep.uid, "SCISTREAM_ROLE": ep.role.value,
-        "SCISTREAM_UNIT": ep.unit})
+        "SCISTREAM_UNIT": ep.unit, "SCISTREAM_OWNER": ep.owner})
 
 
 class EndpointListener(Protocol):
@@ -211,7 +212,9 @@ class Manager:
 
     # ------------------------------------------------------------- inbound
     async def inbound_request(self, remote_ip: object, receiver_ports: object,
-                              num_conn: object, options: object) -> Endpoint:
+                              num_conn: object, options: object, *,
+                              owner: str = LEGACY_OWNER) -> Endpoint:
+        """``owner``: the creator's Owner string (identity.py)."""
         ip = parse_ip(remote_ip, "remote_ip")
         ports = parse_port_list(receiver_ports, "receiver_ports")
         n = parse_num_conn(num_conn, self.cfg.port_range[1] - self.cfg.port_range[0] + 1)
@@ -230,7 +233,7 @@ class Manager:
                     listeners=tuple(HostPort(self.cfg.relay_listen_address, p) for p in listen),
                     targets=tuple(HostPort(ip, p) for p in ports),
                     num_conn=n, created_at=time.time(),
-                    allowed_peer=str(opts.get("allowed_peer", "")))
+                    allowed_peer=str(opts.get("allowed_peer", "")), owner=owner)
             except BaseException:
                 self.ports.release(listen)
                 raise
@@ -239,7 +242,8 @@ class Manager:
 
     # ------------------------------------------------------------ outbound
     async def outbound_request(self, uid: object, remote_listeners: object, local_ports: object,
-                               num_conn: object, options: object) -> Endpoint:
+                               num_conn: object, options: object, *,
+                               owner: str = LEGACY_OWNER) -> Endpoint:
         uid = parse_uid(uid)
         remote = parse_hostport_list(remote_listeners, "remote_listeners")
         local = parse_port_list(local_ports, "local_ports", min_len=0)
@@ -279,7 +283,8 @@ class Manager:
             ep = Endpoint(
                 uid=uid, role=Role.OUTBOUND,
                 listeners=tuple(HostPort(self.cfg.relay_listen_address, p) for p in held),
-                targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr)
+                targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr,
+                owner=owner)
         except BaseException:
             self.ports.release(held)
             raise

@@ -15,6 +15,10 @@ Peer authentication: with a client CA every client is asked for a
 certificate (CERT_OPTIONAL): one that does not chain fails the handshake;
 none at all completes it, so that with ``require_client_cert`` claims and
 state checks get a named 403 AccessDenied instead of a bare TLS alert.
+
+The user API (/v1/tunnels) is answered by userapi.UserApi. A certificate that
+chains to ``user_client_ca`` but not to the peer CA is a user's: for claims and
+state checks it counts as none.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -29,10 +34,11 @@ import ssl
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Awaitable, Dict, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Dict, Optional, Protocol, Tuple, Union
 
 from . import __version__
 from .errors import AccessDenied, InvalidArgument, ScistreamError
+from .identity import Identity
 from .model import HostPort, IPAddress, PeerIdentity, parse_uid
 from .peertls import (
     ServerTls,
@@ -55,8 +61,11 @@ from .peerwire import (
     loads,
     response,
     route,
-    status_of,
 )
+
+if TYPE_CHECKING:  # they import the manager and cryptography: only their types here
+    from .userapi import UserRequests
+    from .usercert import UserCertMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +125,9 @@ class PeerServer:
                  client_ca: Optional[Path], handler: PeerHandler, *,
                  require_client_cert: bool, timeout: float = 10.0, max_body: int = 64 * 1024,
                  max_connections: int = 1024, max_per_source: int = 64,
-                 handshake_timeout: Optional[float] = None) -> None:
+                 handshake_timeout: Optional[float] = None,
+                 user_api: Optional[UserRequests] = None,
+                 user_certs: Optional[UserCertMatcher] = None) -> None:
         if not timeout > 0:
             raise InvalidArgument(f"peer port timeout must be > 0 seconds, not {timeout!r}")
         for what, value, low in (("max_body", max_body, 2), ("max_connections",
@@ -134,6 +145,8 @@ class PeerServer:
         self._client_ca = Path(client_ca) if client_ca is not None else None
         self._require = bool(require_client_cert)
         self._handler = handler
+        self._user_api = user_api
+        self._user_certs = user_certs
         self._timeout = float(timeout)
         self._handshake_timeout = handshake_timeout or min(self._timeout, 3.0)
         self._max_body = max_body
@@ -165,7 +178,8 @@ class PeerServer:
         load, ScistreamError an address that cannot be bound."""
         if self._sock is not None:
             return
-        self._ctx = server_context(self._cert, self._key, self._client_ca)
+        self._ctx = server_context(self._cert, self._key, self._client_ca,
+                                   self._user_certs.ca_file if self._user_certs else None)
         self._sock = self._bind()
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
         if self._require:
@@ -331,18 +345,27 @@ class PeerServer:
             logger.debug("peer port: no TLS handshake from %s within %g s", who,
                          self._handshake_timeout)
             return
-        cert = tls.obj.getpeercert() if self._client_ca is not None else None
+        cert = tls.obj.getpeercert() if self._ctx.verify_mode != ssl.CERT_NONE else None
         # The dict form is empty unless the certificate was verified.
         claimant = identity_of(who, cert) if cert else PeerIdentity(who)
+        user = None
+        if cert and self._user_certs is not None:
+            der = tls.obj.getpeercert(binary_form=True) or b""
+            user = self._user_certs.identity_of(der)
+            if user is not None and not self._user_certs.peer_ca_issued(der):
+                claimant = PeerIdentity(who)  # a user's certificate claims nothing
         method = "GET"
         # Each read waits at most timeout, the whole connection 3 x timeout (_serve).
         try:
             req = await _read_head(tls)
             method = req.method
-            doc = await self._answer(req, tls, claimant)
-            status, headers = 200, ()
+            if route(req.target)[0] == "user":
+                status, doc = await self._user(req, tls, user, claimant)
+            else:
+                status, doc = 200, await self._answer(req, tls, claimant)
+            headers: Tuple[Tuple[str, str], ...] = ()
         except Refusal as r:
-            status, doc, headers = status_of(r.name), r.to_json(), r.headers
+            status, doc, headers = r.status, r.to_json(), r.headers
         await tls.write(response(status, doc, headers, with_body=method != "HEAD"))
         await tls.close_notify()
         await self._linger(reader, writer)
@@ -397,6 +420,17 @@ class PeerServer:
         logger.info("peer port: handed the key of endpoint %s to %s", uid, who)
         return result
 
+    async def _user(self, req: RequestHead, tls: ServerTls, cert: Optional[Identity],
+                    who: PeerIdentity) -> Tuple[int, Dict[str, Any]]:
+        """A user API request, answered by userapi.UserApi; with more time: a creation
+        may claim a key from a peer and start a relay (still within 3 x timeout)."""
+        if self._user_api is None:
+            raise Refusal("UnknownPath", "this gateway does not serve the user API")
+        answer = self._user_api.answer(req, functools.partial(self._read_body, req, tls),
+                                       cert, who.address)
+        return await self._call(answer, who, f"{req.method} {clean(req.target, 80)}",
+                                2 * self._timeout)
+
     def _authenticate(self, what: str, uid: str, who: PeerIdentity) -> None:
         """A named 403 when a verified client certificate is required and absent."""
         if who.verified or not self._require:
@@ -428,16 +462,20 @@ class PeerServer:
         # Empty body means no options, same as {}.
         return body[:length] if length else b"{}"
 
-    async def _call(self, coro: Awaitable[Dict[str, Any]], who: PeerIdentity,
-                    what: str) -> Dict[str, Any]:
-        """The daemon's answer within the timeout; its named failures go to the peer."""
+    async def _call(self, coro: Awaitable[Any], who: PeerIdentity,
+                    what: str, timeout: float = 0.0) -> Any:
+        """The daemon's answer within the timeout; its named failures go to the peer.
+
+        The answer is a JSON object, or (user API) a (status, JSON object) pair."""
+        timeout = timeout or self._timeout
         try:
-            result = await asyncio.wait_for(coro, self._timeout)
+            result = await asyncio.wait_for(coro, timeout)
         except asyncio.TimeoutError:
-            logger.warning("peer port: %s for %s: no answer within %g s", what, who,
-                           self._timeout)
-            raise Refusal("Busy", f"the daemon is busy (no answer within {self._timeout:g} s); "
+            logger.warning("peer port: %s for %s: no answer within %g s", what, who, timeout)
+            raise Refusal("Busy", f"the daemon is busy (no answer within {timeout:g} s); "
                         "try again") from None
+        except Refusal:
+            raise
         except ScistreamError as e:
             if e.internal:  # this host's trouble (systemd, config): details to the journal
                 logger.error("peer port: %s for %s failed: %s", what, who, e)
@@ -445,12 +483,14 @@ class PeerServer:
             # AccessDenied: the manager logged it, with the endpoint's fields.
             logger.log(logging.DEBUG if isinstance(e, AccessDenied) else logging.INFO,
                        "peer port: refused %s by %s: %s", what, who, e)
-            raise Refusal(e.name, str(e)) from None
+            status = getattr(e, "http_status", 0)
+            raise Refusal(e.name, str(e), getattr(e, "http_headers", ()), status) from None
         except Exception:
             logger.exception("peer port: %s for %s failed", what, who)
             raise Refusal("Failed", _INTERNAL) from None
         try:
-            if isinstance(result, dict) and dumps(result):
+            doc = result[1] if isinstance(result, tuple) and len(result) == 2 else result
+            if isinstance(doc, dict) and dumps(doc):
                 return result
         except (TypeError, ValueError):
             pass
