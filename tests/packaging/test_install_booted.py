@@ -88,8 +88,9 @@ TESTBED_NAME = os.environ.get(
 
 #: The .rpm's Requires/Recommends -> the Debian package that provides it here
 #: (None: in every Debian system). A "python3-X" name not listed is taken to be
-#: Debian's name too, as it is for all of them so far; anything else new in the
-#: spec makes the rpm test fail until it is added here.
+#: Debian's name too, as it is for all of them so far, and "python3dist(x-y)"
+#: to be python3-x-y; anything else new in the spec makes the rpm test fail
+#: until it is added here.
 RPM_REQUIRES_ON_DEBIAN: Dict[str, Optional[str]] = {
     "python3": "python3", "/usr/bin/python3": "python3", "/bin/sh": None,
     "stunnel": "stunnel4", "dbus": "dbus", "systemd": "systemd", "polkit": "polkitd",
@@ -411,6 +412,9 @@ def _rpm_requires_on_debian(rpm: Path) -> List[str]:
             deb = RPM_REQUIRES_ON_DEBIAN[name]
         elif re.fullmatch(r"python3-[a-z0-9.-]+", name):
             deb = name
+        elif re.fullmatch(r"python3dist\([A-Za-z0-9._-]+\)", name):
+            # Fedora's generic name of a Python distribution: Debian's python3-<name>.
+            deb = "python3-" + re.sub(r"[._]", "-", name[len("python3dist("):-1].lower())
         else:
             unknown.append(name)
             continue
@@ -567,6 +571,14 @@ def test_scistreamd_is_active_after_boot(booted: Booted, track: None) -> None:
                   check=False).strip()
         assert int(pyc or 0) > 10, f"{host.name}: no {tag} bytecode"
         assert "No endpoints." in _sh(host, "scistreamctl list")
+        # Shell completion: bash loads the shipped file, and the packaged entry
+        # point answers argcomplete's protocol (python3-argcomplete, recommended).
+        assert "_python_argcomplete" in _sh(
+            host, "bash -c '. /usr/share/bash-completion/completions/scistreamctl && "
+                  "complete -p scistreamctl'")
+        comp = _sh(host, "COMP_LINE='scistreamctl rel' COMP_POINT=16 _ARGCOMPLETE=1 "
+                         "_ARGCOMPLETE_IFS=' ' scistreamctl 8>&1 9>/dev/null >/dev/null 2>&1")
+        assert comp.split() == ["release"], f"{host.name}: completion gave {comp!r}"
 
 
 def _configure(s1: Host, s2: Host) -> None:

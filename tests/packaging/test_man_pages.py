@@ -184,3 +184,17 @@ def test_the_checks_can_fail() -> None:
     for lines in sections("scistreamd.toml.5").values():
         all_heads |= {h.split()[0] for h in tp_heads(lines) if h.split()}
     assert "no_such_key" not in all_heads and "listen_address" in all_heads
+
+
+# ---------------------------------------------------------------------------
+# the example drop-in shipped in /usr/share/doc/scistreamd/examples/
+
+
+def test_example_dropin_is_a_valid_config_that_changes_what_it_says() -> None:
+    from scistreamd.config import load_config
+
+    example = ROOT / "docs" / "examples" / "local.toml"
+    config = load_config(ROOT / "etc" / "scistreamd.toml", example.parent)
+    assert str(config.listen_address) == "192.0.2.10"
+    assert [rule.text for rule in config.allowed_targets] == ["192.0.2.0/24"]
+    assert config.sources["listen_address"].endswith("docs/examples/local.toml")
