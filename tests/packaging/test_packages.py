@@ -301,6 +301,10 @@ def test_rpm_compiles_and_cleans_the_private_dir(rpm_scripts: Dict[str, str]) ->
     assert "-m compileall -q -f /usr/share/scistreamd/scistreamd" in rpm_scripts["postinstall"]
     erase = rpm_scripts["postuninstall"]
     assert re.search(r"if \[ \$1 -eq 0 \]; then\n(.*\n)*\s*rm -rf /usr/share/scistreamd\n", erase)
+    # On erase only: state and keys of the stopped relays, and the groups.
+    block = erase[erase.index("if [ $1 -eq 0 ]; then"):]
+    assert "rm -rf /var/lib/scistream\n" in block
+    assert "for group in scistream scistream-relay; do" in block and 'groupdel "$group"' in block
 
 
 def test_rpm_scripts(rpm_scripts: Dict[str, str]) -> None:
