@@ -6,8 +6,9 @@ Config, scistreamd/daemon.py's options) fails this test until its man page
 names it:
 
 - scistreamctl(1): each verb as a ``.TP`` item of VERBS (``.B verb ...``), each
-  of the verb's options within that verb's items, each global option in
-  GLOBAL OPTIONS;
+  of the verb's options within that verb's items or, when several verbs share
+  it, in another section (REMOTE MODE ...; not SYNOPSIS or EXAMPLES), each
+  global option in GLOBAL OPTIONS;
 - scistreamd.toml(5): each key as a ``.TP`` item (``.BR key " (type ..."``);
 - scistreamd(8): each daemon option as a ``.TP`` item of OPTIONS.
 
@@ -55,9 +56,10 @@ def sections(page: str) -> Dict[str, List[str]]:
 
 
 def tp_heads(lines: List[str]) -> List[str]:
-    """The tag lines of ``.TP`` items (the line after each ``.TP``), as text."""
+    """The tag lines of ``.TP`` items (the line after each ``.TP``, or ``.TQ``
+    for a further tag of the same item), as text."""
     return [roff_text(lines[i + 1]) for i, line in enumerate(lines[:-1])
-            if line.startswith(".TP")]
+            if line.startswith((".TP", ".TQ"))]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> Dict[str, argparse.ArgumentParser]:
@@ -112,13 +114,22 @@ def test_scistreamctl_man_page_has_every_verb(verb: str) -> None:
                            "docs/man/scistreamctl.1)")
 
 
+def _shared_option_text() -> str:
+    """The sections where options that several verbs share are documented once
+    (GLOBAL OPTIONS, REMOTE MODE, ...): all but VERBS and the mere listings."""
+    return " ".join(roff_text(line) for name, lines in sections("scistreamctl.1").items()
+                    if name not in ("VERBS", "SYNOPSIS", "EXAMPLES", "EXAMPLE")
+                    for line in lines)
+
+
 @pytest.mark.parametrize("verb", sorted(VERBS))
 def test_scistreamctl_man_page_has_every_option_of_each_verb(verb: str) -> None:
-    text = " ".join(roff_text(line) for line in _verb_items(verb))
+    text = " ".join(roff_text(line) for line in _verb_items(verb)) + " " + _shared_option_text()
     # The global options are accepted after every verb too; GLOBAL OPTIONS has them.
     missing = sorted(o for o in _options(VERBS[verb]) - _options(PARSER)
                      if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text))
-    assert not missing, f"scistreamctl(1) does not document {missing} under `{verb}`"
+    assert not missing, (f"scistreamctl(1) does not document {missing} of `{verb}`, neither under "
+                         "the verb nor in a section of shared options")
 
 
 def test_scistreamctl_man_page_has_every_global_option() -> None:
