@@ -128,8 +128,6 @@ need() {
 build_deb() {
     local work=$1 version=$2 src
     need dpkg-buildpackage dh dh_python3 python3
-    sysenv python3 -c 'import build, installer' 2>/dev/null \
-        || die "pybuild-plugin-pyproject is not installed: run 'make packaging-deps'"
     src=$work/deb/scistreamd-$version
     copy_tree "$src"
     set_version "$src" "$version"
@@ -155,8 +153,6 @@ build_deb() {
 build_rpm() {
     local work=$1 version=$2 top name
     need rpmbuild python3
-    sysenv python3 -c 'import build, installer' 2>/dev/null \
-        || die "python3-build and python3-installer are needed: run 'make packaging-deps'"
     name=scistreamd-$version
     top=$work/rpmbuild
     mkdir -p "$top"/{SOURCES,SPECS}

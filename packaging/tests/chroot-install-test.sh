@@ -109,7 +109,8 @@ ok "group scistream"
 [ "$(stat -c %a "$rootfs/var/lib/scistream/keys")" = 700 ] || fail "/var/lib/scistream/keys is not 0700"
 ok "state and key directories (0700)"
 for mod in daemon ctl config certs; do
-    in_root python3 -c "import scistreamd.$mod" || fail "scistreamd.$mod does not import"
+    in_root env PYTHONPATH=/usr/share/scistreamd python3 -c "import scistreamd.$mod" \
+        || fail "scistreamd.$mod does not import from /usr/share/scistreamd"
 done
 ok "modules import with the installed dependencies"
 in_root scistreamctl --version >/dev/null || fail "scistreamctl --version"

@@ -1,19 +1,37 @@
-"""Install test of the .deb on two booted Debian 12 systems (issue 6, item 6).
+"""Install tests of the .deb and the .rpm on two booted Debian 12 systems.
 
-Each of the test bed's two hosts boots a minimal bookworm system (the test bed's
-rootfs mode: overlay of a cached rootfs + a per-host upper dir, its own systemd
-as PID 1, joined by a veth as 192.168.150.1 and .2). Before boot, in a chroot of
-each host's root with the machine's network, ``apt-get install ./scistreamd_*.deb``
-resolves the dependencies from the Debian archive. Then, on the booted systems:
+One code path for both packages (the ``booted`` fixture is parametrized with
+the package kind; what differs is in ``Kind``). Each of the test bed's two
+hosts boots a minimal bookworm system (the test bed's rootfs mode: overlay of a
+cached rootfs + a per-host upper dir, its own systemd as PID 1, joined by a
+veth as 192.168.150.1 and .2).
 
-1. scistreamd is active (enabled by the postinst, started at boot);
+- .deb: before boot, in a chroot of each host's root with the machine's network,
+  ``apt-get install ./scistreamd_*.deb`` resolves the dependencies from the
+  Debian archive; the maintainer scripts run there (policy-rc.d: no start) and
+  the unit starts at boot.
+- .rpm: before boot, apt installs the Debian packages of the .rpm's Requires
+  (mapped in RPM_REQUIRES_ON_DEBIAN) and Debian's ``rpm``; on the booted,
+  running system ``rpm -i --nodeps --force-debian`` installs the .rpm with its
+  scriptlets on (``--nodeps`` only because the rpm database knows none of the
+  Debian packages: the test checks that the dependency names are the only
+  thing it overrides). This exercises the scriptlets (%pre/%post/%preun/
+  %postun, with the spec's fallbacks of Fedora's systemd macros) and the file
+  list on a real systemd; it does not exercise RHEL's dependency resolution
+  (dnf, EPEL), nor the real Fedora macros (their expansion is checked in
+  test_packages.py).
+
+Then, for both, on the booted systems:
+
+1. scistreamd is enabled and active, groups and directories exist;
 2. the APS guide's scenario between the two installed hosts: inbound request on
    server1, outbound on server2, iperf3 through the tunnel;
 3. an upgrade to a rebuilt ``<version>+upgrade1`` package on both hosts while a
    transfer runs through that tunnel: the transfer completes byte-identical, the
    relays keep their PIDs, the daemons run the new version and re-adopt the tunnel;
-4. ``apt-get purge`` (with the tunnel still up) leaves no files, units, users,
-   groups, listening ports or relay processes.
+4. ``apt-get purge`` / ``rpm -e`` (with the tunnel still up) leaves no units,
+   users, groups, listening ports, relay processes or files (``rpm -e``: but the
+   operator's configuration in /etc/scistream, as rpm keeps configuration).
 
 The rootfs is built once with mmdebstrap (~40 s) and cached in
 $SCISTREAMD_ROOTFS_CACHE (default /var/cache/scistreamd-pkgtest), rebuilt after
@@ -67,6 +85,17 @@ TESTBED_NAME = os.environ.get(
     "SCISTREAMD_PKGTEST_TESTBED",
     os.environ.get("SCISTREAM_TESTBED_NAME", "scistream-testbed") + "-pkg",
 )
+
+#: The .rpm's Requires/Recommends -> the Debian package that provides it here
+#: (None: in every Debian system). A "python3-X" name not listed is taken to be
+#: Debian's name too, as it is for all of them so far, and "python3dist(x-y)"
+#: to be python3-x-y; anything else new in the spec makes the rpm test fail
+#: until it is added here.
+RPM_REQUIRES_ON_DEBIAN: Dict[str, Optional[str]] = {
+    "python3": "python3", "/usr/bin/python3": "python3", "/bin/sh": None,
+    "stunnel": "stunnel4", "dbus": "dbus", "systemd": "systemd", "polkit": "polkitd",
+    "bash-completion": "bash-completion",
+}
 
 #: Must be pulled in by apt from the archive (none is in the rootfs before).
 DEPENDENCIES = ("python3-dbus-next", "python3-systemd", "python3-toml",
@@ -198,11 +227,62 @@ def _link_debs(src: Path, dest: Path) -> None:
 # helpers
 
 
+@dataclass(frozen=True)
+class Kind:
+    """What differs between the .deb and the .rpm; the tests are one code path."""
+
+    name: str  # "deb" | "rpm"
+
+    def package(self, dist: Path, version: str) -> Path:
+        if self.name == "deb":
+            return dist / f"scistreamd_{version}_all.deb"
+        return dist / f"scistreamd-{version}-1.noarch.rpm"
+
+    def version(self, host: Host) -> str:
+        if self.name == "deb":
+            return _sh(host, "dpkg-query -W -f='${Version}' scistreamd", check=False)
+        return _sh(host, "rpm -q --qf '%{VERSION}' scistreamd", check=False)
+
+    def installed(self, host: Host) -> bool:
+        if self.name == "deb":
+            status = _sh(host, "dpkg-query -W -f='${Status}' scistreamd", check=False).strip()
+            return status not in ("", "unknown ok not-installed")
+        return host.run(["rpm", "-q", "scistreamd"], check=False).returncode == 0
+
+    def files(self, host: Host) -> List[str]:
+        cmd = "dpkg -L scistreamd" if self.name == "deb" else "rpm -ql scistreamd"
+        return [p for p in _sh(host, cmd).split() if not p.endswith("/.")]
+
+    def upgrade(self, host: Host) -> str:
+        # Offline, as a copied-in package: every dependency is already installed.
+        if self.name == "deb":
+            return host.run(APT + ["install", "/run/testbed/upgrade.deb"], timeout=300).stdout
+        return _rpm(host, "-U", "/run/testbed/upgrade.rpm")
+
+    def remove(self, host: Host) -> str:
+        if self.name == "deb":
+            return host.run(APT + ["purge", "scistreamd"], timeout=300).stdout
+        return _rpm(host, "-e", "scistreamd", nodeps=False)
+
+
+def _rpm(host: Host, *args: str, nodeps: bool = True) -> str:
+    """Debian's rpm with the scriptlets on. --force-debian: Debian's rpm refuses
+    to install otherwise; --nodeps: its database knows no Debian package."""
+    argv = ["rpm", *args[:1], "--force-debian", *(["--nodeps"] if nodeps else []), *args[1:]]
+    proc = host.run(argv, check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{host.name}: {' '.join(argv)} exited {proc.returncode}:\n{out}"
+    # rpm reports a failed scriptlet as a warning and still exits 0.
+    assert "scriptlet failed" not in out and "error:" not in out, f"{host.name}: {out}"
+    return out
+
+
 @dataclass
 class Booted:
     bed: Testbed
-    deb: Path
-    upgrade_deb: Path
+    kind: Kind
+    pkg: Path
+    upgrade_pkg: Path
     lower: Path
     install_logs: Dict[str, str] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
@@ -273,15 +353,16 @@ def track(request: pytest.FixtureRequest, booted: Booted) -> Iterator[None]:
     failed_before = request.session.testsfailed
     yield
     if request.session.testsfailed > failed_before:
-        booted.failed.append(request.node.name)
+        booted.failed.append(request.node.originalname)
 
 
 # ---------------------------------------------------------------------------
 # the booted, installed test bed
 
 
-def _chroot_install(bed: Testbed, host: Host, deb: Path) -> str:
-    """`apt-get install ./<deb>` in the host's root, before it boots.
+def _chroot_install(bed: Testbed, host: Host, pkg_dir: Path, *what: str) -> str:
+    """`apt-get install WHAT...` in the host's root, before it boots: package
+    names, or the .deb as /run/install-test/<name> (pkg_dir is bound there).
 
     Downloads go to a per-host copy (hard links) of the shared .deb cache, so
     the two hosts' apt runs never contend for one archives/ lock; new .debs
@@ -293,7 +374,7 @@ def _chroot_install(bed: Testbed, host: Host, deb: Path) -> str:
     # The .deb is reached through a bind on the chroot's (tmpfs) /run, and
     # policy-rc.d is made and removed through the overlay: the host's root
     # keeps nothing of either.
-    binds = {archives: "/var/cache/apt/archives", deb.parent: "/run/install-test"}
+    binds = {archives: "/var/cache/apt/archives", pkg_dir: "/run/install-test"}
     script = ('printf "%s" "$1" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; '
               'shift; "$@"; rc=$?; rm -f /usr/sbin/policy-rc.d; exit $rc')
 
@@ -301,7 +382,7 @@ def _chroot_install(bed: Testbed, host: Host, deb: Path) -> str:
         return bed.chroot(host, ["sh", "-c", script, "sh", POLICY_RC_D, *APT, *args],
                           binds=binds, check=False)
 
-    install = ("install", f"/run/install-test/{deb.name}")
+    install = ("install", *what)
     proc = apt(*install)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 and re.search(r"Failed to fetch|Unable to fetch|404\s+Not Found", log):
@@ -310,37 +391,74 @@ def _chroot_install(bed: Testbed, host: Host, deb: Path) -> str:
         proc = apt(*install)
         log += upd.stdout + upd.stderr + proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise BedError(f"{host.name}: apt-get install ./{deb.name} failed:\n{log[-5000:]}")
+        raise BedError(f"{host.name}: apt-get install {' '.join(what)} failed:\n{log[-5000:]}")
     with _flock(CACHE / "apt-archives.lock"):
         _link_debs(archives, CACHE / "apt-archives")
     shutil.rmtree(archives)
     return log
 
 
-@pytest.fixture(scope="module")
+def _rpm_requires_on_debian(rpm: Path) -> List[str]:
+    """The Debian packages that stand in for the .rpm's Requires and Recommends."""
+    out = subprocess.run(["rpm", "-qp", "--requires", "--recommends", str(rpm)],
+                         capture_output=True, text=True, check=True,
+                         env={"PATH": SYS_PATH, "LC_ALL": "C.UTF-8"}).stdout
+    debs, unknown = set(), []
+    for line in out.splitlines():
+        name = line.split()[0]
+        if name.startswith(("rpmlib(", "config(")):
+            continue
+        if name in RPM_REQUIRES_ON_DEBIAN:
+            deb = RPM_REQUIRES_ON_DEBIAN[name]
+        elif re.fullmatch(r"python3-[a-z0-9.-]+", name):
+            deb = name
+        elif re.fullmatch(r"python3dist\([A-Za-z0-9._-]+\)", name):
+            # Fedora's generic name of a Python distribution: Debian's python3-<name>.
+            deb = "python3-" + re.sub(r"[._]", "-", name[len("python3dist("):-1].lower())
+        else:
+            unknown.append(name)
+            continue
+        if deb:
+            debs.add(deb)
+    assert not unknown, (f"the .rpm requires {unknown}: add the Debian package of each to "
+                         "RPM_REQUIRES_ON_DEBIAN in tests/packaging/test_install_booted.py")
+    return sorted(debs)
+
+
+@pytest.fixture(scope="module", params=["deb", "rpm"])
 def booted(tmp_path_factory: pytest.TempPathFactory,
            request: pytest.FixtureRequest) -> Iterator[Booted]:
     _check_prerequisites()
+    kind = Kind(request.param)
     # Only now: a skip for missing prerequisites need not build the packages first.
     dist: Path = request.getfixturevalue("dist")
-    deb = dist / f"scistreamd_{VERSION}_all.deb"
-    assert deb.is_file(), f"no {deb.name} in {dist}"
+    pkg = kind.package(dist, VERSION)
+    assert pkg.is_file(), f"no {pkg.name} in {dist}"
     with contextlib.ExitStack() as stack:
         t0 = time.monotonic()
         lower = _rootfs(stack)
         rootfs_time = round(time.monotonic() - t0, 1)
-        out = tmp_path_factory.mktemp("upgrade")
-        bed = Testbed(name=TESTBED_NAME, rootfs=lower)
-        booted = Booted(bed, deb, out / f"scistreamd_{UPGRADE_VERSION}_all.deb", lower)
+        out = tmp_path_factory.mktemp(f"upgrade-{kind.name}")
+        # The .deb's scistreamd starts at boot; the .rpm is installed after it.
+        bed = Testbed(name=TESTBED_NAME, rootfs=lower,
+                      wait_units=("scistreamd.service",) if kind.name == "deb" else ())
+        booted = Booted(bed, kind, pkg, kind.package(out, UPGRADE_VERSION), lower)
         booted.timings["rootfs cache"] = rootfs_time
+        if kind.name == "deb":
+            what = (f"/run/install-test/{pkg.name}",)
+        else:
+            # The .rpm's dependencies and Debian's rpm; the .rpm itself is
+            # installed on the running system (test_install).
+            what = (*_rpm_requires_on_debian(pkg), "rpm")
+            booted.notes["apt packages for the .rpm"] = what
 
         def before_boot(b: Testbed) -> None:
             t = time.monotonic()
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
-                # The upgrade package builds while apt installs the first one.
-                upgrade = pool.submit(run_build, "--outdir", str(out), "deb",
+                # The upgrade package builds while apt installs.
+                upgrade = pool.submit(run_build, "--outdir", str(out), kind.name,
                                       env_extra={"PKG_VERSION": UPGRADE_VERSION})
-                installs = {h.name: pool.submit(_chroot_install, b, h, deb)
+                installs = {h.name: pool.submit(_chroot_install, b, h, pkg.parent, *what)
                             for h in b.hosts.values()}
                 for name, fut in installs.items():
                     booted.install_logs[name] = fut.result()
@@ -360,9 +478,10 @@ def booted(tmp_path_factory: pytest.TempPathFactory,
         try:
             yield booted
         finally:
-            print(f"\nbooted install test timings (s): {booted.timings} {booted.notes}")
+            print(f"\nbooted install test ({kind.name}) timings (s): {booted.timings} "
+                  f"{booted.notes}")
             with contextlib.suppress(OSError):
-                (bed.root / "timings.json").write_text(
+                (bed.root / f"timings-{kind.name}.json").write_text(
                     json.dumps({"timings_s": booted.timings, **booted.notes}, indent=1))
             if keep:
                 # Debugging: the hosts stay up; `SCISTREAM_TESTBED_NAME=<name> python3
@@ -383,24 +502,54 @@ def booted(tmp_path_factory: pytest.TempPathFactory,
 # the tests, in order
 
 
-def test_apt_resolves_the_dependencies_from_the_archive(booted: Booted, track: None) -> None:
+def test_install(booted: Booted, track: None) -> None:
+    """.deb: apt resolved every dependency from the archive (before boot).
+    .rpm: rpm installs it on the running systems, scriptlets on, overriding
+    nothing but the dependency names."""
     status = (booted.lower / "var/lib/dpkg/status").read_text()
     for name in DEPENDENCIES:
         # Not in the rootfs before: apt had to fetch it from the archive.
         assert f"\nPackage: {name}\n" not in status, f"{name} is in the base rootfs"
-    for host in booted.bed.hosts.values():
-        log = booted.install_logs[host.name]
-        new = re.search(r"NEW packages will be installed:\n((?:  .*\n)+)", log)
-        assert new, f"{host.name}: apt installed nothing new:\n{log[-3000:]}"
-        listed = set(new.group(1).split())
-        assert {"scistreamd", *DEPENDENCIES} <= listed, listed
-        for name in ("scistreamd", *DEPENDENCIES):
+    hosts = list(booted.bed.hosts.values())
+    if booted.kind.name == "deb":
+        for host in hosts:
+            log = booted.install_logs[host.name]
+            new = re.search(r"NEW packages will be installed:\n((?:  .*\n)+)", log)
+            assert new, f"{host.name}: apt installed nothing new:\n{log[-3000:]}"
+            listed = set(new.group(1).split())
+            assert {"scistreamd", *DEPENDENCIES} <= listed, listed
+    else:
+        requires = [ln.split()[0] for ln in subprocess.run(
+            ["rpm", "-qp", "--requires", str(booted.pkg)], capture_output=True, text=True,
+            check=True, env={"PATH": SYS_PATH}).stdout.splitlines()]
+        for host in hosts:
+            shutil.copy(booted.pkg, host.state / "shared/scistreamd.rpm")
+            # Without --nodeps, the only complaints are the dependency names
+            # (the rpm database knows no Debian package): nothing else is overridden.
+            proc = host.run(["rpm", "-i", "--test", "--force-debian",
+                             "/run/testbed/scistreamd.rpm"], check=False)
+            needed = re.findall(r"^\s+(\S+)(?: [<>=]+ \S+)? is needed by scistreamd",
+                                proc.stderr, re.M)
+            other = [ln for ln in proc.stderr.splitlines()
+                     if ln.strip() and "is needed by" not in ln
+                     and not ln.startswith("error: Failed dependencies")]
+            assert proc.returncode != 0 and needed, proc.stderr
+            assert set(needed) <= set(requires) and not other, proc.stderr
+            booted.notes[f"{host.name}: rpm -i --nodeps overrides"] = len(needed)
+        with _step(booted, "rpm -i both hosts (parallel)"), \
+                concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for fut in [pool.submit(_rpm, h, "-i", "/run/testbed/scistreamd.rpm")
+                        for h in hosts]:
+                fut.result()
+    for host in hosts:
+        for name in DEPENDENCIES:
             st = _sh(host, f"dpkg-query -W -f='${{Status}} ${{Version}}' {name}")
             assert st.startswith("install ok installed"), f"{host.name}: {name}: {st}"
-        assert _sh(host, "dpkg-query -W -f='${Version}' scistreamd") == VERSION
+        assert booted.kind.version(host) == VERSION
 
 
 def test_scistreamd_is_active_after_boot(booted: Booted, track: None) -> None:
+    _prerequisite(booted, "test_install")
     for host in booted.bed.hosts.values():
         state = _sh(host, "systemctl is-active scistreamd", check=False).strip()
         assert state == "active", f"{host.name}: scistreamd is {state}" + booted.journals()
@@ -408,13 +557,28 @@ def test_scistreamd_is_active_after_boot(booted: Booted, track: None) -> None:
         system = _sh(host, "systemctl is-system-running", check=False).strip()
         failed = _sh(host, "systemctl --failed --plain --no-legend", check=False)
         assert system == "running", f"{host.name}: system {system}; failed units:\n{failed}"
+        # %pre / postinst: the groups; tmpfiles.d: the directories.
         assert _sh(host, "getent group scistream").startswith("scistream:")
         assert _sh(host, "getent group scistream-relay").startswith("scistream-relay:")
         assert _sh(host, "stat -c '%a %U' /run/scistream-relay").strip() == "755 root"
         assert _sh(host, "stat -c %a /var/lib/scistream").strip() == "700"
-        # The postinst made a host certificate (first install).
+        assert _sh(host, "stat -c %a /var/lib/scistream/keys").strip() == "700"
+        # The postinst / %post made a host certificate (first install).
         assert "BEGIN CERTIFICATE" in _sh(host, "cat /etc/scistream/server.crt")
+        # ... and compiled the private module dir for the python3 installed here.
+        tag = _sh(host, "python3 -c 'import sys; print(sys.implementation.cache_tag)'").strip()
+        pyc = _sh(host, f"ls /usr/share/scistreamd/scistreamd/__pycache__/ | grep -c '{tag}'",
+                  check=False).strip()
+        assert int(pyc or 0) > 10, f"{host.name}: no {tag} bytecode"
         assert "No endpoints." in _sh(host, "scistreamctl list")
+        # Shell completion: bash loads the shipped file, and the packaged entry
+        # point answers argcomplete's protocol (python3-argcomplete, recommended).
+        assert "_python_argcomplete" in _sh(
+            host, "bash -c '. /usr/share/bash-completion/completions/scistreamctl && "
+                  "complete -p scistreamctl'")
+        comp = _sh(host, "COMP_LINE='scistreamctl rel' COMP_POINT=16 _ARGCOMPLETE=1 "
+                         "_ARGCOMPLETE_IFS=' ' scistreamctl 8>&1 9>/dev/null >/dev/null 2>&1")
+        assert comp.split() == ["release"], f"{host.name}: completion gave {comp!r}"
 
 
 def _configure(s1: Host, s2: Host) -> None:
@@ -468,11 +632,6 @@ def test_guide_scenario_between_installed_hosts(booted: Booted, track: None) -> 
         assert res["end"]["sum_received"]["bytes"] > 1_000_000, res["end"]
 
 
-def _upgrade(host: Host) -> None:
-    # Offline, as a copied-in .deb: every dependency is already installed.
-    host.run(APT + ["install", "/run/testbed/upgrade.deb"], timeout=300)
-
-
 def test_upgrade_keeps_the_tunnel_carrying_data(booted: Booted, track: None) -> None:
     _prerequisite(booted, "test_guide_scenario_between_installed_hosts")
     s1, s2 = booted["server1"], booted["server2"]
@@ -485,7 +644,7 @@ def test_upgrade_keeps_the_tunnel_carrying_data(booted: Booted, track: None) -> 
     s1.run(["systemctl", "stop", "iperf3-server"])
     for host in (s1, s2):
         shutil.copy(Path(__file__).with_name("xfer.py"), host.state / "shared/xfer.py")
-        shutil.copy(booted.upgrade_deb, host.state / "shared/upgrade.deb")
+        shutil.copy(booted.upgrade_pkg, host.state / f"shared/upgrade.{booted.kind.name}")
     sink_out = s1.state / "shared/sink.json"
     source_out = s2.state / "shared/source.json"
     stop = s2.state / "shared/stop"
@@ -503,13 +662,13 @@ def test_upgrade_keeps_the_tunnel_carrying_data(booted: Booted, track: None) -> 
     before = received()
     with _step(booted, "upgrade both hosts (parallel)"), \
             concurrent.futures.ThreadPoolExecutor(2) as pool:
-        for fut in [pool.submit(_upgrade, h) for h in (s1, s2)]:
+        for fut in [pool.submit(booted.kind.upgrade, h) for h in (s1, s2)]:
             fut.result()
     during = received()
     assert during > before, "no data arrived while the packages were upgraded"
 
     for host in (s1, s2):
-        version = _sh(host, "dpkg-query -W -f='${Version}' scistreamd")
+        version = booted.kind.version(host)
         assert version == UPGRADE_VERSION, f"{host.name}: {version}"
         assert _sh(host, "systemctl is-active scistreamd", check=False).strip() == "active"
         new_pid = _value(host, "scistreamd", "MainPID")
@@ -545,21 +704,28 @@ def test_upgrade_keeps_the_tunnel_carrying_data(booted: Booted, track: None) -> 
     s1.run(["systemctl", "stop", "iperf3-server"])
 
 
-def test_purge_leaves_nothing_behind(booted: Booted, track: None) -> None:
+#: What `rpm -e` leaves, by design: the operator's configuration (rpm has no
+#: purge). Here: the drop-in and trust file of _configure() and the host
+#: certificate. Everything else must be gone, as after `apt-get purge`.
+RPM_KEPT_CONFIG = {"/etc/scistream", "/etc/scistream/conf.d", "/etc/scistream/conf.d/local.toml",
+                   "/etc/scistream/peer-ca.crt", "/etc/scistream/server.crt",
+                   "/etc/scistream/server.key"}
+
+
+def test_removal_leaves_nothing_behind(booted: Booted, track: None) -> None:
+    """`apt-get purge` / `rpm -e`, with the tunnel still up."""
     _prerequisite(booted, "test_scistreamd_is_active_after_boot")
     hosts = list(booted.bed.hosts.values())
     tunnel_up = bool(booted.tunnel) and all(_relays(h) for h in hosts)
-    files = {h.name: _sh(h, "dpkg -L scistreamd").split() for h in hosts}
-    with _step(booted, "purge both hosts (parallel)"), \
+    files = {h.name: booted.kind.files(h) for h in hosts}
+    with _step(booted, "remove both hosts (parallel)"), \
             concurrent.futures.ThreadPoolExecutor(2) as pool:
-        for fut in [pool.submit(h.run, APT + ["purge", "scistreamd"], timeout=300)
-                    for h in hosts]:
+        for fut in [pool.submit(booted.kind.remove, h) for h in hosts]:
             fut.result()
     for host in hosts:
         problems = []
-        if _sh(host, "dpkg-query -W -f='${Status}' scistreamd", check=False).strip() not in (
-                "", "unknown ok not-installed"):
-            problems.append("dpkg still knows scistreamd")
+        if booted.kind.installed(host):
+            problems.append(f"{booted.kind.name} still knows scistreamd")
         units = _sh(host, "systemctl list-units --all --plain --no-legend 'scistream*'")
         units += _sh(host, "systemctl list-unit-files --plain --no-legend 'scistream*'",
                      check=False)  # exits 1 when nothing matches
@@ -580,9 +746,17 @@ def test_purge_leaves_nothing_behind(booted: Booted, track: None) -> None:
                          "-o -path /run/testbed \\) -prune "
                          "-o -path '/run/systemd/units/log-extra-fields:scistream-*' "
                          "-o -iname '*scistream*' -print", check=False).split()
+        kept: List[str] = []
+        if booted.kind.name == "rpm":
+            kept = _sh(host, "find /etc/scistream", check=False).split()
+            extra = sorted(set(kept) - RPM_KEPT_CONFIG)
+            if extra:
+                problems.append(f"/etc/scistream holds more than the configuration: {extra}")
+            booted.notes[f"{host.name}: kept by rpm -e"] = kept
+        left = [p for p in left if p not in kept]
         if left:
             problems.append(f"files: {left}")
-        shipped = [p for p in files[host.name] if not p.endswith("/.")]
+        shipped = [p for p in files[host.name] if p not in kept]
         still = host.run(["sh", "-c", 'for f; do [ -e "$f" ] && [ ! -d "$f" ] && echo "$f"; '
                                       'done; true', "sh", *shipped]).stdout.split()
         if still:
@@ -591,5 +765,5 @@ def test_purge_leaves_nothing_behind(booted: Booted, track: None) -> None:
             hit = _sh(host, f"grep -i scistream /etc/{db}", check=False).strip()
             if hit:
                 problems.append(f"/etc/{db}: {hit}")
-        assert not problems, f"{host.name} after purge:\n" + "\n".join(problems)
-    assert tunnel_up, "the purge ran without a tunnel up, so 'no relays left' was not tested"
+        assert not problems, f"{host.name} after removal:\n" + "\n".join(problems)
+    assert tunnel_up, "the removal ran without a tunnel up, so 'no relays left' was not tested"

@@ -26,7 +26,11 @@ VERSION = VERSION_RE.search((ROOT / "scistreamd" / "__init__.py").read_text()).g
 MODULES = sorted(p.relative_to(ROOT / "scistreamd").as_posix()
                  for p in (ROOT / "scistreamd").rglob("*.py"))
 
-#: Paths both packages install, except for the systemd unit dir and the Python dir.
+#: The application's private module directory in both packages (the entry points
+#: in packaging/bin put it on sys.path): no python3.X path, so no Python ABI dependency.
+APPDIR = "/usr/share/scistreamd"
+
+#: Paths both packages install, except for the systemd unit dir.
 COMMON_PATHS = [
     "/usr/bin/scistreamctl",
     "/usr/sbin/scistreamd",
@@ -42,6 +46,7 @@ COMMON_PATHS = [
     "/usr/share/man/man1/scistreamctl.1.gz",
     "/usr/share/man/man5/scistreamd.toml.5.gz",
     "/usr/share/man/man8/scistreamd.8.gz",
+    "/usr/share/doc/scistreamd/examples/local.toml",
 ]
 UNITS = ["scistreamd.service", "scistream.slice", "scistream-.service.d/50-hardening.conf"]
 DEB_UNIT_DIR = "/lib/systemd/system"  # bookworm's systemdsystemunitdir
@@ -123,11 +128,25 @@ def test_deb_contains(deb_paths: Set[str], path: str) -> None:
     assert path in deb_paths
 
 
-def test_deb_contains_every_module_for_the_system_python(deb_paths: Set[str]) -> None:
-    base = "/usr/lib/python3/dist-packages/scistreamd"
-    missing = [m for m in MODULES if f"{base}/{m}" not in deb_paths]
+def test_deb_contains_every_module_in_the_private_dir(deb_paths: Set[str]) -> None:
+    missing = [m for m in MODULES if f"{APPDIR}/scistreamd/{m}" not in deb_paths]
     assert not missing, f"modules missing from the .deb: {missing}"
-    assert f"/usr/lib/python3/dist-packages/scistreamd-{VERSION}.dist-info" in deb_paths
+    # Nothing in the interpreter's own directories, no build-host bytecode.
+    public = [p for p in deb_paths if re.search(r"/python3(\.\d+)?/(dist|site)-packages", p)]
+    assert not public, public
+    assert not [p for p in deb_paths if p.endswith(".pyc")]
+
+
+def test_deb_ships_readme_example_and_completion(deb_paths: Set[str]) -> None:
+    assert deb_paths & {"/usr/share/doc/scistreamd/README.md",
+                        "/usr/share/doc/scistreamd/README.md.gz"}
+    assert "/usr/share/bash-completion/completions/scistreamctl" in deb_paths
+
+
+def test_deb_compiles_the_private_dir_for_the_installed_python(deb_control: Path) -> None:
+    postinst = (deb_control / "postinst").read_text()
+    assert "py3compile -p scistreamd /usr/share/scistreamd" in postinst
+    assert "py3clean -p scistreamd" in (deb_control / "prerm").read_text()
 
 
 def test_deb_daemon_is_only_in_sbin(deb_paths: Set[str]) -> None:
@@ -145,6 +164,9 @@ def test_deb_depends(deb: Path) -> None:
     missing = [d for d in DEB_DEPENDS if d not in names]
     assert not missing, f"Depends lacks {missing}: {depends}"
     assert "python3:any" in names or "python3" in names
+    # The private module dir works with any python3 >= 3.9 (no python3.11 pin).
+    assert "python3 (>= 3.9)" in depends, depends
+    assert "python3.11" not in depends and "python3 (<<" not in depends, depends
     assert "dbus-system-bus" in names or "default-dbus-system-bus" in names
 
 
@@ -232,20 +254,18 @@ def test_rpm_contains(rpm_paths: Set[str], path: str) -> None:
     assert path in rpm_paths
 
 
-def test_rpm_contains_every_module_in_site_packages(rpm_paths: Set[str]) -> None:
-    inits = [
-        p
-        for p in rpm_paths
-        if re.fullmatch(
-            r"/usr/lib/python3\.\d+/site-packages/"
-            r"scistreamd/__init__\.py",
-            p,
-        )
-    ]
-    assert len(inits) == 1, sorted(rpm_paths)
-    base = inits[0].rsplit("/", 1)[0]
-    missing = [m for m in MODULES if f"{base}/{m}" not in rpm_paths]
+def test_rpm_contains_every_module_in_the_private_dir(rpm_paths: Set[str]) -> None:
+    missing = [m for m in MODULES if f"{APPDIR}/scistreamd/{m}" not in rpm_paths]
     assert not missing, f"modules missing from the .rpm: {missing}"
+    # Nothing in a python3.X directory (that is what makes rpm add python(abi) =
+    # 3.X), and no bytecode of the build host's Python.
+    assert not [p for p in rpm_paths if re.search(r"/python3\.\d+/", p)]
+    assert not [p for p in rpm_paths if p.endswith(".pyc") or "__pycache__" in p]
+
+
+def test_rpm_ships_readme_example_and_completion(rpm_paths: Set[str]) -> None:
+    assert "/usr/share/doc/scistreamd/README.md" in rpm_paths
+    assert "/usr/share/bash-completion/completions/scistreamctl" in rpm_paths
 
 
 def test_rpm_daemon_is_only_in_sbin_and_state_dirs_are_private(rpm: Path) -> None:
@@ -264,9 +284,27 @@ def test_rpm_config_is_noreplace(rpm: Path) -> None:
 
 
 def test_rpm_requires(rpm: Path) -> None:
-    requires = {line.split()[0] for line in rpm_query(rpm, "--requires").splitlines()}
+    lines = rpm_query(rpm, "--requires").splitlines()
+    requires = {line.split()[0] for line in lines}
     missing = [r for r in RPM_REQUIRES if r not in requires]
     assert not missing, f"Requires lacks {missing}"
+    # Installable on RHEL 9 (Python 3.9) and Fedora alike: no pin to the build
+    # host's Python ABI, nor to one interpreter's dist-info names.
+    assert not [ln for ln in lines if ln.startswith("python(abi)")], lines
+    assert not [ln for ln in lines if re.match(r"python3\.\d+(dist)?\(", ln)], lines
+    assert "python3 >= 3.9" in lines, lines
+    recommends = rpm_query(rpm, "--recommends").split()
+    assert "python3-argcomplete" in recommends and "polkit" in recommends
+
+
+def test_rpm_compiles_and_cleans_the_private_dir(rpm_scripts: Dict[str, str]) -> None:
+    assert "-m compileall -q -f /usr/share/scistreamd/scistreamd" in rpm_scripts["postinstall"]
+    erase = rpm_scripts["postuninstall"]
+    assert re.search(r"if \[ \$1 -eq 0 \]; then\n(.*\n)*\s*rm -rf /usr/share/scistreamd\n", erase)
+    # On erase only: state and keys of the stopped relays, and the groups.
+    block = erase[erase.index("if [ $1 -eq 0 ]; then"):]
+    assert "rm -rf /var/lib/scistream\n" in block
+    assert "for group in scistream scistream-relay; do" in block and 'groupdel "$group"' in block
 
 
 def test_rpm_scripts(rpm_scripts: Dict[str, str]) -> None:
@@ -316,7 +354,7 @@ def test_pkg_version_builds_an_upgrade_without_touching_the_tree(
     # The code in the package reports the package's version.
     out = tmp_path / "x"
     run("dpkg-deb", "-x", str(newer), str(out))
-    init_text = (out / "usr/lib/python3/dist-packages/scistreamd/__init__.py").read_text()
+    init_text = (out / "usr/share/scistreamd/scistreamd/__init__.py").read_text()
     assert f'__version__ = "{VERSION}+up1"' in init_text
 
 
@@ -349,19 +387,14 @@ def test_man_page_renders_without_warnings(page: str) -> None:
     assert proc.returncode == 0 and not proc.stderr, proc.stderr
 
 
-# Stand-ins for the macros of systemd-rpm-macros, python-rpm-macros and
-# pyproject-rpm-macros: with them defined, the spec must use them, not its fallbacks.
+# Stand-ins for the macros of systemd-rpm-macros (and %python3):
+# with them defined, the spec must use them, not its fallbacks.
 FEDORA_MACROS = """\
 %_unitdir /usr/lib/systemd/system
 %_presetdir /usr/lib/systemd/system-preset
 %_sysusersdir /usr/lib/sysusers.d
 %_tmpfilesdir /usr/lib/tmpfiles.d
 %python3 /usr/bin/python3
-%python3_sitelib /usr/lib/python3.9/site-packages
-%pyproject_wheel REAL_pyproject_wheel
-%pyproject_install REAL_pyproject_install
-%pyproject_files /builddir/REAL_pyproject_files
-%pyproject_save_files() REAL_pyproject_save_files %{?*}
 %systemd_post() REAL_systemd_post %{?*}
 %systemd_preun() REAL_systemd_preun %{?*}
 %systemd_postun_with_restart() REAL_systemd_postun_with_restart %{?*}
@@ -378,9 +411,6 @@ def test_spec_uses_the_real_fedora_macros_where_they_exist(tmp_path: Path) -> No
     spec = ROOT / "packaging" / "rpm" / "scistreamd.spec"
     text = run("rpmspec", "-P", "--load", str(macros), str(spec))
     for name in (
-        "pyproject_wheel",
-        "pyproject_install",
-        "pyproject_save_files scistreamd",
         "systemd_post scistreamd.service",
         "systemd_preun scistreamd.service",
         "systemd_postun_with_restart scistreamd.service",
@@ -388,7 +418,6 @@ def test_spec_uses_the_real_fedora_macros_where_they_exist(tmp_path: Path) -> No
         "tmpfiles_create scistream.conf",
     ):
         assert f"REAL_{name}" in text, f"the spec does not use %{name.split()[0]}"
-    assert "%files -f /builddir/REAL_pyproject_files" in text
-    assert "python3 -m build" not in text, "a fallback was used although the macro exists"
+    assert "systemctl --no-reload preset" not in text, "a fallback was used"
     # Never the relays' slice through the systemd macros (they restart on upgrade).
     assert not re.search(r"REAL_systemd_\w+ .*scistream\.slice", text)
