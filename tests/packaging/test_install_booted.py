@@ -582,23 +582,20 @@ def test_scistreamd_is_active_after_boot(booted: Booted, track: None) -> None:
 
 
 def _configure(s1: Host, s2: Host) -> None:
-    """The SETUP steps of scistreamd(8), as an operator does them after installing."""
+    """The one manual step after a fresh install (issue 15): exchange trust files, reload.
+
+    Nothing else is configured: the package's own certificate must already name
+    the host's real address and the peer port must answer there.
+    """
     for host in (s1, s2):
-        # 1. The facility address, in a drop-in.
-        _sh(host, "cat > /etc/scistream/conf.d/local.toml",
-            input=f'# this gateway\'s facility address\nlisten_address = "{host.ip}"\n')
-        # 2. The first-install certificate names only 127.0.0.1: one for the address.
-        _sh(host, "rm /etc/scistream/server.crt /etc/scistream/server.key && "
-                  "scistreamd --generate-cert")
         san = _sh(host, "openssl x509 -noout -ext subjectAltName -in /etc/scistream/server.crt")
-        assert f"IP Address:{host.ip}" in san, san
-    # 3. Exchange host certificates (each is the other's peer_trust_file).
+        assert f"IP Address:{host.ip}" in san, f"{host.name}: first-install certificate: {san}"
+        assert _listening(host, 5000), f"{host.name}: the peer port does not listen after install"
+    # Exchange host certificates (each is the other's peer_trust_file).
     for a, b in ((s1, s2), (s2, s1)):
         _sh(b, "cat > /etc/scistream/peer-ca.crt", input=_sh(a, "cat /etc/scistream/server.crt"))
-    # 4. Apply.
     for host in (s1, s2):
-        _sh(host, "systemctl restart scistreamd")
-        _wait_for(lambda h=host: _listening(h, 5000), 15, f"the peer port on {host.name}")
+        _sh(host, "systemctl reload scistreamd")
 
 
 def test_guide_scenario_between_installed_hosts(booted: Booted, track: None) -> None:
@@ -705,11 +702,10 @@ def test_upgrade_keeps_the_tunnel_carrying_data(booted: Booted, track: None) -> 
 
 
 #: What `rpm -e` leaves, by design: the operator's configuration (rpm has no
-#: purge). Here: the drop-in and trust file of _configure() and the host
-#: certificate. Everything else must be gone, as after `apt-get purge`.
-RPM_KEPT_CONFIG = {"/etc/scistream", "/etc/scistream/conf.d", "/etc/scistream/conf.d/local.toml",
-                   "/etc/scistream/peer-ca.crt", "/etc/scistream/server.crt",
-                   "/etc/scistream/server.key"}
+#: purge). Here: the trust file of _configure() and the host certificate.
+#: Everything else must be gone, as after `apt-get purge`.
+RPM_KEPT_CONFIG = {"/etc/scistream", "/etc/scistream/conf.d", "/etc/scistream/peer-ca.crt",
+                   "/etc/scistream/server.crt", "/etc/scistream/server.key"}
 
 
 def test_removal_leaves_nothing_behind(booted: Booted, track: None) -> None:
