@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Tuple, Type
 
 from .errors import (
     AccessDenied,
+    AuthUnavailable,
     InvalidArgument,
     NotFound,
     PeerRejected,
@@ -53,6 +54,7 @@ ERRORS: Dict[str, Tuple[int, Type[ScistreamError]]] = {
     NotFound.name: (404, NotFound),
     PeerRejected.name: (409, PeerRejected),
     WrongListener.name: (409, WrongListener),
+    AuthUnavailable.name: (503, AuthUnavailable),
     "AlreadyExists": (409, PeerRejected),
     "UnknownPath": (404, PeerRejected),
     "MethodNotAllowed": (405, PeerRejected),
@@ -64,7 +66,8 @@ ERRORS: Dict[str, Tuple[int, Type[ScistreamError]]] = {
 }
 #: Names whose message is the daemon's own answer to the request (passed on as is).
 DAEMON_ERRORS = frozenset({InvalidArgument.name, AccessDenied.name, NotFound.name,
-                           PeerRejected.name, WrongListener.name, "Busy"})
+                           PeerRejected.name, WrongListener.name, AuthUnavailable.name,
+                           "Busy"})
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 409: "Conflict", 411: "Length Required",
            413: "Payload Too Large", 431: "Request Header Fields Too Large",
