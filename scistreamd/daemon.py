@@ -109,7 +109,10 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     from .peerclient import PeerClient
     from .peerserver import PeerServer
     from .systemd import Systemd
+    from .tokens import TokenVerifier
 
+    # Built once, before anything else: a bad client secret file stops the start.
+    tokens = TokenVerifier.from_config(cfg)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_dbus_errors)
     stop = asyncio.Event()
@@ -179,6 +182,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     if peer_server:
         await peer_server.stop()
     peers.close()
+    tokens.close()
     if not disconnected.done():
         bus.disconnect()
     return code
@@ -214,6 +218,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"scistreamd: configuration error: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
+        if cfg.token_introspection_url:
+            from .tokens import read_client_secret
+
+            try:
+                read_client_secret(cfg.token_client_secret_file)
+            except ConfigError as e:
+                print(f"scistreamd: configuration error: {e}", file=sys.stderr)
+                return EX_CONFIG
         print("configuration OK")
         return 0
     if args.generate_cert:
