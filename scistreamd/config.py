@@ -262,7 +262,8 @@ def _networks(value: object) -> Tuple[IPNetwork, ...]:
 
 
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,256}")
-_CLIENT_ID = re.compile(r"[\x21-\x7e]{1,256}")
+# Printable ASCII without ':' (HTTP Basic separates id and secret with it).
+_CLIENT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,256}")
 
 
 def _https_url(value: object) -> str:
@@ -294,7 +295,7 @@ def _client_id(value: object) -> str:
     if not isinstance(value, str):
         raise _Bad(f"expected a string, got {_type_name(value)}")
     if value and not _CLIENT_ID.fullmatch(value):
-        raise _Bad("expected printable ASCII without spaces, at most 256 characters")
+        raise _Bad("expected printable ASCII without spaces or ':', at most 256 characters")
     return value
 
 

@@ -36,7 +36,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
-from urllib.parse import quote
 
 from .errors import AuthUnavailable, ConfigError
 from .identity import Identity
@@ -122,8 +121,15 @@ def read_client_secret(path: Path, key: str = "token_client_secret_file") -> str
 
 
 def basic_auth(client_id: str, secret: str) -> str:
-    """The Authorization header value of RFC 6749 2.3.1: each part form-urlencoded."""
-    pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
+    """The HTTP Basic Authorization header value of the client credentials.
+
+    Sent as they are, like globus-sdk and ``requests`` do: RFC 6749 2.3.1 asks
+    for form-urlencoding them first, but servers that skip the decoding
+    (Globus Auth's clients never encode, authlib does not decode) would then
+    refuse a secret with '+', '/' or '='. Unreserved characters read the same
+    either way; a client id cannot hold ':' (config.py refuses it).
+    """
+    pair = f"{client_id}:{secret}"
     return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 
@@ -156,7 +162,9 @@ class RequestsTransport:
 
         try:
             with self._session().post(
-                self._url, data={"token": token, "token_type_hint": "access_token"},
+                self._url, data={"token": token, "token_type_hint": "access_token",
+                      # Globus Auth adds identity_set only when asked.
+                      "include": "identity_set"},
                 headers={"Authorization": self._auth, "Accept": "application/json"},
                 timeout=self._timeout, verify=self._verify, allow_redirects=False,
                 stream=True,

@@ -367,6 +367,7 @@ BAD_VALUES = [
     ("token_introspection_url", "true"),
     ("token_client_id", '"a b"'),
     ("token_client_id", "7"),
+    ("token_client_id", '"a:b"'),
     ("token_client_secret_file", '"secret"'),
     ("token_required_scope", '"a \\"b"'),
     ("token_required_scope", "[1]"),

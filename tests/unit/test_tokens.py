@@ -248,10 +248,11 @@ def test_the_daemon_cache_cap_keeps_memory_bounded(server, clock, monkeypatch) -
     v.close()
 
 
-def test_basic_auth_form_urlencodes_both_parts() -> None:
-    header = basic_auth("my client", "p:ss/wörd")
+def test_basic_auth_sends_the_credentials_as_globus_sdk_does() -> None:
+    header = basic_auth("d430e6c8-b06f-4446-a60c-7d1ea0c1ee2c", "a+b/c=:d")
     assert header.startswith("Basic ")
-    assert base64.b64decode(header[6:]).decode() == "my%20client:p%3Ass%2Fw%C3%B6rd"
+    assert base64.b64decode(header[6:]).decode() == \
+        "d430e6c8-b06f-4446-a60c-7d1ea0c1ee2c:a+b/c=:d"
 
 
 def _secret(tmp_path: Path, text: str = "s3cret\n", mode: int = 0o600) -> Path:
