@@ -200,7 +200,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     oauth: Server
 
     def log_message(self, fmt: str, *args: Any) -> None:  # requests, never tokens
-        sys.stderr.write("oauth: %s %s\n" % (self.command, self.path.split("?")[0]))
+        path = self.path.split("?")[0]
+        sys.stderr.write(f"oauth: {self.command} {path}\n")
 
     def _send(self, status: int, body: bytes, ctype: str = "application/json",
               headers: Any = ()) -> None:
