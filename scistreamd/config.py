@@ -30,6 +30,7 @@ from .relay import (
     parse_stunnel_log_level,
 )
 from .targets import DEFAULT_TARGET_RULES, TargetRule, parse_target_rules
+from .userrules import UserRule, parse_user_rules
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ class Config:
     #: Networks/ports inbound endpoints may forward to (targets.py); loopback and
     #: link-local only when a rule names them.
     allowed_targets: Tuple[TargetRule, ...] = DEFAULT_TARGET_RULES
+    #: CA(s) whose client certificates are remote users' identities ("cert:<name>")
+    #: on the user API; None: user certificates are not accepted.
+    user_client_ca: Path | None = None
+    #: Who among remote users (user API) may do what (userrules.py); none: nothing.
+    user_rules: Tuple[UserRule, ...] = ()
     log_level: str = "info"
     #: RFC 7662 introspection endpoint that checks remote users' bearer tokens
     #: (https); "" = none: the daemon accepts no user tokens.
@@ -370,6 +376,8 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "key_dir": _path,
     "max_endpoints": lambda v: _int(v, 1, 100_000),
     "allowed_targets": parse_target_rules,
+    "user_client_ca": _optional_path,
+    "user_rules": parse_user_rules,
     "log_level": _choice(LOG_LEVELS, "level"),
     "token_introspection_url": _https_url,
     "token_client_id": _client_id,

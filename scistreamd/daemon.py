@@ -65,6 +65,17 @@ class _PeerHandler:
         return await self._m.endpoint_state(uid)
 
 
+def token_verifier(cfg: Config) -> Any:
+    """The user API's TokenVerifier (tokens.py), built once from the configuration
+    (reading and checking the client secret file: ConfigError stops the start);
+    None without token_introspection_url: bearer tokens are refused by name."""
+    if not cfg.token_introspection_url:
+        return None
+    from .tokens import TokenVerifier
+
+    return TokenVerifier.from_config(cfg)
+
+
 def _client_ca(cfg: Config) -> Optional[Path]:
     """The CA file for peer client certificates, or None when there is none yet.
 
@@ -109,10 +120,10 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     from .peerclient import PeerClient
     from .peerserver import PeerServer
     from .systemd import Systemd
-    from .tokens import TokenVerifier
+    from .userapi import UserApi
 
     # Built once, before anything else: a bad client secret file stops the start.
-    tokens = TokenVerifier.from_config(cfg)
+    tokens = token_verifier(cfg)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_dbus_errors)
     stop = asyncio.Event()
@@ -137,10 +148,18 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
 
     peer_server = None
     if cfg.peer_enabled:
+        user_certs = None
+        if cfg.user_client_ca is not None:
+            from .usercert import UserCertMatcher
+
+            user_certs = UserCertMatcher(cfg.user_client_ca, _client_ca(cfg))
+        user_api = UserApi(manager, cfg.user_rules, tokens,
+                           certs=user_certs is not None)
         peer_server = PeerServer(cfg.listen_address, cfg.peer_port, cfg.peer_cert, cfg.peer_key,
                                  _client_ca(cfg), _PeerHandler(manager),
                                  require_client_cert=cfg.peer_require_client_cert,
-                                 timeout=cfg.peer_timeout)
+                                 timeout=cfg.peer_timeout, user_api=user_api,
+                                 user_certs=user_certs)
         await peer_server.start()
 
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -182,7 +201,8 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     if peer_server:
         await peer_server.stop()
     peers.close()
-    tokens.close()
+    if tokens is not None:
+        tokens.close()
     if not disconnected.done():
         bus.disconnect()
     return code

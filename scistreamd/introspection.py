@@ -46,7 +46,9 @@ _MAX_TIME = 1e11
 
 #: Reasons of a denial: short names for the journal (SCISTREAM_DENIAL_REASON).
 REASONS = ("no_user_tokens", "malformed", "inactive", "expired", "not_yet_valid",
-           "no_subject", "scope", "audience")
+           "no_subject", "bad_subject", "scope", "audience")
+#: What identity.Identity accepts as a name (subject, username, group, scope).
+_NAME = re.compile(r"[^\s]{1,255}")
 
 
 class TokenDenied(AccessDenied):
@@ -231,8 +233,20 @@ def judge(intro: Introspection, policy: Policy, now: float) -> Identity:
     if policy.audience and policy.audience not in intro.audiences:
         raise TokenDenied("audience", f"the token is not meant for this daemon (its audience "
                           f"does not include {policy.audience!r:.100}): get a token for it", sub)
-    return Identity(kind="token", subject=sub, username=intro.username,
-                    groups=intro.identity_set, scopes=intro.scopes)
+    if not _usable(sub):
+        raise TokenDenied("bad_subject", "the token's subject cannot name an owner here "
+                          "(spaces, or longer than 255 characters): use a token of another "
+                          "identity")
+    # A username or group that cannot be a name is left out: that only takes
+    # away what a rule could grant by it.
+    return Identity(kind="token", subject=sub,
+                    username=intro.username if _usable(intro.username) else "",
+                    groups=tuple(g for g in intro.identity_set if _usable(g)),
+                    scopes=tuple(s for s in intro.scopes if _usable(s)))
+
+
+def _usable(name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and name.isprintable()
 
 
 def cache_until(intro: Introspection, now: float, max_seconds: float) -> float:

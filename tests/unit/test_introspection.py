@@ -145,6 +145,14 @@ def test_judge_refusals_name_their_reason_and_subject() -> None:
         assert ": " in str(err)  # problem and fix
 
 
+def test_names_an_identity_cannot_hold() -> None:
+    err = _denied(parse_answer(dict(GLOBUS, sub="John Doe")))
+    assert err.reason == "bad_subject" and "John Doe" not in str(err)
+    ident = judge(parse_answer(dict(GLOBUS, username="John Doe", identity_set=["a b", "c"])),
+                  Policy(), NOW)
+    assert (ident.username, ident.groups) == ("", ("c",))
+
+
 def test_clock_leeway_is_small() -> None:
     judge(parse_answer(dict(GLOBUS, exp=NOW - 5)), Policy(), NOW)
     assert _denied(parse_answer(dict(GLOBUS, exp=NOW - 31))).reason == "expired"
