@@ -375,3 +375,173 @@ def test_denials_are_journaled_with_subject_and_reason_never_the_token(oauth, dr
         for secret in (wrong_scope, garbage, good, oauth.daemon_secret,
                        oauth.alice["client_secret"]):
             assert secret not in everything, f"a secret is in the journal of {host.name}"
+
+
+# --------------------------------------------------------------------------
+# The daemon: server1's scistreamd checks the bearer tokens of its user API.
+
+USER_API = "https://192.168.150.1:5000/v1/tunnels"
+PEER_CA = "/etc/scistream/peer-ca.crt"  # the test bed's CA: both daemons' certificates
+DAEMON_DROPIN = "/etc/scistream/conf.d/60-test-tokens.toml"
+APP_PORT = 5300
+
+
+def _restart(host) -> None:
+    host.run(["systemctl", "restart", "scistreamd.service"], timeout=120)
+    state = host.run(["systemctl", "is-active", "scistreamd"], check=False).stdout.strip()
+    assert state == "active", host.journal("-u", "scistreamd", "-n", "30")
+
+
+@pytest.fixture(scope="module")
+def remote(bed):
+    """The remote user's side: a driver on server2 that calls server1's user API."""
+    d = Driver(bed["server2"])
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(bed, oauth):
+    """server1's scistreamd with token introspection and a rule for alice's robot."""
+    s1 = bed["server1"]
+    keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in config().items())
+    put(s1, DAEMON_DROPIN, "# written by test_tokens.py; removed when its tests end\n" + keys +
+        f'\n[[user_rules]]\nname = "alice"\nidentities = ["token:{oauth.alice["sub"]}"]\n'
+        f'inbound_targets = ["192.168.150.1 {APP_PORT}"]\nmax_endpoints = 4\n', "0644")
+    _restart(s1)
+    try:
+        yield s1
+    finally:
+        s1.ctl("release", "--all")
+        s1.run(["rm", "-f", DAEMON_DROPIN])
+        _restart(s1)
+
+
+def user_call(remote: Driver, method: str, path: str = "", token: Optional[str] = None,
+              body: Optional[dict] = None) -> Dict[str, Any]:
+    out = remote.ask(op="user", method=method, url=USER_API + path, ca=PEER_CA, token=token,
+                     body=body)
+    assert "status" in out, out
+    return out
+
+
+def create_inbound(remote: Driver, token: Optional[str]) -> Dict[str, Any]:
+    return user_call(remote, "POST", "/inbound", token, {
+        "remote_ip": "192.168.150.1", "receiver_ports": [APP_PORT], "num_conn": 1})
+
+
+def test_daemon_without_introspection_accepts_no_tokens(oauth, remote, bed, clean) -> None:
+    """Runs before the tests that configure introspection (module fixture `daemon`)."""
+    token = oauth.issue()
+    out = create_inbound(remote, token)
+    assert out["status"] in (401, 403) and out["body"].get("error") == "AccessDenied", out
+    assert "no bearer tokens" in out["body"]["message"] or \
+        "no user tokens" in out["body"]["message"], out
+
+
+def test_daemon_valid_token_creates_a_tunnel_that_carries_data(daemon, oauth, remote, bed,
+                                                               clean, apps) -> None:
+    from tests.integration.conftest import HOSTTOOL, endpoint_properties, residue
+    from tests.integration.test_tunnel import outbound_ok, request
+
+    s1, s2 = bed["server1"], bed["server2"]
+    apps.start(s1, "token-echo", "python3", HOSTTOOL, "echo", str(APP_PORT), "--tag", "tok:")
+    token = oauth.issue()
+    out = create_inbound(remote, token)
+    assert out["status"] == 201, out
+    uid, listeners = out["body"]["uid"], out["body"]["listeners"]
+    assert endpoint_properties(s1, uid, "inbound")["Owner"] == f"token:{oauth.alice['sub']}"
+    local = outbound_ok(s2, uid, listeners, "--receiver_ports", "5100")
+    assert request(s2, local[0], "hello") == "tok:hello"
+    mine = user_call(remote, "GET", "", token)
+    assert mine["status"] == 200 and [t["uid"] for t in mine["body"]["tunnels"]] == [uid], mine
+
+    # The authorization server goes down: uncached tokens are refused with
+    # AuthUnavailable (503) and nothing is created; the tunnel keeps flowing,
+    # and the token checked before the outage still lists its tunnels.
+    fresh = oauth.issue()
+    before = residue(s1)
+    oauth.stop()
+    try:
+        down = create_inbound(remote, fresh)
+        assert (down["status"], down["body"].get("error")) == (503, "AuthUnavailable"), down
+        assert residue(s1) == before
+        assert request(s2, local[0], "still") == "tok:still"
+        assert user_call(remote, "GET", "", token)["status"] == 200
+    finally:
+        oauth.start()
+    assert request(s2, local[0], "after") == "tok:after"
+    released = user_call(remote, "DELETE", f"/{uid}", token)
+    assert released["status"] == 200, released
+    s2.ctl("release", uid)
+
+
+DAEMON_REFUSALS = {
+    "expired": lambda o: _expired(o),
+    "revoked": lambda o: _revoked(o),
+    "wrong scope": lambda o: o.issue(scope="other"),
+    "wrong audience": lambda o: o.issue(audience="other-service"),
+    "garbage": lambda o: "Z2FyYmFnZS10b2tlbi1mb3ItdGhlLWRhZW1vbg",
+    "missing header": lambda o: None,
+}
+
+
+def _expired(o: OAuth) -> str:
+    token = o.issue(expires_in=1)
+    time.sleep(2)
+    return token
+
+
+@pytest.mark.parametrize("case", sorted(DAEMON_REFUSALS))
+def test_daemon_refuses_bad_tokens_by_name_and_creates_nothing(daemon, oauth, remote, bed,
+                                                               clean, case: str) -> None:
+    from tests.integration.conftest import residue
+
+    s1 = bed["server1"]
+    token = DAEMON_REFUSALS[case](oauth)
+    before = residue(s1)
+    out = create_inbound(remote, token)
+    assert out["status"] in (401, 403), out
+    assert out["body"].get("error") == "AccessDenied", out
+    if token:
+        assert token not in json.dumps(out)
+    if case == "wrong scope":
+        assert "scope" in out["body"]["message"]
+    if case == "wrong audience":
+        assert "audience" in out["body"]["message"]
+    assert residue(s1) == before == []
+    listing = user_call(remote, "GET", "", token)
+    assert listing["status"] in (401, 403) and listing["body"].get("error") == "AccessDenied"
+
+
+def test_daemon_keeps_token_and_client_secret_out_of_journal_units_bus_and_argv(
+        daemon, oauth, remote, bed, clean) -> None:
+    from tests.integration.conftest import HOSTTOOL, dbus
+
+    s1 = bed["server1"]
+    good, bad = oauth.issue(), oauth.issue(scope="other")
+    create_inbound(remote, bad)
+    out = create_inbound(remote, good)
+    assert out["status"] == 201, out
+    secrets_ = {"a good token": good, "a refused token": bad,
+                "the client secret": oauth.daemon_secret}
+    places = {
+        "the journal": s1.run(["journalctl", "--no-pager", "-o", "json"]).stdout,
+        "unit properties": s1.run(["systemctl", "show", "--all", "scistreamd.service",
+                                   "scistream-*.service", "scistream-*.socket"]).stdout,
+        "D-Bus objects": json.dumps(dbus(s1, "GetManagedObjects", "", [],
+                                         iface="org.freedesktop.DBus.ObjectManager")),
+        "D-Bus manager properties": json.dumps(dbus(
+            s1, "GetAll", "s", ["org.scistream.Tunnel1.Manager"],
+            iface="org.freedesktop.DBus.Properties")),
+        "process command lines": s1.sh("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout,
+        "the daemon's environment": s1.sh(
+            "tr '\\0' '\\n' < /proc/$(systemctl show -P MainPID scistreamd)/environ").stdout,
+        "state files": s1.sh("cat /var/lib/scistream/endpoints/* 2>/dev/null; true").stdout,
+    }
+    assert HOSTTOOL  # the D-Bus calls above ran inside the host
+    for where, text in places.items():
+        assert text, f"nothing read from {where}"
+        for what, value in secrets_.items():
+            assert value not in text, f"{what} is in {where}"
+    user_call(remote, "DELETE", f"/{out['body']['uid']}", good)

@@ -12,6 +12,8 @@ Requests ({"op": ...}):
   revoke   {"url", "ca", "client_id", "client_secret", "token"} -> {"status"}
   stats    {"url", "ca"} -> the server's counters
   counts   {"name"} -> {"introspections", "cache_hits"}
+  user     {"method", "url", "ca", "token"?, "body"?} -> {"status", "body"}: one user API
+           call (Authorization: Bearer <token> when a token is given)
   timing   {"name", "token", "n"} -> {"p50_us", "p95_us", "introspections"}: cached checks
 
 The verifiers log to the host's journal (SYSLOG_IDENTIFIER=tokendriver), as
@@ -110,6 +112,17 @@ async def main() -> int:
                                      verify=req["ca"], timeout=10)
                 out = {"status": resp.status_code, "body": resp.json()}
                 out["token"] = out["body"].get("access_token", "")
+            elif op == "user":
+                headers = {}
+                if req.get("token") is not None:
+                    headers["Authorization"] = f"Bearer {req['token']}"
+                resp = requests.request(req["method"], req["url"], json=req.get("body"),
+                                        headers=headers, verify=req["ca"], timeout=60)
+                try:
+                    body = resp.json()
+                except ValueError:
+                    body = resp.text
+                out = {"status": resp.status_code, "body": body}
             elif op == "stats":
                 out = requests.get(f"{req['url']}/stats", verify=req["ca"], timeout=10).json()
             else:
