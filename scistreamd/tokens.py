@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import itertools
 import logging
 import os
 import stat
@@ -306,8 +307,12 @@ class TokenVerifier:
         if len(self._cache) >= MAX_CACHE_ENTRIES:
             for k in [k for k, e in self._cache.items() if e.until <= now]:
                 del self._cache[k]
-            while len(self._cache) >= MAX_CACHE_ENTRIES:
-                del self._cache[next(iter(self._cache))]  # the oldest
+            # Still nearly full (a flood of distinct tokens): the oldest tenth goes,
+            # so the next full scan is MAX_CACHE_ENTRIES / 10 insertions away.
+            keep = MAX_CACHE_ENTRIES - MAX_CACHE_ENTRIES // 10 - 1
+            if len(self._cache) > keep:
+                for k in list(itertools.islice(self._cache, len(self._cache) - keep)):
+                    del self._cache[k]
         self._cache[key] = entry
 
     def _log_denial(self, denied: TokenDenied, token: str) -> None:
