@@ -310,3 +310,108 @@ def test_from_config_reads_the_secret(tmp_path: Path) -> None:
     os.chmod(secret, 0o644)
     with pytest.raises(ConfigError):
         TokenVerifier.from_config(cfg)
+
+
+# -- the HTTPS transport, against a loopback server of canned answers ------------
+
+@pytest.fixture
+def https(tmp_path: Path):
+    """A loopback HTTPS server; ``answers[path] = (status, headers, body)``; records requests."""
+    import http.server
+    import ipaddress
+    import ssl
+    import threading
+
+    from scistreamd import certs
+
+    ca = certs.make_ca("unit test CA")
+    pair = certs.make_host_cert("localhost", [ipaddress.ip_address("127.0.0.1")], issuer=ca)
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem())
+    certs.write_pair(pair, tmp_path / "s.crt", tmp_path / "s.key")
+    answers: dict = {}
+    seen: list = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.path, dict(self.headers), body.decode()))
+            status, headers, data = answers[self.path]
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "s.crt", tmp_path / "s.key")
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    base = f"https://127.0.0.1:{httpd.server_address[1]}"
+    yield base, tmp_path / "ca.crt", answers, seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _transport_verifier(base: str, path: str, ca) -> TokenVerifier:
+    settings = TokenSettings(url=base + path, client_id="daemon", ca_file=ca, timeout=5)
+    return TokenVerifier(settings, client_secret="s3cret")
+
+
+def test_transport_sends_the_rfc7662_request(https) -> None:
+    base, ca, answers, seen = https
+    answers["/introspect"] = (200, {"Content-Type": "application/json"},
+                              json.dumps({"active": True, "sub": "alice"}).encode())
+    v = _transport_verifier(base, "/introspect", ca)
+    assert run(v.verify("tok-1")).subject == "alice"
+    v.close()
+    [(path, headers, body)] = seen
+    assert headers["Authorization"] == basic_auth("daemon", "s3cret")
+    assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert sorted(body.split("&")) == ["include=identity_set", "token=tok-1",
+                                       "token_type_hint=access_token"]
+
+
+def test_transport_follows_no_redirect_and_reads_no_huge_answer(https) -> None:
+    base, ca, answers, seen = https
+    answers["/moved"] = (302, {"Location": base + "/elsewhere"}, b"")
+    answers["/elsewhere"] = (200, {"Content-Type": "application/json"}, b'{"active": true}')
+    answers["/huge"] = (200, {"Content-Type": "application/json"},
+                        b'{"active": true, "x": "' + b"a" * 200_000 + b'"}')
+    for path in ("/moved", "/huge"):
+        v = _transport_verifier(base, path, ca)
+        with pytest.raises(AuthUnavailable):
+            run(v.verify("tok-2"))
+        v.close()
+    assert [p for p, _, _ in seen] == ["/moved", "/huge"]  # never /elsewhere
+
+
+def test_transport_refuses_an_untrusted_certificate(https, tmp_path: Path) -> None:
+    from scistreamd import certs
+
+    base, _ca, answers, seen = https
+    other = tmp_path / "other-ca.crt"
+    other.write_bytes(certs.make_ca("another CA").cert_pem())
+    v = _transport_verifier(base, "/introspect", other)
+    with pytest.raises(AuthUnavailable):
+        run(v.verify("tok-3"))
+    v.close()
+    assert seen == []
+
+
+def test_transport_unreachable_server(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    v = _transport_verifier(f"https://127.0.0.1:{port}", "/introspect", None)
+    with pytest.raises(AuthUnavailable) as info:
+        run(v.verify("tok-4"))
+    assert "try again later" in str(info.value)
+    v.close()
