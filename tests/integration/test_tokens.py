@@ -417,3 +417,47 @@ def test_daemon_keeps_token_and_client_secret_out_of_journal_units_bus_and_argv(
         for what, value in secrets_.items():
             assert value not in text, f"{what} is in {where}"
     user_call(remote, "DELETE", f"/{out['body']['uid']}", good)
+
+
+def test_daemon_asks_the_server_once_for_100_requests_of_one_token(daemon, oauth, remote,
+                                                                    clean) -> None:
+    token = oauth.issue()
+    before = oauth.stats()["introspect"]
+    statuses = {user_call(remote, "GET", "", token)["status"] for _ in range(100)}
+    assert statuses == {200}
+    assert oauth.stats()["introspect"] - before == 1
+
+
+def test_daemon_refuses_to_start_with_a_readable_client_secret_and_tunnels_keep_flowing(
+        daemon, oauth, remote, bed, clean, apps) -> None:
+    from tests.integration.conftest import HOSTTOOL, daemon_status
+    from tests.integration.test_tunnel import outbound_ok, request
+
+    s1, s2 = bed["server1"], bed["server2"]
+    apps.start(s1, "secret-echo", "python3", HOSTTOOL, "echo", str(APP_PORT), "--tag", "sec:")
+    token = oauth.issue()
+    out = create_inbound(remote, token)
+    assert out["status"] == 201, out
+    uid = out["body"]["uid"]
+    local = outbound_ok(s2, uid, out["body"]["listeners"], "--receiver_ports", "5100")
+    s1.run(["chmod", "0644", "/etc/scistream/token-client-secret"])
+    try:
+        r = s1.run(["systemctl", "restart", "scistreamd.service"], check=False, timeout=120)
+        assert r.returncode != 0
+        status = daemon_status(s1)
+        code = s1.run(["systemctl", "show", "-P", "ExecMainStatus", "scistreamd"]).stdout
+        # EX_CONFIG, which the unit does not restart on (RestartPreventExitStatus=78).
+        assert (status["ActiveState"], code.strip()) == ("failed", "78"), (status, code)
+        log = s1.run(["journalctl", "--no-pager", "-o", "cat", "-u", "scistreamd",
+                      "-n", "20"]).stdout
+        assert "token_client_secret_file" in log and "chmod 0600" in log, log
+        assert oauth.daemon_secret not in log
+        # The relays are units of their own: the tunnel carries data without its daemon.
+        assert request(s2, local[0], "orphan") == "sec:orphan"
+    finally:
+        s1.run(["chmod", "0600", "/etc/scistream/token-client-secret"])
+        s1.run(["systemctl", "reset-failed", "scistreamd.service"], check=False)
+        _restart(s1)
+    assert request(s2, local[0], "back") == "sec:back"
+    assert user_call(remote, "DELETE", f"/{uid}", oauth.issue())["status"] == 200
+    s2.ctl("release", uid)
