@@ -160,6 +160,7 @@ class RequestsTransport:
 
     def __call__(self, token: str) -> Answer:
         import requests
+        import urllib3
 
         try:
             with self._session().post(
@@ -178,7 +179,10 @@ class RequestsTransport:
         except requests.exceptions.Timeout:
             raise AuthUnavailable(f"the token introspection server {self._url} did not answer "
                                   "in time") from None
-        except (requests.exceptions.RequestException, OSError) as err:
+        # urllib3's own errors come unwrapped from resp.raw.read (a broken
+        # chunked or compressed body); all of them mean no answer.
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError,
+                ValueError) as err:
             raise AuthUnavailable(f"cannot reach the token introspection server {self._url} "
                                   f"({type(err).__name__})") from None
 
@@ -257,7 +261,7 @@ class TokenVerifier:
             if task is None:
                 task = asyncio.ensure_future(self._introspect(key, token))
                 self._inflight[key] = task
-                task.add_done_callback(lambda t, k=key: self._inflight.pop(k, None))
+                task.add_done_callback(lambda t, k=key: self._done(k, t))
             # shield: a caller that gives up does not cancel the others' answer.
             entry = await asyncio.shield(task)
         else:
@@ -266,6 +270,11 @@ class TokenVerifier:
             return entry.identity
         assert entry.denial is not None
         raise TokenDenied(*entry.denial)
+
+    def _done(self, key: bytes, task: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: callers that all gave up leave no asyncio warning
 
     def _cached(self, key: bytes) -> Optional[_Entry]:
         entry = self._cache.get(key)

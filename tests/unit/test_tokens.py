@@ -415,3 +415,28 @@ def test_transport_unreachable_server(tmp_path: Path) -> None:
         run(v.verify("tok-4"))
     assert "try again later" in str(info.value)
     v.close()
+
+
+def test_a_request_whose_callers_all_gave_up_is_cleaned_up(verifier, server, caplog) -> None:
+    import gc
+    import threading
+
+    server.gate = threading.Event()
+    server.down = True
+
+    async def scenario():
+        caller = asyncio.ensure_future(verifier.verify("gone"))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        server.gate.set()
+        while verifier._inflight:
+            await asyncio.sleep(0.01)
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    run(scenario())
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    server.down, server.gate = False, None
+    server.grant("gone")
+    assert run(verifier.verify("gone")).subject == "sub-gone"
+    assert server.requests == ["gone", "gone"]
