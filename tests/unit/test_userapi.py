@@ -12,7 +12,7 @@ import pytest
 
 from scistreamd import certs
 from scistreamd.config import config_from_mapping, load_config
-from scistreamd.endpoint_json import endpoint_json, iso_time, snake
+from scistreamd.endpoint_json import endpoint_json, iso_time_us, snake_case
 from scistreamd.errors import (
     AccessDenied,
     ConfigError,
@@ -247,8 +247,8 @@ def test_owner_is_persisted_and_old_records_load_as_legacy() -> None:
 
 
 def test_endpoint_json() -> None:
-    assert snake("NRestarts") == "n_restarts" and snake("MainPID") == "main_pid"
-    assert iso_time(0) is None and iso_time(1_700_000_000_250_000) == \
+    assert snake_case("NRestarts") == "n_restarts" and snake_case("MainPID") == "main_pid"
+    assert iso_time_us(0) is None and iso_time_us(1_700_000_000_250_000) == \
         "2023-11-14T22:13:20.250Z"
     doc = endpoint_json({"Uid": UID, "StateDetail": "", "CreatedAt": 1_700_000_000_250_000,
                          "ClaimedAt": 0, "Listeners": ("a",), "Owner": "local:uid=0"})
