@@ -158,7 +158,34 @@ def check_addresses(cfg: Config, host_addresses: Sequence[IPAddress]) -> List[st
     return problems
 
 
+def check_user_api(cfg: Config) -> List[str]:
+    """The files of the user API: the token client secret (root-only), the CAs."""
+    problems: List[str] = []
+    if cfg.token_introspection_url:
+        from .tokens import read_client_secret  # its own rules for the secret file
+
+        try:
+            read_client_secret(cfg.token_client_secret_file)
+        except ConfigError as e:
+            problems.append(str(e))
+    for key in ("token_ca_file", "user_client_ca"):
+        path = getattr(cfg, key)
+        if path is None:
+            continue
+        problem = _readable(cfg, key, path, f"install the CA file there, or unset {key}")
+        if problem:
+            problems.append(problem)
+            continue
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except (ssl.SSLError, OSError, ValueError) as e:
+            problems.append(f"{_who(cfg, key)}: {path} does not load as PEM certificates "
+                            f"({ssl_reason(e)}): give a PEM CA certificate")
+    return problems
+
+
 def check_host(cfg: Config, host_addresses: Sequence[IPAddress],
                run: Runner = subprocess.run) -> List[str]:
     """Every problem of ``cfg`` on this host, each naming its key; [] when it works."""
-    return check_files(cfg) + check_stunnel(cfg, run) + check_addresses(cfg, host_addresses)
+    return (check_files(cfg) + check_user_api(cfg) + check_stunnel(cfg, run)
+            + check_addresses(cfg, host_addresses))
