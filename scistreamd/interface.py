@@ -117,6 +117,11 @@ ENDPOINT = Interface(
         Property("ClaimedAt", "t", "microseconds since the epoch; 0: never", emits="true"),
         Property("Peer", "s"),
         Property("AllowedPeer", "s"),
+        Property("KeyGeneration", "u",
+                 "inbound: the number of the current key (1 = the first; a re-arm, or a "
+                 "repeated claim by its claimant before its relay first connected, gives the "
+                 "next). outbound: the number of the key it claimed; 0: the peer did not say",
+                 emits="true"),
     ),
 )
 

@@ -31,7 +31,7 @@ from scistreamd.errors import (
 from scistreamd.hostprobe import HostProbes
 from scistreamd.manager import Manager
 from scistreamd.model import Endpoint, HostPort, PeerIdentity, Role, State, new_uid
-from scistreamd.peerwire import PeerEndpoint
+from scistreamd.peerwire import EndpointState, PeerEndpoint
 from scistreamd.ports import PortAllocator
 from scistreamd.store import PSK_FILE
 from scistreamd.systemd import ABSENT, SystemdError, UnitStatus, unit_object_path
@@ -154,6 +154,11 @@ class FakePeers:
 
     async def endpoint_state_async(self, peer: HostPort, uid: str) -> str:
         return await self.script.next("endpoint_state", lambda: "active")
+
+    async def endpoint_info_async(self, peer: HostPort, uid: str) -> EndpointState:
+        """Scripted as "endpoint_state": a state string, or an EndpointState."""
+        got = await self.script.next("endpoint_state", lambda: "active")
+        return got if isinstance(got, EndpointState) else EndpointState(uid, got)
 
 
 class FakeListener:
