@@ -183,10 +183,20 @@ class Probes:
     def __init__(self) -> None:
         self.listen = True
         self.taken: List[HostPort] = []
+        #: relay_accepted_from: True, False, or an exception to raise; and the calls.
+        self.accepted: Any = False
+        self.accepted_asked: List[Tuple[str, Any, float]] = []
+
+    def _accepted_from(self, unit: str, ip: Any, since: float) -> bool:
+        self.accepted_asked.append((unit, ip, since))
+        if isinstance(self.accepted, BaseException):
+            raise self.accepted
+        return bool(self.accepted)
 
     def make(self) -> HostProbes:
         return HostProbes(listening=lambda _l: self.listen, taken=lambda _l: list(self.taken),
-                          relay_gid=lambda: None, last_relay_error=lambda _u: "bind failed")
+                          relay_gid=lambda: None, last_relay_error=lambda _u: "bind failed",
+                          relay_accepted_from=self._accepted_from)
 
 
 class Bed:
