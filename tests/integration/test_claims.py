@@ -8,8 +8,12 @@ the test holds (a oneshot unit that never finishes, ordered before the slice by
 a drop-in in the host's private /run). The relay's start job then waits for as
 long as the test likes, with no change to any code path of the daemon; the test
 either lets the daemon's own relay_start_timeout run out (a rolled-back request)
-or kills the daemon with SIGKILL while it waits. No timed assertions: every wait
-is "until the condition holds", its timeout only a failure guard.
+or kills the daemon with SIGKILL while it waits. systemd then queues the
+daemon's restart behind that relay start job (relays are ordered
+Before=scistreamd.service): the test lets the relay start, daemon-less, as it
+would on a real host, and the restarted daemon rolls the half-made endpoint
+back. No timed assertions: every wait is "until the condition holds", its
+timeout only a failure guard.
 """
 
 from __future__ import annotations
