@@ -598,8 +598,17 @@ class Manager:
         # Before the restart: an accept by the new relay then counts as "connected".
         now = time.time()
         self._restarting.add(ep.key)
+        rekey = asyncio.ensure_future(self._rekey(ep, ip))
         try:
-            psk = await self._rekey(ep, ip)
+            try:
+                psk = await asyncio.shield(rekey)
+            except asyncio.CancelledError:
+                # The peer port gave up waiting (Busy): finish the restart first, under
+                # the lock, or the relay could stay stopped. The claimant's retry finds
+                # the claim still its own and claims again.
+                with contextlib.suppress(Exception):
+                    await rekey
+                raise
         except RelayFailed as e:
             _log(logging.ERROR, MSG_FAILURE, ep, "re-keying %s for a repeated claim failed: %s",
                  ep.uid, e)

@@ -6,6 +6,7 @@ plus the pure parts: the model's new fields, the peer documents, the journal lin
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from pathlib import Path
 
@@ -161,6 +162,39 @@ def test_rearm_counts_a_generation_and_forgets_the_claimant(tmp_path: Path) -> N
         assert (await bed.m.endpoint_state(ep.uid))["key_generation"] == 2
         doc = await bed.m.claim(ep.uid, OTHER)  # anyone may claim the new key
         assert doc["key_generation"] == 2
+    run(go)
+
+
+def test_a_repeated_claim_cut_short_finishes_the_restart(tmp_path: Path) -> None:
+    """The peer port stops waiting (its timeout cancels the claim) while the relay
+    restarts: the restart still completes under the lock, and the claimant's retry
+    claims again."""
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        ep = await inbound(bed)
+        await bed.m.claim(ep.uid, S2_CERT)
+        entered, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow_start() -> str:
+            entered.set()
+            await go_on.wait()
+            return "done"
+
+        bed.systemd.script.add("start", slow_start)
+        task = asyncio.ensure_future(bed.m.claim(ep.uid, S2_AGAIN))
+        await entered.wait()
+        task.cancel()
+        await asyncio.sleep(0)
+        assert not task.done()  # waits for the restart, not leaving the relay stopped
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert bed.systemd.units[ep.unit] == ("active", "running")
+        assert bed.m._restarting == set() and ep.key_generation == 2
+        assert ep.claimed_by.startswith("192.168.150.2:40000")  # not recorded: no answer went
+        doc = await bed.m.claim(ep.uid, S2_AGAIN)
+        assert doc["key_generation"] == 3 and doc["psk"] == bed.psk(ep)
+        bed.assert_holds(ep)
     run(go)
 
 
