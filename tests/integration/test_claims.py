@@ -161,18 +161,20 @@ def slice_held(host) -> Iterator[None]:
     """Until the block ends, no relay on ``host`` can start: scistream.slice is stopped
     (no relay runs there) and ordered after a oneshot unit that never finishes, so
     the start job of the next relay waits for the slice's, which waits for ours."""
-    host.run(["systemctl", "stop", "scistream.slice"])
-    host.run(["mkdir", "-p", HOLD_DROPIN_DIR])
-    host.run(["sh", "-c", f"printf '[Unit]\\nAfter={HOLD}\\n' > {HOLD_DROPIN}"])
-    host.run(["systemctl", "daemon-reload"])
-    host.run(["systemd-run", f"--unit={HOLD}", "--no-block", "--quiet", "-p", "Type=oneshot",
-              "-p", "TimeoutStartSec=infinity", "/bin/sleep", "infinity"])
-    wait_until(lambda: f"{HOLD} start running" in " ".join(jobs(host).split()), 30,
-               "the hold's start job to run")
     try:
+        host.run(["systemctl", "stop", "scistream.slice"])
+        host.run(["mkdir", "-p", HOLD_DROPIN_DIR])
+        host.run(["sh", "-c", f"printf '[Unit]\\nAfter={HOLD}\\n' > {HOLD_DROPIN}"])
+        host.run(["systemctl", "daemon-reload"])
+        host.run(["systemd-run", f"--unit={HOLD}", "--no-block", "--quiet", "--collect",
+                  "-p", "Type=oneshot",
+                  "-p", "TimeoutStartSec=infinity", "/bin/sleep", "infinity"])
+        wait_until(lambda: f"{HOLD} start running" in " ".join(jobs(host).split()), 30,
+                   "the hold's start job to run")
         yield
     finally:
         host.run(["systemctl", "stop", HOLD], check=False)
+        host.run(["systemctl", "reset-failed", HOLD], check=False)
         host.run(["rm", "-f", HOLD_DROPIN], check=False)
         host.run(["systemctl", "daemon-reload"], check=False)
 
