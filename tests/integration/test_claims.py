@@ -95,6 +95,14 @@ def jobs(host) -> str:
     return host.run(["systemctl", "list-jobs", "--no-legend", "--no-pager"], check=False).stdout
 
 
+def key_of(host, uid: str) -> str:
+    """The endpoint's PSK as stored on ``host`` (root only)."""
+    out = host.run(["grep", "-rhoE", f"^{uid}:[0-9a-f]{{64}}", "/var/lib/scistream/keys"],
+                   check=False).stdout.split()
+    assert len(out) == 1, f"cannot find the key of {uid} on {host.name}: {out}"
+    return out[0].split(":", 1)[1]
+
+
 def claims_since(host, cursor: str) -> List[str]:
     """Messages with the claim MESSAGE_ID after ``cursor``. Filtered here: systemd 252's
     --after-cursor with a match skips the first match when the cursor's entry does not."""
@@ -244,6 +252,7 @@ def test_kill9_after_the_claim_then_retry_works(clean, s1, s2, apps, patient_s2,
     assert residue(s2) == []
     first = props(s1, uid, "inbound")
     assert first["KeyGeneration"] == 1 and first["ClaimedBy"].startswith(f"{S2_IP}:")
+    first_key = key_of(s1, uid)
 
     # Before: a second claim was "already claimed" until someone re-armed on server1.
     cursor = journal_cursor(s1)
@@ -253,6 +262,8 @@ def test_kill9_after_the_claim_then_retry_works(clean, s1, s2, apps, patient_s2,
     assert again["ClaimedAt"] > first["ClaimedAt"]
     assert f"cert IP:{S2_IP}" in again["ClaimedBy"]
     assert props(s2, uid, "outbound")["KeyGeneration"] == 2
+    # A fresh key: whatever the lost half left behind is useless.
+    assert key_of(s1, uid) != first_key and key_of(s2, uid) == key_of(s1, uid)
     assert any(f"key of {uid} claimed again by" in m for m in claims_since(s1, cursor))
     transfer(s1, s2, apps, local[0], 5301)
 
