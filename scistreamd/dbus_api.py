@@ -165,6 +165,10 @@ class EndpointObject(ServiceInterface):
     def Owner(self):
         return self.ep.owner
 
+    @_property(ENDPOINT)
+    def KeyGeneration(self):
+        return self.ep.key_generation
+
     @_method(ENDPOINT)
     async def Release(self):
         await self._api.manager.release(self.ep.uid, self.ep.role)
@@ -179,7 +183,8 @@ class EndpointObject(ServiceInterface):
 
 #: Endpoint property name -> attribute of Endpoint it reflects.
 _PROP_OF_FIELD = {"state": ["State"], "detail": ["StateDetail"], "n_restarts": ["NRestarts"],
-                  "claimed_by": ["ClaimedBy"], "claimed_at": ["ClaimedAt"]}
+                  "claimed_by": ["ClaimedBy"], "claimed_at": ["ClaimedAt"],
+                  "key_generation": ["KeyGeneration"]}
 
 
 class ManagerObject(ServiceInterface):
@@ -294,7 +299,7 @@ class TunnelApi:
             props.update(_PROP_OF_FIELD.get(f, []))
         values = {"State": ep.state.value, "StateDetail": ep.detail,
                   "NRestarts": ep.n_restarts, "ClaimedBy": ep.claimed_by,
-                  "ClaimedAt": _usec(ep.claimed_at)}
+                  "ClaimedAt": _usec(ep.claimed_at), "KeyGeneration": ep.key_generation}
         if props:
             obj.emit_properties_changed({p: values[p] for p in props})
 

@@ -19,7 +19,12 @@ from typing import Callable, Iterable, List, Optional, Tuple
 
 from . import RELAY_GROUP
 from .errors import ConfigError
-from .model import HostPort
+from .model import HostPort, IPAddress, parse_hostport
+
+#: What stunnel (at log level notice or more) says when a relay accepts a connection.
+ACCEPTED = " accepted connection from "
+#: How many of a relay's journal lines one question reads at most.
+_MAX_JOURNAL_LINES = 100_000
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +135,49 @@ def last_relay_error(unit: str) -> str:
     return ""
 
 
+def accepted_peer(message: str) -> Optional[IPAddress]:
+    """The source address of one stunnel "accepted connection from ADDR:PORT" line."""
+    _, found, rest = message.partition(ACCEPTED)
+    if not found:
+        return None
+    text = rest.strip()
+    host, _, port = text.rpartition(":")
+    if host and ":" in host and not host.startswith("["):
+        text = f"[{host}]:{port}"  # stunnel may print IPv6 without brackets
+    try:
+        return parse_hostport(text, "relay peer").host
+    except Exception:
+        return None
+
+
+def relay_accepted_from(unit: str, ip: IPAddress, since: float) -> bool:
+    """Whether relay ``unit`` accepted a TCP connection from ``ip`` at or after ``since``
+    (unix seconds), by its journal (stunnel logs each accept at level notice).
+
+    Raises (OSError, ImportError, ...) when the journal cannot be read: the caller
+    decides what an unknown answer means.
+    """
+    from systemd import journal
+
+    reader = journal.Reader()
+    try:
+        reader.add_match(_SYSTEMD_UNIT=unit, SYSLOG_IDENTIFIER="scistream-relay")
+        reader.seek_realtime(float(since))
+        for _ in range(_MAX_JOURNAL_LINES):
+            entry = reader.get_next()
+            if not entry:
+                return False
+            stamp = entry.get("__REALTIME_TIMESTAMP")
+            if stamp is not None and stamp.timestamp() < since:
+                continue
+            if accepted_peer(str(entry.get("MESSAGE", ""))) == ip:
+                return True
+        # A relay this chatty since the claim has surely been connected.
+        return True
+    finally:
+        reader.close()
+
+
 @dataclass(frozen=True)
 class HostProbes:
     """The probes a Manager uses; a test passes its own."""
@@ -138,3 +186,4 @@ class HostProbes:
     taken: Callable[[Iterable[HostPort]], List[HostPort]] = taken
     relay_gid: Callable[[], Optional[int]] = relay_gid
     last_relay_error: Callable[[str], str] = last_relay_error
+    relay_accepted_from: Callable[[str, IPAddress, float], bool] = relay_accepted_from

@@ -125,6 +125,11 @@ ENDPOINT = Interface(
         Property("AllowedPeer", "s"),
         Property("Owner", "s", 'who created it: "local:uid=N" (D-Bus), "token:<sub>" or '
                  '"cert:<name>" (user API)'),
+        Property("KeyGeneration", "u",
+                 "inbound: the number of the current key (1 = the first; a re-arm, or a "
+                 "repeated claim by its claimant before its relay first connected, gives the "
+                 "next). outbound: the number of the key it claimed; 0: the peer did not say",
+                 emits="true"),
     ),
 )
 

@@ -51,11 +51,13 @@ from .identity import LEGACY_OWNER
 from .model import (
     Endpoint,
     HostPort,
+    IPAddress,
     PeerIdentity,
     Role,
     State,
     new_relay_id,
     new_uid,
+    next_key_generation,
     parse_allowed_peer,
     parse_claimant_ip,
     parse_hostport,
@@ -72,7 +74,13 @@ from .peerclient import PeerClient
 from .peertls import check_trust_pem
 from .peerwire import PeerEndpoint
 from .ports import PortAllocator
-from .relay import new_psk, relay_file_path, render_psk_file, render_stunnel_config
+from .relay import (
+    STUNNEL_LOG_LEVELS,
+    new_psk,
+    relay_file_path,
+    render_psk_file,
+    render_stunnel_config,
+)
 from .relay_unit import allow_property, relay_socket_properties, relay_unit_properties
 from .store import PSK_FILE, KeyStore, StateStore, parse_name
 from .systemd import ABSENT, Systemd, SystemdError, UnitStatus, unit_object_path
@@ -233,7 +241,8 @@ class Manager:
                     listeners=tuple(HostPort(self.cfg.relay_listen_address, p) for p in listen),
                     targets=tuple(HostPort(ip, p) for p in ports),
                     num_conn=n, created_at=time.time(),
-                    allowed_peer=str(opts.get("allowed_peer", "")), owner=owner)
+                    allowed_peer=str(opts.get("allowed_peer", "")), owner=owner,
+                    key_generation=1)
             except BaseException:
                 self.ports.release(listen)
                 raise
@@ -284,7 +293,9 @@ class Manager:
                 uid=uid, role=Role.OUTBOUND,
                 listeners=tuple(HostPort(self.cfg.relay_listen_address, p) for p in held),
                 targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr,
-                owner=owner)
+                owner=owner,
+                # What the peer check compares: a re-armed inbound side says another.
+                key_generation=info.key_generation)
         except BaseException:
             self.ports.release(held)
             raise
@@ -500,6 +511,12 @@ class Manager:
         single claim. A claimant that is not the endpoint's allowed peer is
         refused first, consuming nothing. Messages go to the peer verbatim:
         they name no other claimant and not the allowed peer.
+
+        A claim is not lost by a crash of the claimant: the claimant that holds
+        it (the same verified certificate identity) may claim again as long as its
+        relay has never connected since its claim (_check_reclaim). It then gets a
+        new key and the next key generation, and the relay is re-keyed as by a
+        re-arm: the lost half may have left the old key behind somewhere.
         """
         uid = parse_uid(uid)
         async with self._lock(uid):
@@ -519,10 +536,8 @@ class Manager:
                     "(--allowed-peer)")
             _require_listeners(uid, listeners, ep.listeners)  # consumes nothing
             if ep.claimed_by:
-                raise PeerRejected(
-                    f"the key of {uid} was already claimed by another peer (a key is handed out "
-                    f"once): ask the inbound side to re-arm it ('scistreamctl rearm {uid}' "
-                    "there), then repeat the outbound request")
+                await self._check_reclaim(ep, claimant)
+                return await self._reclaim(ep, claimant)
             if ep.state is not State.ACTIVE:
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
             psk = self.keys.read_psk(ep.relay_id, Role.INBOUND, uid)
@@ -535,9 +550,90 @@ class Manager:
                     f"address ({e.name}); nothing was claimed: try again or ask its "
                     "operator") from e
             self._set(ep, claimed_by=str(claimant)[:200], claimed_at=time.time(),
-                      claimant_ip=ip)
+                      claimant_ip=ip, claimed_identity=_identity(claimant))
             _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
-            return PeerEndpoint(uid, ep.listeners, psk, self.cfg.relay_ciphersuites).to_json()
+            return PeerEndpoint(uid, ep.listeners, psk, self.cfg.relay_ciphersuites,
+                                ep.key_generation).to_json()
+
+    async def _check_reclaim(self, ep: Endpoint, claimant: PeerIdentity) -> None:
+        """PeerRejected unless ``claimant`` may claim the claimed ``ep`` again.
+
+        Only the identity that holds the claim may (a verified certificate naming
+        the same subjectAltNames; an unverified claimant has no identity to
+        compare), and only until its relay first connected to ours: after that the
+        key is in use and the claim settled, so a second claim is someone else's
+        mistake or worse. "Connected" is read from our relay's journal (stunnel
+        logs every accepted connection at level notice) since the claim, from the
+        claimant's address (the only one the listeners admit); when that cannot be
+        known (a quieter relay_log_level, an unreadable journal) the answer is no.
+        """
+        uid = ep.uid
+        rearm = (f"ask the inbound side to re-arm it ('scistreamctl rearm {uid}' there), then "
+                 "repeat the outbound request")
+        identity = _identity(claimant)
+        if not identity or identity != ep.claimed_identity:
+            raise PeerRejected(f"the key of {uid} was already claimed by another peer (a key is "
+                               f"handed out once): {rearm}")
+        if ep.state is not State.ACTIVE:
+            raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
+        notice = STUNNEL_LOG_LEVELS.index("notice")
+        why = ""
+        if STUNNEL_LOG_LEVELS.index(self.cfg.relay_log_level) < notice:
+            why = (f"its relays log at {self.cfg.relay_log_level} (relay_log_level), too "
+                   "quietly to tell whether your relay already connected")
+        elif ep.claimant_ip is None:
+            why = "its record of the claim names no claimant address"
+        else:
+            try:
+                if await asyncio.to_thread(self.probes.relay_accepted_from, ep.unit,
+                                           ep.claimant_ip, ep.claimed_at):
+                    why = ("your relay has connected to it since the claim (the key is in use; "
+                           "it is handed out again only until the claimant's relay first "
+                           "connects)")
+            except Exception as e:
+                logger.warning("reading the journal of %s failed: %s", ep.unit, e)
+                why = "it could not read its relay's journal to tell whether your relay connected"
+        if why:
+            _log(logging.WARNING, MSG_CLAIM_REFUSED, ep, "refused a repeated claim of %s by %s: "
+                 "%s", uid, claimant, why)
+            raise PeerRejected(f"the key of {uid} was already claimed by this gateway, and the "
+                               f"inbound side does not hand it out again: {why}; {rearm}")
+
+    async def _reclaim(self, ep: Endpoint, claimant: PeerIdentity) -> Dict[str, Any]:
+        """The claim again, by its holder (_check_reclaim said yes): a new key, the next
+        generation, the relay re-keyed, its listeners open to the claimant's address."""
+        ip = parse_claimant_ip(claimant.address)
+        # Before the restart: an accept by the new relay then counts as "connected".
+        now = time.time()
+        self._restarting.add(ep.key)
+        rekey = asyncio.ensure_future(self._rekey(ep, ip))
+        try:
+            try:
+                psk = await asyncio.shield(rekey)
+            except asyncio.CancelledError:
+                # The peer port gave up waiting (Busy): finish the restart first, under
+                # the lock, or the relay could stay stopped. The claimant's retry finds
+                # the claim still its own and claims again.
+                with contextlib.suppress(Exception):
+                    await rekey
+                raise
+        except RelayFailed as e:
+            _log(logging.ERROR, MSG_FAILURE, ep, "re-keying %s for a repeated claim failed: %s",
+                 ep.uid, e)
+            raise PeerRejected(f"the inbound side could not re-key tunnel {ep.uid} for the "
+                               "repeated claim; try again, or ask its operator (its journal "
+                               "says why)") from e
+        finally:
+            self._restarting.discard(ep.key)
+            self._on_unit_change(unit_object_path(ep.unit))
+        old = ep.claimed_at
+        self._set(ep, claimed_by=str(claimant)[:200], claimed_at=now, claimant_ip=ip,
+                  claimed_identity=_identity(claimant), state=State.ACTIVE, detail="")
+        _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed again by %s (its relay never "
+             "connected since its claim at %s): new key, generation %d", ep.uid, ep.claimed_by,
+             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old)), ep.key_generation)
+        return PeerEndpoint(ep.uid, ep.listeners, psk, self.cfg.relay_ciphersuites,
+                            ep.key_generation).to_json()
 
     async def _allow_only(self, ep: Endpoint, claimant_ip: Any) -> None:
         """Make the listeners of ``ep`` accept TCP from ``claimant_ip`` only (None: from
@@ -557,19 +653,32 @@ class Manager:
         ep = self.endpoints.get((uid, Role.INBOUND))
         if ep is None:
             raise self._no_inbound(uid)
-        return {"uid": ep.uid, "state": ep.state.value}
+        return {"uid": ep.uid, "state": ep.state.value, "key_generation": ep.key_generation}
 
     async def check_peers(self) -> None:
-        """Mark outbound endpoints whose inbound half is gone at the peer as failed.
+        """Mark outbound endpoints whose inbound half is gone or re-keyed at the peer as failed.
 
         Without this a survivor looks healthy while every connection through
         it is refused by the peer. An unreachable peer daemon proves nothing
-        (it may be restarting), so only a definite "no such endpoint" counts.
+        (it may be restarting), so only a definite "no such endpoint" counts,
+        or a key generation other than the one claimed (the peer re-armed: our
+        key is dead). Generation 0 on either side (an earlier version) compares
+        with nothing.
         """
         for ep in [e for e in self.endpoints.values()
                    if e.role is Role.OUTBOUND and e.state is State.ACTIVE and e.peer]:
             try:
-                await self.peers.endpoint_state_async(ep.peer, ep.uid)
+                info = await self.peers.endpoint_info_async(ep.peer, ep.uid)
+                if (ep.key_generation and info.key_generation
+                        and info.key_generation != ep.key_generation
+                        and self.endpoints.get(ep.key) is ep and ep.state is State.ACTIVE):
+                    _log(logging.WARNING, MSG_FAILURE, ep, "peer %s re-armed tunnel %s: its key "
+                         "generation is %d, this endpoint's key is of generation %d", ep.peer,
+                         ep.uid, info.key_generation, ep.key_generation)
+                    self._set(ep, state=State.FAILED, detail=(
+                        f"the peer re-armed tunnel {ep.uid}; make a new outbound request "
+                        f"(release this one first: 'scistreamctl release {ep.uid}'): this "
+                        "endpoint's key no longer works"))
             except NotFound:
                 if self.endpoints.get(ep.key) is ep and ep.state is State.ACTIVE:
                     _log(logging.WARNING, MSG_FAILURE, ep, "peer %s no longer has tunnel %s",
@@ -623,46 +732,59 @@ class Manager:
             # would start a relay, keys and state nothing tracks.
             if self.endpoints.get(ep.key) is not ep:
                 raise NotFound(f"endpoint {ep.uid} was released meanwhile")
-            psk = new_psk()
-            self._write_keys(ep, psk)
             # The relay is down for a moment on purpose: the unit monitor must not
             # report that as a failure (see _refresh).
             self._restarting.add(ep.key)
             try:
-                if await self._socket_listening(ep):
-                    # The socket keeps the ports bound while the relay restarts
-                    # with the new key (no window for another process to take
-                    # them); its allow list goes back to nobody until the next claim.
-                    await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
-                    await self._allow_only(ep, None)
-                    await self.systemd.reset_failed(ep.unit)
-                    result = await self.systemd.start(ep.unit,
-                                                      timeout=self.cfg.relay_start_timeout)
-                    if result != "done":
-                        raise RelayFailed(f"{ep.unit} failed to restart (job {result}): "
-                                          f"see 'scistreamctl logs {ep.uid}'")
-                else:
-                    # No socket unit (a relay of an earlier version) or a failed one:
-                    # stop everything and start a fresh pair rather than RestartUnit,
-                    # so the units have this version's properties. _start_unit also
-                    # resets the failed state, so quick re-arms never hit the start
-                    # rate limit.
-                    self._set(ep, claimant_ip=None)
-                    await self._stop_units(ep)
-                    if ep.legacy_relay_id:
-                        self._rename_relay(ep, psk)
-                    await self._start_unit(ep)
-            except (SystemdError, asyncio.TimeoutError) as e:
-                raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
+                await self._rekey(ep, None)
             finally:
                 self._restarting.discard(ep.key)
                 # Whatever the outcome, the monitor now reports what the relay really is.
                 self._on_unit_change(unit_object_path(ep.unit))
-            self._set(ep, claimed_by="", claimed_at=0.0, claimant_ip=None, state=State.ACTIVE,
-                      detail="")
-            _log(logging.INFO, MSG_REQUEST, ep, "inbound endpoint %s re-armed with a new key",
-                 ep.uid)
+            self._set(ep, claimed_by="", claimed_at=0.0, claimant_ip=None, claimed_identity="",
+                      state=State.ACTIVE, detail="")
+            _log(logging.INFO, MSG_REQUEST, ep, "inbound endpoint %s re-armed with a new key "
+                 "(generation %d)", ep.uid, ep.key_generation)
             return ep
+
+    async def _rekey(self, ep: Endpoint, claimant_ip: Optional[IPAddress]) -> str:
+        """Give inbound ``ep`` a new key and restart its relay with it; the listeners then
+        admit ``claimant_ip`` only (None: nobody). Returns the key; RelayFailed if the
+        relay did not restart. The caller holds the uid's lock and marks ``ep`` restarting.
+
+        The generation is counted (and saved) before the key is written: a crash
+        between the two makes the old claimant see a new generation while its key
+        still works (a false alarm), never a dead key under the old generation.
+        """
+        self._set(ep, key_generation=next_key_generation(ep.key_generation))
+        psk = new_psk()
+        self._write_keys(ep, psk)
+        try:
+            if await self._socket_listening(ep):
+                # The socket keeps the ports bound while the relay restarts
+                # with the new key (no window for another process to take
+                # them); its allow list changes while the relay is down.
+                await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
+                await self._allow_only(ep, claimant_ip)
+                await self.systemd.reset_failed(ep.unit)
+                result = await self.systemd.start(ep.unit, timeout=self.cfg.relay_start_timeout)
+                if result != "done":
+                    raise RelayFailed(f"{ep.unit} failed to restart (job {result}): "
+                                      f"see 'scistreamctl logs {ep.uid}'")
+            else:
+                # No socket unit (a relay of an earlier version) or a failed one:
+                # stop everything and start a fresh pair rather than RestartUnit,
+                # so the units have this version's properties. _start_unit also
+                # resets the failed state, so quick re-arms never hit the start
+                # rate limit.
+                self._set(ep, claimant_ip=claimant_ip)
+                await self._stop_units(ep)
+                if ep.legacy_relay_id:
+                    self._rename_relay(ep, psk)
+                await self._start_unit(ep)
+        except (SystemdError, asyncio.TimeoutError) as e:
+            raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
+        return psk
 
     async def _socket_listening(self, ep: Endpoint) -> bool:
         if ep.key not in self._sockets:
@@ -822,6 +944,11 @@ class Manager:
                 logger.warning("removing orphan key directory %s", name)
                 self.keys.remove(relay_id, role)
         logger.info("adopted %d endpoints", len(self.endpoints))
+
+
+def _identity(who: PeerIdentity) -> str:
+    """The certificate identity a repeated claim must match; "" for an unverified peer."""
+    return who.names()[:200] if who.verified else ""
 
 
 def _require_listeners(uid: str, asked: Iterable[HostPort], have: Sequence[HostPort]) -> None:

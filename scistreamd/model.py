@@ -33,6 +33,8 @@ IPNetwork = Union[IPv4Network, IPv6Network]
 MAX_LIST_LEN = 1024
 #: Longest free-text field (detail, claimed_by) accepted from a state file.
 MAX_TEXT_LEN = 4096
+#: Largest key generation (a D-Bus ``u``); the count wraps to 1 after it.
+MAX_KEY_GENERATION = 2**32 - 1
 # The longest textual IPv6 address ("ffff:...:255.255.255.255") is 45 characters.
 _MAX_IP_LEN = 45
 _IP_CHARS = re.compile(r"[0-9A-Fa-f.:]+")
@@ -397,6 +399,14 @@ class Endpoint:
     relay_id: str = field(default_factory=new_relay_id)
     #: who created it (identity.py): "local:uid=N", "token:<sub>" or "cert:<name>".
     owner: str = LEGACY_OWNER
+    #: inbound: how many keys the endpoint has had (1 = the first; a re-arm or a
+    #: re-claim gives a new key and the next number). outbound: the generation of
+    #: the key it claimed (0 = the peer did not say: a version without generations).
+    key_generation: int = 0
+    #: inbound: the certificate identity (PeerIdentity.names()) of a verified
+    #: claimant; "" for none or an unverified one. Only it may claim again, and only
+    #: until its relay first connects (manager.claim).
+    claimed_identity: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -436,6 +446,8 @@ class Endpoint:
         _parse_time(self.claimed_at, "endpoint claimed_at")
         _parse_text(self.claimed_by, "endpoint claimed_by")
         _parse_text(self.detail, "endpoint detail")
+        _parse_text(self.claimed_identity, "endpoint claimed_identity")
+        parse_key_generation(self.key_generation, "endpoint key_generation")
         if parse_allowed_peer(self.allowed_peer, "endpoint allowed_peer") != self.allowed_peer:
             raise InvalidArgument(
                 f"endpoint allowed_peer {_show(self.allowed_peer)} is not canonical")
@@ -492,6 +504,11 @@ class Endpoint:
             **({"allowed_peer": self.allowed_peer} if self.allowed_peer else {}),
             "relay_id": self.relay_id,
             "owner": self.owner,
+            # Only when not the role's default (and claimed_identity only when set):
+            # a record of an endpoint that never used them still loads in an older daemon.
+            **({"key_generation": self.key_generation}
+               if self.key_generation != default_key_generation(self.role) else {}),
+            **({"claimed_identity": self.claimed_identity} if self.claimed_identity else {}),
         }
 
     @classmethod
@@ -505,7 +522,8 @@ class Endpoint:
             raise InvalidArgument(f"endpoint record must be an object, not {_show(d)}")
         required = {"uid", "role", "listeners", "targets", "num_conn", "created_at"}
         optional = {"state", "peer", "claimed_by", "claimed_at", "claimant_ip", "detail",
-                    "n_restarts", "allowed_peer", "relay_id", "owner"}
+                    "n_restarts", "allowed_peer", "relay_id", "owner", "key_generation",
+                    "claimed_identity"}
         unknown = [k for k in d if k not in required | optional]
         if unknown:
             raise InvalidArgument(
@@ -523,9 +541,10 @@ class Endpoint:
         if not _is_int(n_restarts) or n_restarts < 0:
             raise InvalidArgument(f"n_restarts {_show(n_restarts)} is not an integer >= 0")
         uid = parse_uid(d["uid"])
+        role = parse_role(d["role"])
         return cls(
             uid=uid,
-            role=parse_role(d["role"]),
+            role=role,
             listeners=_parse_stored_hostports(d["listeners"], "listeners"),
             targets=_parse_stored_hostports(d["targets"], "targets"),
             num_conn=num_conn,
@@ -543,7 +562,29 @@ class Endpoint:
             relay_id=parse_relay_id(d.get("relay_id", uid)),
             # Records written before owners existed: see identity.LEGACY_OWNER.
             owner=parse_owner(d.get("owner", LEGACY_OWNER)),
+            key_generation=parse_key_generation(
+                d.get("key_generation", default_key_generation(role)), "key_generation"),
+            claimed_identity=_parse_text(d.get("claimed_identity", ""), "claimed_identity"),
         )
+
+
+def default_key_generation(role: Role) -> int:
+    """An endpoint's generation when its record names none: an inbound endpoint has
+    its first key (1); an outbound one does not know its peer's (0)."""
+    return 1 if role is Role.INBOUND else 0
+
+
+def parse_key_generation(value: object, what: str = "key_generation") -> int:
+    """A key generation: an int (not a bool) in 0..MAX_KEY_GENERATION."""
+    if _is_int(value) and 0 <= value <= MAX_KEY_GENERATION:  # type: ignore[operator]
+        return int(value)  # type: ignore[call-overload]
+    raise InvalidArgument(f"{what} {_show(value)} is not a key generation: expected an integer "
+                          f"in 0..{MAX_KEY_GENERATION}")
+
+
+def next_key_generation(current: int) -> int:
+    """The generation after ``current`` (wraps to 1: 0 means "unknown")."""
+    return current + 1 if current < MAX_KEY_GENERATION else 1
 
 
 def relay_unit_name(role: Role, relay_id: str) -> str:

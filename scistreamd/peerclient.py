@@ -132,15 +132,23 @@ class PeerClient:
 
     def endpoint_state(self, peer: Union[HostPort, str], uid: str) -> str:
         """The state of inbound endpoint ``uid`` at the peer; NotFound if it is gone."""
-        def run(hp: HostPort) -> str:
+        return self.endpoint_info(peer, uid).state
+
+    def endpoint_info(self, peer: Union[HostPort, str], uid: str) -> EndpointState:
+        """Inbound endpoint ``uid`` at the peer (state, key generation); NotFound if gone."""
+        def run(hp: HostPort) -> EndpointState:
             want = parse_uid(uid)
             doc = self._request(hp, "GET", state_path(want), None, None,
                                 f"the state check of {want}")
             try:
-                return EndpointState.from_json(doc).state
-            except InvalidArgument:
+                info = EndpointState.from_json(doc)
+            except InvalidArgument as e:
                 raise PeerRejected(f"peer scistreamd at {hp} answered garbage for endpoint "
-                                   f"{want}") from None
+                                   f"{want}: {clean(e)}") from None
+            if info.uid != want:
+                raise PeerRejected(f"peer scistreamd at {hp} answered for endpoint {info.uid}, "
+                                   f"not {want}: the peer misbehaves") from None
+            return info
 
         return self._guard(peer, run)
 
@@ -163,6 +171,9 @@ class PeerClient:
 
     async def endpoint_state_async(self, peer: HostPort, uid: str) -> str:
         return await self._off_loop(self.endpoint_state, peer, uid)
+
+    async def endpoint_info_async(self, peer: HostPort, uid: str) -> EndpointState:
+        return await self._off_loop(self.endpoint_info, peer, uid)
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         # Our own pool: its threads are made on demand, one per call in flight.

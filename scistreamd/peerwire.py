@@ -6,9 +6,16 @@ connection)::
 
     GET  /v1/health                 -> 200 {"status": "ok"} (+ "version", ... for a
                                        verified client certificate)
-    GET  /v1/endpoints/<uid>        -> 200 {"uid", "state"}
+    GET  /v1/endpoints/<uid>        -> 200 {"uid", "state", "key_generation"}
     POST /v1/endpoints/<uid>/claim  {"listeners": [...]}
-                                    -> 200 {"uid", "listeners", "psk", "cipher_suites"}
+                                    -> 200 {"uid", "listeners", "psk", "cipher_suites",
+                                            "key_generation"}
+
+``key_generation`` (an integer >= 1) numbers the inbound endpoint's keys: a
+re-arm, or a claim repeated by the same claimant before its relay first
+connected (manager.claim), gives a new key and the next number. A claimant
+records the number it got; when the state check later says another one, its
+key is dead. Absent (a peer of an earlier version): 0, "unknown".
 
 The user API (userapi.py; every call with ``Authorization: Bearer <token>`` or a
 client certificate from ``user_client_ca``)::
@@ -53,6 +60,7 @@ from .model import (
     parse_hostport,
     parse_hostport_list,
     parse_ip,
+    parse_key_generation,
     parse_num_conn,
     parse_port_list,
     parse_uid,
@@ -309,10 +317,13 @@ class PeerEndpoint:
     listeners: Tuple[HostPort, ...]
     psk: str = field(repr=False)  # never in logs or reprs
     cipher_suites: str
+    #: the key's generation at the peer; 0: the peer did not say (older version).
+    key_generation: int = 0
 
     def to_json(self) -> Dict[str, Any]:
         return {"uid": self.uid, "listeners": [str(h) for h in self.listeners],
-                "psk": self.psk, "cipher_suites": self.cipher_suites}
+                "psk": self.psk, "cipher_suites": self.cipher_suites,
+                "key_generation": self.key_generation}
 
     @classmethod
     def from_json(cls, doc: Any) -> PeerEndpoint:
@@ -339,16 +350,25 @@ class PeerEndpoint:
             suites = parse_ciphersuites(doc["cipher_suites"])
         except InvalidArgument as e:
             raise InvalidArgument(f"cipher_suites: {clean(e)}") from None
-        return cls(uid, listeners, psk, suites)
+        return cls(uid, listeners, psk, suites, _generation_of(doc))
+
+
+def _generation_of(doc: Dict[str, Any]) -> int:
+    try:
+        return parse_key_generation(doc.get("key_generation", 0))
+    except InvalidArgument:
+        raise InvalidArgument("its key_generation is not an integer in 0..2**32-1") from None
 
 
 @dataclass(frozen=True)
 class EndpointState:
     uid: str
     state: str
+    #: see the module docstring; 0: the peer did not say.
+    key_generation: int = 0
 
     def to_json(self) -> Dict[str, Any]:
-        return {"uid": self.uid, "state": self.state}
+        return {"uid": self.uid, "state": self.state, "key_generation": self.key_generation}
 
     @classmethod
     def from_json(cls, doc: Any) -> EndpointState:
@@ -356,9 +376,10 @@ class EndpointState:
         if not isinstance(state, str) or not state.isalpha() or len(state) > 32:
             raise InvalidArgument("no state in the answer")
         try:
-            return cls(parse_uid(doc.get("uid")), state)
+            uid = parse_uid(doc.get("uid"))
         except InvalidArgument:
             raise InvalidArgument("its uid is malformed") from None
+        return cls(uid, state, _generation_of(doc))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ STATUS_ORDER = (
     "ClaimedAt",
     "AllowedPeer",
     "Owner",
+    "KeyGeneration",
 )
 _TIME_PROPERTIES = frozenset({"CreatedAt", "ClaimedAt"})
 

@@ -133,6 +133,7 @@ def _endpoint_props(uid: str, role: str) -> Dict[str, Any]:
         "Peer": "" if inbound else "192.168.150.1:5000",
         "AllowedPeer": "",
         "Owner": "local:uid=0",
+        "KeyGeneration": 1,
     }
 
 

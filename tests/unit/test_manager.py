@@ -32,7 +32,7 @@ from scistreamd.errors import (
 from scistreamd.hostprobe import HostProbes
 from scistreamd.manager import Manager
 from scistreamd.model import Endpoint, HostPort, PeerIdentity, Role, State, new_uid
-from scistreamd.peerwire import PeerEndpoint
+from scistreamd.peerwire import EndpointState, PeerEndpoint
 from scistreamd.ports import PortAllocator
 from scistreamd.store import PSK_FILE
 from scistreamd.systemd import ABSENT, SystemdError, UnitStatus, unit_object_path
@@ -156,6 +156,11 @@ class FakePeers:
     async def endpoint_state_async(self, peer: HostPort, uid: str) -> str:
         return await self.script.next("endpoint_state", lambda: "active")
 
+    async def endpoint_info_async(self, peer: HostPort, uid: str) -> EndpointState:
+        """Scripted as "endpoint_state": a state string, or an EndpointState."""
+        got = await self.script.next("endpoint_state", lambda: "active")
+        return got if isinstance(got, EndpointState) else EndpointState(uid, got)
+
 
 class FakeListener:
     """The D-Bus side: which endpoint objects are exported."""
@@ -179,10 +184,20 @@ class Probes:
     def __init__(self) -> None:
         self.listen = True
         self.taken: List[HostPort] = []
+        #: relay_accepted_from: True, False, or an exception to raise; and the calls.
+        self.accepted: Any = False
+        self.accepted_asked: List[Tuple[str, Any, float]] = []
+
+    def _accepted_from(self, unit: str, ip: Any, since: float) -> bool:
+        self.accepted_asked.append((unit, ip, since))
+        if isinstance(self.accepted, BaseException):
+            raise self.accepted
+        return bool(self.accepted)
 
     def make(self) -> HostProbes:
         return HostProbes(listening=lambda _l: self.listen, taken=lambda _l: list(self.taken),
-                          relay_gid=lambda: None, last_relay_error=lambda _u: "bind failed")
+                          relay_gid=lambda: None, last_relay_error=lambda _u: "bind failed",
+                          relay_accepted_from=self._accepted_from)
 
 
 class Bed:

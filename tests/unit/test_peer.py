@@ -41,9 +41,9 @@ from scistreamd.errors import (
     ScistreamError,
 )
 from scistreamd.model import HostPort, PeerIdentity
-from scistreamd.peerclient import claim_endpoint, endpoint_state, health
+from scistreamd.peerclient import PeerClient, claim_endpoint, endpoint_state, health
 from scistreamd.peerserver import PeerServer
-from scistreamd.peerwire import MSG_PEER_REFUSED, PeerEndpoint
+from scistreamd.peerwire import MSG_PEER_REFUSED, EndpointState, PeerEndpoint
 
 LOCAL = ipaddress.ip_address("127.0.0.1")
 UID = "bd9f1a7e-04d7-41f0-b44c-946dae415862"
@@ -361,6 +361,27 @@ def test_endpoint_state(server: PeerServer, pki: PKI) -> None:
     assert endpoint_state(server.address, UID, trust_file=pki.ca, timeout=GUARD) == "active"
     with pytest.raises(NotFound):
         endpoint_state(server.address, str(uuid.uuid4()), trust_file=pki.ca, timeout=GUARD)
+
+
+@pytest.mark.parametrize("answer, outcome", [
+    ({"state": "active", "key_generation": 5}, EndpointState(UID, "active", 5)),
+    ({"state": "active"}, EndpointState(UID, "active", 0)),  # a peer of an earlier version
+    ({"state": "active", "key_generation": "5"}, "key_generation"),
+    ({"state": "active", "key_generation": 1, "uid": UID2}, f"for endpoint {UID2}, not {UID}"),
+])
+def test_endpoint_info_carries_the_key_generation(server: PeerServer, pki: PKI,
+                                                  gateway: Gateway, answer: Dict[str, Any],
+                                                  outcome: Any) -> None:
+    async def state(uid: str) -> Dict[str, Any]:
+        return {"uid": uid, **answer}
+
+    gateway.endpoint_state = state  # type: ignore[method-assign]
+    client = PeerClient(trust_file=pki.ca, timeout=GUARD)
+    if isinstance(outcome, EndpointState):
+        assert client.endpoint_info(server.address, UID) == outcome
+    else:
+        with pytest.raises(PeerRejected, match=outcome):
+            client.endpoint_info(server.address, UID)
 
 
 def test_uid_is_canonicalised_before_asking(server: PeerServer, pki: PKI) -> None:
