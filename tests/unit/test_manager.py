@@ -181,7 +181,8 @@ class Probes:
 
     def make(self) -> HostProbes:
         return HostProbes(listening=lambda _l: self.listen, taken=lambda _l: list(self.taken),
-                          relay_gid=lambda: None, last_relay_error=lambda _u: "bind failed")
+                          relay_gid=lambda: None, last_relay_error=lambda _u: "bind failed",
+                          target_accepts=lambda _t, _timeout: True)
 
 
 class Bed:
