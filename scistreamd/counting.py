@@ -41,6 +41,9 @@ MSG_TARGET_REACHED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a77")
 #: endpoint gets after its last connection ended (its last bytes).
 COUNTER_POLL_INTERVAL = 1.0
 _COUNTER_POLLS_AFTER_IDLE = 2
+#: A read of counters older than this asks for a fresh read (memory, mostly: bytes
+#: of endpoints with connections are read every poll anyway).
+STALE_AFTER = 30.0
 
 
 def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> None:
@@ -76,12 +79,18 @@ class CountersMixin:
         c = self.counters.get(ep.key)
         return c.snapshot(time.monotonic()) if c is not None else Traffic()
 
+    def counters_due(self, ep: Endpoint) -> None:
+        """Read the counters of ``ep`` at the next poll (its relay just started)."""
+        if ep.key in self.counters:
+            self._hot[ep.key] = max(1, self._hot.get(ep.key, 0))
+            self._poll_wakeup.set()
+
     def want_counters(self, ep: Endpoint) -> None:
-        """Someone reads the counters of ``ep``: if they are older than a poll period,
+        """Someone reads the counters of ``ep``: if they are older than STALE_AFTER,
         read them once (the new values follow as PropertiesChanged)."""
         if ep.key not in self.counters or ep.key in self._hot:
             return
-        if time.monotonic() - self._polled_at.get(ep.key, 0.0) >= COUNTER_POLL_INTERVAL:
+        if time.monotonic() - self._polled_at.get(ep.key, 0.0) >= STALE_AFTER:
             self._hot[ep.key] = 1
             self._poll_wakeup.set()
 
@@ -97,7 +106,7 @@ class CountersMixin:
         was = c.reachable
         if not c.on_event(ev, invocation, at_us):
             return
-        if ev.kind == CONNECT_FAILED and was != REACHABLE_NO:
+        if ev.kind == CONNECT_FAILED and (was != REACHABLE_NO or c.failures == 1):
             _log(logging.WARNING, MSG_TARGET_FAILED, ep, "%s endpoint %s: %s",
                  ep.role.value, ep.uid, c.last_failure)
         elif ev.kind == CONNECTED and was == REACHABLE_NO:

@@ -185,7 +185,6 @@ class Manager(CountersMixin):
         self.endpoints[ep.key] = ep
         if ep.key not in self.counters:
             self.counters[ep.key] = Counters(inbound=ep.role is Role.INBOUND)
-        self._hot[ep.key] = 1  # one read: its memory and any bytes it already has
         self._by_unit_path[unit_object_path(ep.unit)] = ep.key
         self.listener.endpoint_added(ep)
 
@@ -382,6 +381,7 @@ class Manager(CountersMixin):
             self._track(ep)
             await self._start_unit(ep)
             self._set(ep, state=State.ACTIVE)
+            self.counters_due(ep)
         except BaseException as e:
             reason = str(e) if isinstance(e, ScistreamError) else f"{type(e).__name__}: {e}"
             _log(logging.ERROR, MSG_FAILURE, ep, "%s request for %s failed, rolled back: %s",
@@ -842,6 +842,7 @@ class Manager(CountersMixin):
         restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
         pids = await self._main_pids([ep.unit for ep in adopted])
         for ep in adopted:
+            self.counters_due(ep)
             active, sub = units[ep.unit]
             self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit],
                                               pids.get(ep.unit, 0)))

@@ -80,8 +80,9 @@ class RelayJournal:
             r.seek_cursor(newest)
             r.get_next()
         else:
-            r.seek_tail()
-            r.get_previous()
+            # No relay line yet this boot: every line to come is new. (A seek to
+            # the tail of an empty selection lost the first lines written later.)
+            r.seek_head()
         self._pending = backlog[::-1]
         logger.debug("replayed %d relay journal lines", len(backlog))
 

@@ -81,7 +81,10 @@ def peer_of(props: Dict[str, Any]) -> str:
         return peer
     claimed = props.get("ClaimedBy")
     if isinstance(claimed, str) and claimed:
-        return claimed.split()[0]
+        addr = claimed.split()[0]  # "IP:PORT cert ...": the claimant's address
+        if addr.startswith("[") and "]" in addr:
+            return addr[1:addr.index("]")]
+        return addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
     return "-"
 
 
