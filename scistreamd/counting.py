@@ -3,14 +3,13 @@
 A mixin of Manager (manager.py keeps orchestration; this keeps counting). What
 is counted where: traffic.py. The poller reads systemd only for endpoints
 with activity (an open connection, a connection that just ended, or a reader
-of their properties whose values are older than a poll period): 1000 idle
+of their properties whose values are older than STALE_AFTER): 1000 idle
 endpoints cost no call at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -20,6 +19,7 @@ from .buspath import unit_object_path
 from .traffic import (
     CONNECT_FAILED,
     CONNECTED,
+    RATE_WINDOW,
     REACHABLE_NO,
     REACHABLE_UNKNOWN,
     REACHABLE_YES,
@@ -38,9 +38,9 @@ logger = logging.getLogger("scistreamd.manager")
 MSG_TARGET_FAILED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a76")
 MSG_TARGET_REACHED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a77")
 #: Counter polls of endpoints with activity: their period, and how many polls an
-#: endpoint gets after its last connection ended (its last bytes).
+#: endpoint gets after its last connection ended (its last bytes, its rate back to 0).
 COUNTER_POLL_INTERVAL = 1.0
-_COUNTER_POLLS_AFTER_IDLE = 2
+_COUNTER_POLLS_AFTER_IDLE = int(RATE_WINDOW) + 2  # until the rate shown is 0 again
 #: A read of counters older than this asks for a fresh read (memory, mostly: bytes
 #: of endpoints with connections are read every poll anyway).
 STALE_AFTER = 30.0
@@ -147,8 +147,8 @@ class CountersMixin:
                     self._hot[key] = left
                 else:
                     self._hot.pop(key, None)
-            if changed or c.active:
-                # Even unchanged bytes change the rate while connections are open.
+            if changed or len(c.samples) > 1:
+                # Unchanged bytes still move the rate (the API signals only what differs).
                 self.listener.endpoint_changed(ep, ["counters"])
 
         await asyncio.gather(*(one(k) for k in keys))
@@ -168,8 +168,9 @@ class CountersMixin:
             follower = None
         try:
             while True:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._poll_wakeup.wait(), COUNTER_POLL_INTERVAL)
+                if not self._hot:
+                    # Idle: no timer at all until a journal line or a reader wakes us.
+                    await self._poll_wakeup.wait()
                 self._poll_wakeup.clear()
                 try:
                     await self.poll_counters()
