@@ -174,10 +174,8 @@ class EndpointObject(ServiceInterface):
     def AllowedPeer(self):
         return self.ep.allowed_peer
 
-    # Counters: a read of stale values asks the manager for fresh ones, which
-    # follow as (rate-limited) PropertiesChanged.
+    # Counters: what the manager has (it reads the relays with activity; counting.py).
     def _traffic(self) -> Dict[str, Any]:
-        self._api.manager.want_counters(self.ep)
         return counter_values(self._api.manager.traffic(self.ep))
 
     @_property(ENDPOINT)
