@@ -335,6 +335,8 @@ class TunnelApi:
     # EndpointListener
     def endpoint_added(self, ep: Endpoint) -> None:
         obj = self._objects[_path(ep)] = EndpointObject(self, ep)
+        # What InterfacesAdded carries: later signals name only what differs from it.
+        self._counter_values[_path(ep)] = counter_values(self.manager.traffic(ep))
         self.bus.export(_path(ep), obj)
 
     def endpoint_changed(self, ep: Endpoint, changed: Iterable[str]) -> None:

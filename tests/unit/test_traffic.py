@@ -227,3 +227,64 @@ def test_target_health_text_is_cleaned() -> None:
                                "last_target_failure": "bad\x1b[31m\n" + "x" * 500})
     assert "\x1b" not in got["last_target_failure"] and "\n" not in got["last_target_failure"]
     assert len(got["last_target_failure"]) <= 200
+
+
+# ---------------------------------------------------------------------------
+# PropertiesChanged of counters: at most one a second per endpoint
+
+
+class FakeBus:
+    def add_message_handler(self, handler: object) -> None:
+        pass
+
+    def export(self, path: str, obj: object) -> None:
+        pass
+
+    def unexport(self, path: str) -> None:
+        pass
+
+
+class FakeManager:
+    def __init__(self) -> None:
+        self.t = Traffic()
+
+    def traffic(self, ep: object) -> Traffic:
+        return self.t
+
+
+def test_counter_signals_are_rate_limited_and_coalesced() -> None:
+    import asyncio
+    import time
+
+    from scistreamd.dbus_api import TunnelApi
+    from scistreamd.model import Endpoint, HostPort, Role, parse_ip
+
+    ep = Endpoint(uid=UID, role=Role.INBOUND,
+                  listeners=(HostPort(parse_ip("192.168.150.1", "ip"), 5100),),
+                  targets=(HostPort(parse_ip("192.168.150.1", "ip"), 5300),), num_conn=1,
+                  created_at=1.0)
+
+    async def go() -> list:
+        api = TunnelApi(FakeBus())  # type: ignore[arg-type]
+        api.manager = FakeManager()  # type: ignore[assignment]
+        api.endpoint_added(ep)
+        (obj,) = api._objects.values()
+        sent: list = []
+        obj.emit_properties_changed = lambda changed: sent.append((time.monotonic(), changed))
+        for i in range(1, 51):  # a busy second: 50 changes
+            api.manager.t = Traffic(bytes_in=i * 1000, connections_active=1)
+            api.endpoint_changed(ep, ["counters"])
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.2)
+        api.manager.t = Traffic(bytes_in=50_000, connections_active=1)
+        api.endpoint_changed(ep, ["counters"])  # nothing differs: no signal
+        await asyncio.sleep(1.2)
+        return sent
+
+    sent = asyncio.run(go())
+    # The first change at once; the rest coalesced into few, spaced a second apart,
+    # the last carrying the latest value.
+    assert 2 <= len(sent) <= 3, sent
+    assert sent[0][1] == {"BytesIn": 1000, "ConnectionsActive": 1}
+    assert all(b[0] - a[0] >= 0.95 for a, b in zip(sent, sent[1:]))
+    assert sent[-1][1]["BytesIn"] == 50_000
