@@ -18,6 +18,10 @@ Sources, all of them systemd's or the relay's own (no sampling of sockets):
 - target health: stunnel's "s_connect: connect IP:PORT: Connection refused
   (111)" (a failure) and "s_connect: connected IP:PORT" (a success) lines.
 
+Lines are matched to endpoints by the journal's trusted _SYSTEMD_UNIT field
+(set by journald, not by the writer), so no other process can move a relay's
+counters by logging under its SYSLOG_IDENTIFIER.
+
 Imports nothing from D-Bus, systemd or the journal: the daemon feeds it.
 """
 
@@ -106,8 +110,14 @@ def parse_relay_line(message: object) -> Optional[RelayEvent]:
     return None
 
 
+def _printable(text: str) -> str:
+    # Journal text is the relay's: nothing in it may steer a terminal.
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def failure_text(target: str, reason: str, inbound: bool) -> str:
     """What a failed connection to ``target`` means, for people."""
+    target, reason = _printable(target), _printable(reason)
     what = ("the server application at" if inbound else
             "the inbound relay (the peer's listener) at")
     if "refused" in reason.lower():

@@ -77,6 +77,7 @@ def test_failure_text_names_the_application() -> None:
     assert "did not answer" in failure_text("10.0.0.1:1", "Connection timed out (110)", True)
     assert failure_text("10.0.0.1:1", "No route to host (113)", True) == (
         "connecting to server application at 10.0.0.1:1 failed: No route to host (113)")
+    assert "\x1b" not in failure_text("10.0.0.1:1", "bad \x1b[2J", True)
 
 
 def ev(kind: str, conn: int, addr: str = "", reason: str = "") -> RelayEvent:
