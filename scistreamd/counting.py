@@ -190,8 +190,9 @@ class CountersMixin:
             return
         if text:
             text = f"{text} (reported by the peer {ep.peer})"
+        was = c.reachable
         if c.set_failure(max(0, failures), text, max(0, at), reachable):
-            if reachable == REACHABLE_NO:
+            if reachable == REACHABLE_NO and was != REACHABLE_NO:  # once per outage
                 _log(logging.WARNING, MSG_TARGET_FAILED, ep, "outbound endpoint %s: %s", ep.uid,
                      text)
             self.listener.endpoint_changed(ep, ["counters"])
