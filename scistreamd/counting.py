@@ -68,6 +68,9 @@ class CountersMixin:
     _sockets: Set[Tuple[str, Role]]
     systemd: Any
     listener: Any
+    #: True while a restarted daemon replays its relays' past lines: counted, not
+    #: logged again.
+    _replaying = False
 
     async def _main_pids(self, units: Sequence[str]) -> Dict[str, int]:
         """MainPID of many relays (for adoption); {} where systemd cannot say."""
@@ -100,7 +103,9 @@ class CountersMixin:
         was = c.reachable
         if not c.on_event(ev, invocation, at_us):
             return
-        if ev.kind == CONNECT_FAILED and (was != REACHABLE_NO or c.failures == 1):
+        if self._replaying:
+            pass
+        elif ev.kind == CONNECT_FAILED and (was != REACHABLE_NO or c.failures == 1):
             _log(logging.WARNING, MSG_TARGET_FAILED, ep, "%s endpoint %s: %s",
                  ep.role.value, ep.uid, c.last_failure)
         elif ev.kind == CONNECTED and was == REACHABLE_NO:
@@ -156,7 +161,11 @@ class CountersMixin:
 
             since = min((ep.created_at for ep in self.endpoints.values()), default=time.time())
             follower = RelayJournal(self.on_relay_line)
-            await follower.start(int(since * 1e6))
+            self._replaying = True
+            try:
+                await follower.start(int(since * 1e6))
+            finally:
+                self._replaying = False
         except Exception as e:
             logger.warning("connection counts and target health are unavailable: reading the "
                            "relays' journal lines failed (%s)", e)

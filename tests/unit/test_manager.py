@@ -1113,3 +1113,28 @@ def test_inbound_request_warns_but_never_refuses_a_closed_target(tmp_path: Path)
         assert "192.168.150.1:7000" in t.last_target_failure
 
     run(go)
+
+
+def test_replayed_failures_are_counted_not_logged_again(tmp_path: Path, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    bed = Bed(tmp_path)
+    refused = "LOG3[0]: s_connect: connect 192.168.150.1:7000: Connection refused (111)"
+
+    async def go() -> None:
+        ep = await inbound(bed)
+        caplog.clear()
+        bed.m._replaying = True  # a restarted daemon reading its relays' past lines
+        bed.m.on_relay_line(ep.unit, "inv", refused, 1)
+        bed.m._replaying = False
+        assert bed.m.traffic(ep).target_failures == 1
+        assert "refused the connection" not in caplog.text
+        bed.m.on_relay_line(ep.unit, "inv", refused.replace("[0]", "[1]"), 2)
+        assert bed.m.traffic(ep).target_failures == 2
+        # Already failing: the second failure is no news either.
+        assert "refused the connection" not in caplog.text
+        bed.m.on_relay_line(ep.unit, "inv", "LOG5[2]: s_connect: connected 192.168.150.1:7000", 3)
+        assert "reaches its target 192.168.150.1:7000 again" in caplog.text
+
+    run(go)
