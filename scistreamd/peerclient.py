@@ -3,7 +3,7 @@
 :class:`PeerClient` holds whom this gateway trusts, what it presents and how
 long it waits; the daemon builds one and hands it to the manager. Its
 ``claim``/``endpoint_state``/``health`` are blocking (``requests``, usable
-directly by a synchronous caller); ``claim_async``/``endpoint_state_async``
+directly by a synchronous caller); ``claim_async``/``endpoint_info_async``
 run them off the event loop on the client's own threads, one per call in
 flight, so concurrent claims never wait for each other (asyncio's default
 executor has only a handful of threads).
@@ -135,7 +135,8 @@ class PeerClient:
         return self.endpoint_info(peer, uid).state
 
     def endpoint_info(self, peer: Union[HostPort, str], uid: str) -> EndpointState:
-        """Inbound endpoint ``uid`` at the peer (state, key generation); NotFound if gone."""
+        """Inbound endpoint ``uid`` at the peer (state, key generation,
+        target health); NotFound if it is gone."""
         def run(hp: HostPort) -> EndpointState:
             want = parse_uid(uid)
             doc = self._request(hp, "GET", state_path(want), None, None,
@@ -170,6 +171,7 @@ class PeerClient:
         return await self._off_loop(self.claim, peer, uid, listeners, trust_pem)
 
     async def endpoint_state_async(self, peer: HostPort, uid: str) -> str:
+        """The state of inbound endpoint ``uid`` at the peer; NotFound if it is gone."""
         return await self._off_loop(self.endpoint_state, peer, uid)
 
     async def endpoint_info_async(self, peer: HostPort, uid: str) -> EndpointState:

@@ -132,7 +132,10 @@ def ask(s2, listener: str, text: str) -> str:
 
 
 def listed(host) -> List[Dict]:
-    return ctl_json(host, "list")
+    """`list --json` as it was before counters: what the endpoints are (uid, role, state,
+    listeners), not what their relays are doing (bytes, memory, pid move)."""
+    keep = ("uid", "role", "state", "listeners")
+    return [{k: e[k] for k in keep} for e in ctl_json(host, "list")]
 
 
 def unit_props(host, unit: str, *props: str) -> Dict[str, str]:
