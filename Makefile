@@ -11,9 +11,10 @@ export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # the tests, demo and test bed use.
 RUNTIME_PACKAGES = systemd dbus stunnel4 openssl \
 	python3 python3-dbus-next python3-systemd python3-toml python3-cryptography python3-requests \
-	python3-jeepney
+	python3-jeepney python3-prometheus-client python3-rich
 TEST_PACKAGES = iperf3 iproute2 iputils-ping util-linux procps psmisc \
-	python3-pytest python3-pytest-timeout python3-hypothesis python3-argcomplete bash
+	python3-pytest python3-pytest-timeout python3-hypothesis python3-argcomplete bash \
+	prometheus tmux
 SETUP_PACKAGES = $(RUNTIME_PACKAGES) $(TEST_PACKAGES)
 
 .PHONY: setup test unit integration demo testbed-up testbed-down lint clean

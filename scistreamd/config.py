@@ -21,7 +21,15 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 import toml
 
 from .errors import ConfigError, InvalidArgument, ScistreamError
-from .model import IPAddress, IPNetwork, parse_ip, parse_network, parse_port
+from .model import (
+    HostPort,
+    IPAddress,
+    IPNetwork,
+    parse_hostport,
+    parse_ip,
+    parse_network,
+    parse_port,
+)
 from .ports import FIRST_UNPRIVILEGED_PORT
 from .relay import (
     DEFAULT_CIPHERSUITES,
@@ -118,6 +126,12 @@ class Config:
     #: link-local only when a rule names them.
     allowed_targets: Tuple[TargetRule, ...] = DEFAULT_TARGET_RULES
     log_level: str = "info"
+    #: Where the Prometheus metrics endpoint listens (HTTP, GET /metrics); None: off.
+    #: Anyone who can connect reads it: loopback or a monitoring network only.
+    metrics_listen: HostPort | None = None
+    #: Label per-endpoint series with the tunnel uid too (a uid is a capability:
+    #: only when nobody untrusted can reach metrics_listen); else unit and role only.
+    metrics_uid_label: bool = False
     #: Which file set each key (for messages); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -241,6 +255,15 @@ def _networks(value: object) -> Tuple[IPNetwork, ...]:
     return tuple(dict.fromkeys(nets))  # duplicates dropped, order kept
 
 
+def _optional_hostport(value: object) -> HostPort | None:
+    if value == "":
+        return None
+    if not isinstance(value, str):
+        raise _Bad(f'expected "IP:PORT" (e.g. "127.0.0.1:9731") or "" for off, '
+                   f"got {_type_name(value)}")
+    return parse_hostport(value, "address")
+
+
 def _choice(names: Tuple[str, ...], what: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if isinstance(value, str) and value in names:
@@ -278,6 +301,8 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "max_endpoints": lambda v: _int(v, 1, 100_000),
     "allowed_targets": parse_target_rules,
     "log_level": _choice(LOG_LEVELS, "level"),
+    "metrics_listen": _optional_hostport,
+    "metrics_uid_label": _bool,
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}
 
@@ -313,6 +338,19 @@ def _check_consistency(
             "choose a port_range that excludes the peer port",
         )
     _check_relay_caps(values, sources, rank)
+    _check_metrics_port(values, sources)
+
+
+def _check_metrics_port(values: Dict[str, Any], sources: Mapping[str, str]) -> None:
+    metrics = values["metrics_listen"]
+    if metrics is None:
+        return
+    low, high = values["port_range"]
+    if low <= metrics.port <= high or metrics.port == values["peer_port"]:
+        raise ConfigError(
+            sources.get("metrics_listen", "<defaults>"), "metrics_listen",
+            f"port {metrics.port} is the peer port or inside port_range {low}-{high}: "
+            "choose another port for the metrics endpoint (e.g. 9731)")
 
 
 def relay_connection_fit(memory_max: int, tasks_max: int) -> int:

@@ -99,6 +99,18 @@ def _quiet_dbus_errors(loop: asyncio.AbstractEventLoop, context: Dict[str, Any])
     loop.default_exception_handler(context)
 
 
+async def _start_metrics(cfg: Config, manager: Any) -> Any:
+    """The Prometheus endpoint when metrics_listen is set (prometheus_client only then)."""
+    if cfg.metrics_listen is None:
+        return None
+    from .metrics import MetricsServer
+
+    server = MetricsServer(cfg.metrics_listen.host, cfg.metrics_listen.port, manager,
+                           uid_label=cfg.metrics_uid_label)
+    await server.start()
+    return server
+
+
 async def run(cfg: Config, *, user_bus: bool = False) -> int:
     from dbus_next import BusType
     from dbus_next.aio import MessageBus
@@ -139,6 +151,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
                                  require_client_cert=cfg.peer_require_client_cert,
                                  timeout=cfg.peer_timeout)
         await peer_server.start()
+    metrics = await _start_metrics(cfg, manager)
 
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -146,6 +159,8 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
                      BUS_NAME)
         if peer_server:
             await peer_server.stop()
+        if metrics:
+            await metrics.stop()
         return 1
 
     await _notify("READY=1", f"STATUS=serving {len(manager.endpoints)} endpoints")
@@ -178,6 +193,8 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
             task.cancel()
     if peer_server:
         await peer_server.stop()
+    if metrics:
+        await metrics.stop()
     peers.close()
     if not disconnected.done():
         bus.disconnect()

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Awaitable, Dict, Optional, Protocol, Tuple, Union
 
-from . import __version__
+from . import __version__, reqstats
 from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .model import HostPort, IPAddress, PeerIdentity, parse_uid
 from .peertls import (
@@ -320,16 +320,20 @@ class PeerServer:
         cert = tls.obj.getpeercert() if self._client_ca is not None else None
         # The dict form is empty unless the certificate was verified.
         claimant = identity_of(who, cert) if cert else PeerIdentity(who)
-        method = "GET"
+        method, what, result, started = "GET", "none", reqstats.OK, time.monotonic()
         # Each read waits at most timeout, the whole connection 3 x timeout (_serve).
         try:
             req = await _read_head(tls)
-            method = req.method
+            started = time.monotonic()  # latency: from a whole request head to the answer
+            method, what = req.method, route(req.target)[0] or "unknown"
             doc = await self._answer(req, tls, claimant)
             status, headers = 200, ()
         except Refusal as r:
             status, doc, headers = status_of(r.name), r.to_json(), r.headers
+            result = r.name
         await tls.write(response(status, doc, headers, with_body=method != "HEAD"))
+        if what != "none":
+            reqstats.PEER.record(what, result, time.monotonic() - started)
         await tls.close_notify()
         await self._linger(reader, writer)
 
