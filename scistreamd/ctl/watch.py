@@ -308,12 +308,9 @@ def apply_signal(view: View, msg: Any, now: float) -> Tuple[List[Event], Optiona
     return [], None
 
 
-class _Stop(Exception):
-    """SIGTERM/SIGHUP: leave like Ctrl-C."""
-
-
 def _raise_stop(signum: int, frame: Any) -> None:
-    raise _Stop()
+    """SIGTERM/SIGHUP: leave like Ctrl-C (terminal restored, exit 0)."""
+    raise KeyboardInterrupt()
 
 
 def watch(args: argparse.Namespace) -> None:
@@ -340,7 +337,7 @@ def watch(args: argparse.Namespace) -> None:
             with out:
                 out.emit(view.snapshot(objects, time.time()), view, "")
                 _loop(client, view, out, polling, interval, args.timeout)
-        except (KeyboardInterrupt, _Stop):
+        except KeyboardInterrupt:
             pass
 
     run_bus(args, work)
