@@ -179,6 +179,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
         watchdog = asyncio.ensure_future(pet())
 
     checks = asyncio.ensure_future(manager.run_peer_checks())
+    counters = asyncio.ensure_future(manager.run_counters())
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([disconnected, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -188,7 +189,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
         code = 1
     await _notify("STOPPING=1")
     logger.info("scistreamd stopping; %d relays keep running", len(manager.endpoints))
-    for task in (watchdog, stopped, checks):
+    for task in (watchdog, stopped, checks, counters):
         if task:
             task.cancel()
     if peer_server:

@@ -13,6 +13,7 @@
 """
 
 
+import asyncio
 import functools
 import logging
 import time
@@ -34,9 +35,10 @@ from .authz import Authorizer, action_of_member
 from .buspath import endpoint_object_path
 from .dbus_compat import PeerAnswers
 from .errors import ScistreamError
-from .interface import ENDPOINT, MANAGER, Interface, signed, typed
+from .interface import COUNTER_PROPERTIES, ENDPOINT, MANAGER, Interface, signed, typed
 from .manager import Manager
 from .model import Endpoint, Role
+from .traffic import Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,16 @@ def _usec(t: float) -> int:
     return int(t * 1_000_000) if t > 0 else 0
 
 
+#: At most one PropertiesChanged of counters per endpoint in this many seconds.
+COUNTER_SIGNAL_INTERVAL = 1.0
+
+
+def counter_values(t: Traffic) -> Dict[str, Any]:
+    """The counter properties' values (rates as whole bytes per second)."""
+    return {prop: (int(getattr(t, f)) if isinstance(getattr(t, f), float) else getattr(t, f))
+            for prop, f in COUNTER_PROPERTIES}
+
+
 class EndpointObject(ServiceInterface):
     """org.scistream.Tunnel1.Endpoint of one endpoint."""
 
@@ -169,6 +181,60 @@ class EndpointObject(ServiceInterface):
     @_property(ENDPOINT)
     def AllowedPeer(self):
         return self.ep.allowed_peer
+
+    # Counters: a read of stale values asks the manager for fresh ones, which
+    # follow as (rate-limited) PropertiesChanged.
+    def _traffic(self) -> Dict[str, Any]:
+        self._api.manager.want_counters(self.ep)
+        return counter_values(self._api.manager.traffic(self.ep))
+
+    @_property(ENDPOINT)
+    def BytesIn(self):
+        return self._traffic()["BytesIn"]
+
+    @_property(ENDPOINT)
+    def BytesOut(self):
+        return self._traffic()["BytesOut"]
+
+    @_property(ENDPOINT)
+    def RateIn(self):
+        return self._traffic()["RateIn"]
+
+    @_property(ENDPOINT)
+    def RateOut(self):
+        return self._traffic()["RateOut"]
+
+    @_property(ENDPOINT)
+    def ConnectionsActive(self):
+        return self._traffic()["ConnectionsActive"]
+
+    @_property(ENDPOINT)
+    def ConnectionsTotal(self):
+        return self._traffic()["ConnectionsTotal"]
+
+    @_property(ENDPOINT)
+    def MainPID(self):
+        return self._traffic()["MainPID"]
+
+    @_property(ENDPOINT)
+    def MemoryCurrent(self):
+        return self._traffic()["MemoryCurrent"]
+
+    @_property(ENDPOINT)
+    def TargetReachable(self):
+        return self._traffic()["TargetReachable"]
+
+    @_property(ENDPOINT)
+    def TargetFailures(self):
+        return self._traffic()["TargetFailures"]
+
+    @_property(ENDPOINT)
+    def LastTargetFailure(self):
+        return self._traffic()["LastTargetFailure"]
+
+    @_property(ENDPOINT)
+    def LastTargetFailureAt(self):
+        return self._traffic()["LastTargetFailureAt"]
 
     @_method(ENDPOINT)
     async def Release(self):
@@ -251,6 +317,10 @@ class TunnelApi:
         self.bus = bus
         self.manager: Manager  # set by attach()
         self._objects: Dict[str, EndpointObject] = {}
+        #: per endpoint path: when its counters were last signalled, and what
+        self._counters_sent: Dict[str, float] = {}
+        self._counter_values: Dict[str, Dict[str, Any]] = {}
+        self._counters_due: Set[str] = set()
         self.authorizer = Authorizer(bus, self._dispatches_to_us)
         bus.add_message_handler(self.authorizer.handle)
         if PeerAnswers.needed():
@@ -281,6 +351,9 @@ class TunnelApi:
         obj = self._objects.get(_path(ep))
         if obj is None:
             return
+        changed = list(changed)
+        if "counters" in changed:
+            self._counters_changed(_path(ep))
         props: Set[str] = set()
         for f in changed:
             props.update(_PROP_OF_FIELD.get(f, []))
@@ -291,5 +364,30 @@ class TunnelApi:
             obj.emit_properties_changed({p: values[p] for p in props})
 
     def endpoint_removed(self, ep: Endpoint) -> None:
-        if self._objects.pop(_path(ep), None) is not None:
-            self.bus.unexport(_path(ep))
+        path = _path(ep)
+        self._counters_sent.pop(path, None)
+        self._counter_values.pop(path, None)
+        self._counters_due.discard(path)
+        if self._objects.pop(path, None) is not None:
+            self.bus.unexport(path)
+
+    def _counters_changed(self, path: str) -> None:
+        """Signal the counters of ``path`` now, or when its second is over (coalesced)."""
+        if path in self._counters_due:
+            return
+        self._counters_due.add(path)
+        wait = self._counters_sent.get(path, -1e9) + COUNTER_SIGNAL_INTERVAL - time.monotonic()
+        asyncio.get_running_loop().call_later(max(0.0, wait), self._send_counters, path)
+
+    def _send_counters(self, path: str) -> None:
+        self._counters_due.discard(path)
+        obj = self._objects.get(path)
+        if obj is None:
+            return
+        values = counter_values(self.manager.traffic(obj.ep))
+        before = self._counter_values.get(path, {})
+        changed = {k: v for k, v in values.items() if before.get(k) != v}
+        self._counter_values[path] = values
+        if changed:
+            self._counters_sent[path] = time.monotonic()
+            obj.emit_properties_changed(changed)

@@ -1,5 +1,5 @@
 """Probes of this host's state the manager asks about: listening sockets, a
-relay's last journal error, the relays' group.
+relay's last journal error, the relays' group, whether a target accepts.
 
 Kept apart from manager.py so orchestration can be tested without a kernel
 table, a journal or root: the manager takes a ``HostProbes`` whose members a
@@ -130,6 +130,48 @@ def last_relay_error(unit: str) -> str:
     return ""
 
 
+def _is_local(target: HostPort) -> bool:
+    """Whether ``target``'s address is one of this host's (a bind to it works)."""
+    family = socket.AF_INET6 if target.host.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((str(target.host), 0))
+        except OSError:
+            return False
+    return True
+
+
+def _listening_at(target: HostPort) -> bool:
+    """A LISTEN socket on target's port, bound to its address or a wildcard one."""
+    wanted = {(target.host.packed, target.port), (bytes(4), target.port),
+              (bytes(16), target.port)}
+    for table, _size in TCP_TABLES:
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if any(parse_tcp_listen_line(line) in wanted for line in lines):
+            return True
+    return False
+
+
+def target_accepts(target: HostPort, timeout: float) -> bool:
+    """Whether something accepts TCP connections at ``target`` now.
+
+    A target on this host is looked up in the kernel's table of listening
+    sockets: no connection, so an application that serves one connection and
+    exits is not used up by the check. Elsewhere the only way is to connect
+    (closed at once; the application sees an empty connection).
+    """
+    if _is_local(target):
+        return _listening_at(target)
+    try:
+        with socket.create_connection((str(target.host), target.port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class HostProbes:
     """The probes a Manager uses; a test passes its own."""
@@ -138,3 +180,4 @@ class HostProbes:
     taken: Callable[[Iterable[HostPort]], List[HostPort]] = taken
     relay_gid: Callable[[], Optional[int]] = relay_gid
     last_relay_error: Callable[[str], str] = last_relay_error
+    target_accepts: Callable[[HostPort, float], bool] = target_accepts

@@ -117,7 +117,43 @@ ENDPOINT = Interface(
         Property("ClaimedAt", "t", "microseconds since the epoch; 0: never", emits="true"),
         Property("Peer", "s"),
         Property("AllowedPeer", "s"),
+        # Counters (traffic.py says where each comes from). Their PropertiesChanged
+        # come at most once a second per endpoint.
+        Property("BytesIn", "t", "bytes received by the relay (IPIngressBytes of its "
+                 ".socket + .service units; IP packets, TLS and headers included)",
+                 emits="true"),
+        Property("BytesOut", "t", "bytes sent by the relay (IPEgressBytes, as BytesIn)",
+                 emits="true"),
+        Property("RateIn", "t", "bytes per second received over the last 5 seconds",
+                 emits="true"),
+        Property("RateOut", "t", "bytes per second sent over the last 5 seconds",
+                 emits="true"),
+        Property("ConnectionsActive", "u", "connections the relay holds open now",
+                 emits="true"),
+        Property("ConnectionsTotal", "t", "connections the relay accepted in total",
+                 emits="true"),
+        Property("MainPID", "u", "the relay's process; 0: not running", emits="true"),
+        Property("MemoryCurrent", "t", "the relay unit's memory in bytes", emits="true"),
+        Property("TargetReachable", "s", "yes | no | unknown: did the last connection to "
+                 "the target (inbound: the server application; outbound: as the peer "
+                 "reports it) succeed", emits="true"),
+        Property("TargetFailures", "t", "connections the relay could not make to its target",
+                 emits="true"),
+        Property("LastTargetFailure", "s", "what the last failure was", emits="true"),
+        Property("LastTargetFailureAt", "t", "microseconds since the epoch; 0: never",
+                 emits="true"),
     ),
+)
+
+#: The counter properties (rate-limited PropertiesChanged), in Traffic field order.
+COUNTER_PROPERTIES: Tuple[Tuple[str, str], ...] = (
+    ("BytesIn", "bytes_in"), ("BytesOut", "bytes_out"),
+    ("RateIn", "rate_in"), ("RateOut", "rate_out"),
+    ("ConnectionsActive", "connections_active"), ("ConnectionsTotal", "connections_total"),
+    ("MainPID", "main_pid"), ("MemoryCurrent", "memory_current"),
+    ("TargetReachable", "target_reachable"), ("TargetFailures", "target_failures"),
+    ("LastTargetFailure", "last_target_failure"),
+    ("LastTargetFailureAt", "last_target_failure_at"),
 )
 
 INTERFACES: Tuple[Interface, ...] = (MANAGER, ENDPOINT)

@@ -35,6 +35,7 @@ from typing import (
 )
 
 from .config import Config
+from .counting import MSG_TARGET_FAILED, CountersMixin
 from .errors import (
     AccessDenied,
     AlreadyExists,
@@ -76,6 +77,7 @@ from .relay_unit import allow_property, relay_socket_properties, relay_unit_prop
 from .store import PSK_FILE, KeyStore, StateStore, parse_name
 from .systemd import ABSENT, Systemd, SystemdError, UnitStatus, unit_object_path
 from .targets import target_refusal
+from .traffic import REACHABLE_NO, REACHABLE_YES, Counters
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ MSG_FAILURE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a73")
 MSG_CLAIM = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a74")
 #: A refused claim (same id as peerwire.MSG_PEER_REFUSED, which the peer port logs).
 MSG_CLAIM_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75")
+#: Inbound requests check at most this many targets, each for at most this long.
+_PROBE_TARGETS = 8
+_PROBE_TIMEOUT = 1.0
 #: How many released inbound uids a claim can still tell apart from unknown ones.
 _RELEASED_MEMORY = 4096
 RELAY_PATTERN = "scistream-*-*.service"
@@ -121,7 +126,7 @@ class _NoListener:
         pass
 
 
-class Manager:
+class Manager(CountersMixin):
     def __init__(self, cfg: Config, systemd: Systemd, peers: PeerClient, *,
                  listener: Optional[EndpointListener] = None,
                  probes: Optional[HostProbes] = None) -> None:
@@ -147,6 +152,13 @@ class Manager:
         #: Endpoints whose listeners a .socket unit holds (the others: relays
         #: adopted from a version without socket units, or relay_socket_activation off).
         self._sockets: Set[Tuple[str, Role]] = set()
+        #: Counters per endpoint (traffic.py), and the endpoints whose counters the
+        #: poller reads: those with activity (connections) or asked about. An idle
+        #: endpoint costs nothing.
+        self.counters: Dict[Tuple[str, Role], Counters] = {}
+        self._hot: Dict[Tuple[str, Role], int] = {}
+        self._polled_at: Dict[Tuple[str, Role], float] = {}
+        self._poll_wakeup = asyncio.Event()
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers
@@ -171,6 +183,8 @@ class Manager:
 
     def _track(self, ep: Endpoint) -> None:
         self.endpoints[ep.key] = ep
+        if ep.key not in self.counters:
+            self.counters[ep.key] = Counters(inbound=ep.role is Role.INBOUND)
         self._by_unit_path[unit_object_path(ep.unit)] = ep.key
         self.listener.endpoint_added(ep)
 
@@ -179,6 +193,9 @@ class Manager:
             self.listener.endpoint_removed(ep)
         self._by_unit_path.pop(unit_object_path(ep.unit), None)
         self._sockets.discard(ep.key)
+        self.counters.pop(ep.key, None)
+        self._hot.pop(ep.key, None)
+        self._polled_at.pop(ep.key, None)
 
     def _set(self, ep: Endpoint, persist: bool = True, **changes: Any) -> None:
         changed = [k for k, v in changes.items() if getattr(ep, k) != v]
@@ -232,8 +249,48 @@ class Manager:
             except BaseException:
                 self.ports.release(listen)
                 raise
-            await self._create(ep, new_psk())
+            # The check runs beside the relay's start: it adds no wait of its own.
+            probe = asyncio.ensure_future(self._probe_targets(ep.targets))
+            try:
+                await self._create(ep, new_psk())
+            except BaseException:
+                probe.cancel()
+                raise
+            refused = await probe
+            self._note_probe(ep, refused)
             return ep
+
+    async def _probe_targets(self, targets: Sequence[HostPort]) -> Optional[List[HostPort]]:
+        """The targets where nothing accepts a connection now; None if none was checked.
+
+        Never a refusal of the request: applications often start after their tunnel.
+        """
+        todo = list(dict.fromkeys(targets))[:_PROBE_TARGETS]
+        if not todo:
+            return None
+        try:
+            ok = await asyncio.gather(*(asyncio.to_thread(self.probes.target_accepts, t,
+                                                          _PROBE_TIMEOUT) for t in todo))
+        except Exception as e:  # a probe is a nicety
+            logger.debug("target check failed: %s", e)
+            return None
+        return [t for t, accepted in zip(todo, ok) if not accepted]
+
+    def _note_probe(self, ep: Endpoint, refused: Optional[List[HostPort]]) -> None:
+        c = self.counters.get(ep.key)
+        if c is None or refused is None:
+            return
+        if refused:
+            text = (f"when the tunnel was requested nothing accepted connections at "
+                    f"{', '.join(map(str, refused))}: start the server application there "
+                    "(the tunnel works as soon as it listens)")
+            _log(logging.WARNING, MSG_TARGET_FAILED, ep, "inbound endpoint %s: %s", ep.uid,
+                 text)
+            changed = c.set_failure(c.failures, text, int(time.time() * 1e6), REACHABLE_NO)
+        else:
+            changed = c.set_reachable(REACHABLE_YES)
+        if changed:
+            self.listener.endpoint_changed(ep, ["counters"])
 
     # ------------------------------------------------------------ outbound
     async def outbound_request(self, uid: object, remote_listeners: object, local_ports: object,
@@ -324,6 +381,7 @@ class Manager:
             self._track(ep)
             await self._start_unit(ep)
             self._set(ep, state=State.ACTIVE)
+            self.counters_due(ep)
         except BaseException as e:
             reason = str(e) if isinstance(e, ScistreamError) else f"{type(e).__name__}: {e}"
             _log(logging.ERROR, MSG_FAILURE, ep, "%s request for %s failed, rolled back: %s",
@@ -550,7 +608,12 @@ class Manager:
         ep = self.endpoints.get((uid, Role.INBOUND))
         if ep is None:
             raise self._no_inbound(uid)
-        return {"uid": ep.uid, "state": ep.state.value}
+        t = self.traffic(ep)
+        # Whether the server application takes connections (peerwire.EndpointState).
+        return {"uid": ep.uid, "state": ep.state.value, "target_reachable": t.target_reachable,
+                "target_failures": t.target_failures,
+                "last_target_failure": t.last_target_failure,
+                "last_target_failure_at": t.last_target_failure_at}
 
     async def check_peers(self) -> None:
         """Mark outbound endpoints whose inbound half is gone at the peer as failed.
@@ -562,7 +625,10 @@ class Manager:
         for ep in [e for e in self.endpoints.values()
                    if e.role is Role.OUTBOUND and e.state is State.ACTIVE and e.peer]:
             try:
-                await self.peers.endpoint_state_async(ep.peer, ep.uid)
+                answer = await self.peers.endpoint_state_async(ep.peer, ep.uid)
+                health = getattr(answer, "health", None)
+                if health and self.endpoints.get(ep.key) is ep:
+                    self.peer_target_health(ep, health)
             except NotFound:
                 if self.endpoints.get(ep.key) is ep and ep.state is State.ACTIVE:
                     _log(logging.WARNING, MSG_FAILURE, ep, "peer %s no longer has tunnel %s",
@@ -674,6 +740,16 @@ class Manager:
         return ep.state in (State.STARTING, State.RELEASING) or ep.key in self._restarting
 
     def _apply_status(self, ep: Endpoint, st) -> None:
+        c = self.counters.get(ep.key)
+        if c is not None:
+            changed = False
+            if st.main_pid != c.main_pid:
+                c.main_pid = st.main_pid
+                changed = True
+            if not st.main_pid:
+                changed = c.relay_stopped() or changed
+            if changed:
+                self.listener.endpoint_changed(ep, ["counters"])
         if st.active_state in ("active", "activating", "reloading"):
             self._set(ep, state=State.ACTIVE, detail="", n_restarts=st.n_restarts)
         elif st.active_state == "deactivating":
@@ -764,9 +840,12 @@ class Manager:
             finally:
                 self._restarting.discard(ep.key)
         restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
+        pids = await self._main_pids([ep.unit for ep in adopted])
         for ep in adopted:
+            self.counters_due(ep)
             active, sub = units[ep.unit]
-            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit], 0))
+            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit],
+                                              pids.get(ep.unit, 0)))
         for name in units:
             if name not in known_units and name.endswith(".socket"):
                 # Its service (if any) is stopped with it (Requires=) and below.
@@ -799,3 +878,4 @@ def _require_listeners(uid: str, asked: Iterable[HostPort], have: Sequence[HostP
             f"{', '.join(unknown)} is not a listener of tunnel {uid} (it has "
             f"{', '.join(map(str, have))}); nothing was claimed: repeat the outbound request "
             "with the listeners the inbound request printed")
+

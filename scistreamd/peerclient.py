@@ -132,12 +132,16 @@ class PeerClient:
 
     def endpoint_state(self, peer: Union[HostPort, str], uid: str) -> str:
         """The state of inbound endpoint ``uid`` at the peer; NotFound if it is gone."""
-        def run(hp: HostPort) -> str:
+        return self.endpoint_check(peer, uid).state
+
+    def endpoint_check(self, peer: Union[HostPort, str], uid: str) -> EndpointState:
+        """The peer's whole answer about inbound endpoint ``uid`` (state, target health)."""
+        def run(hp: HostPort) -> EndpointState:
             want = parse_uid(uid)
             doc = self._request(hp, "GET", state_path(want), None, None,
                                 f"the state check of {want}")
             try:
-                return EndpointState.from_json(doc).state
+                return EndpointState.from_json(doc)
             except InvalidArgument:
                 raise PeerRejected(f"peer scistreamd at {hp} answered garbage for endpoint "
                                    f"{want}") from None
@@ -161,8 +165,9 @@ class PeerClient:
                           trust_pem: Optional[str] = None) -> PeerEndpoint:
         return await self._off_loop(self.claim, peer, uid, listeners, trust_pem)
 
-    async def endpoint_state_async(self, peer: HostPort, uid: str) -> str:
-        return await self._off_loop(self.endpoint_state, peer, uid)
+    async def endpoint_state_async(self, peer: HostPort, uid: str) -> EndpointState:
+        """The peer's answer (``.state``, ``.health``); NotFound if the endpoint is gone."""
+        return await self._off_loop(self.endpoint_check, peer, uid)
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         # Our own pool: its threads are made on demand, one per call in flight.

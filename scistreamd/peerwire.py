@@ -6,7 +6,10 @@ connection)::
 
     GET  /v1/health                 -> 200 {"status": "ok"} (+ "version", ... for a
                                        verified client certificate)
-    GET  /v1/endpoints/<uid>        -> 200 {"uid", "state"}
+    GET  /v1/endpoints/<uid>        -> 200 {"uid", "state", "target_reachable",
+                                       "target_failures", "last_target_failure",
+                                       "last_target_failure_at"} (the target health
+                                       fields since 0.x: may be absent; see EndpointState)
     POST /v1/endpoints/<uid>/claim  {"listeners": [...]}
                                     -> 200 {"uid", "listeners", "psk", "cipher_suites"}
 
@@ -264,11 +267,18 @@ class PeerEndpoint:
 
 @dataclass(frozen=True)
 class EndpointState:
+    """The answer to a state check. ``health``: the inbound endpoint's target health
+    (whether its server application accepts connections), parsed: target_reachable
+    "yes"|"no"|"unknown", target_failures (int), last_target_failure (text, clean),
+    last_target_failure_at (µs since the epoch, 0 = never); empty from a peer that
+    predates it."""
+
     uid: str
     state: str
+    health: Dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"uid": self.uid, "state": self.state}
+        return {"uid": self.uid, "state": self.state, **self.health}
 
     @classmethod
     def from_json(cls, doc: Any) -> EndpointState:
@@ -276,9 +286,27 @@ class EndpointState:
         if not isinstance(state, str) or not state.isalpha() or len(state) > 32:
             raise InvalidArgument("no state in the answer")
         try:
-            return cls(parse_uid(doc.get("uid")), state)
+            uid = parse_uid(doc.get("uid"))
         except InvalidArgument:
             raise InvalidArgument("its uid is malformed") from None
+        return cls(uid, state, parse_target_health(doc))
+
+
+def parse_target_health(doc: Dict[str, Any]) -> Dict[str, Any]:
+    """The target health fields of a state answer, checked; {} if absent or malformed."""
+    reachable = doc.get("target_reachable")
+    failures = doc.get("target_failures", 0)
+    text = doc.get("last_target_failure", "")
+    at = doc.get("last_target_failure_at", 0)
+    if (reachable not in ("yes", "no", "unknown") or not _small_int(failures)
+            or not isinstance(text, str) or not _small_int(at)):
+        return {}
+    return {"target_reachable": reachable, "target_failures": failures,
+            "last_target_failure": clean(text), "last_target_failure_at": at}
+
+
+def _small_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 63
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,10 @@ whether the bind worked. Its IPAddressAllow=/IPAddressDeny= lists (BPF on
 the socket's cgroup) apply to the listening socket and every connection
 accepted from it; the relay's own connections to its targets are made from
 the service's cgroup and are not filtered.
+
+IPAccounting=yes on both units: systemd counts the bytes of the listening
+socket and of every connection accepted from it on the .socket unit, and the
+relay's connections to its targets on the .service unit (traffic.py).
 """
 
 from __future__ import annotations
@@ -116,6 +120,9 @@ def relay_unit_properties(ep: Endpoint, cfg: Config, key_dir: Path) -> List[List
         ("TasksMax", Variant("t", cfg.relay_tasks_max)),
         ("Nice", Variant("i", cfg.relay_nice)),
         ("CPUSchedulingPolicy", Variant("i", RELAY_SCHEDULING[cfg.relay_cpu_scheduling])),
+        # Bytes of the relay's connections to its targets (those accepted from
+        # the listeners are counted on the .socket unit: traffic.py).
+        ("IPAccounting", Variant("b", True)),
     ]
     if cfg.relay_memory_max:
         props.append(("MemoryMax", Variant("t", cfg.relay_memory_max)))
@@ -158,6 +165,9 @@ def relay_socket_properties(ep: Endpoint, cfg: Config) -> List[List[Any]]:
         ("Before", Variant("as", ["scistreamd.service"])),
         # Deny everyone, then allow: the allow list wins where both match.
         ("IPAddressDeny", ip_address_list(_ANY)),
+        # systemd counts every connection accepted from these listeners here, not
+        # on the service that handles it: the relay's bytes are both units' sums.
+        ("IPAccounting", Variant("b", True)),
     ]
     out = [list(p) for p in props]
     out.append(allow_property(ep, cfg))

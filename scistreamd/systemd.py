@@ -17,6 +17,7 @@ from dbus_next.aio import MessageBus
 
 from .buspath import UNIT_PATH_PREFIX, unit_object_path
 from .errors import ScistreamError
+from .traffic import accounting_value, sum_accounting
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,26 @@ class Systemd:
         return UnitStatus(name=name, active_state=active_state, sub_state=sub_state,
                           result=result, n_restarts=n_restarts, main_pid=main_pid,
                           load_state=load_state)
+
+    async def main_pids(self, names: Sequence[str]) -> Dict[str, int]:
+        """MainPID of many services, asked concurrently (at most MAX_INFLIGHT at a time)."""
+        values = await asyncio.gather(*(self._service_property(n, "MainPID", 0) for n in names))
+        return dict(zip(names, values))
+
+    async def accounting(self, service: str, socket: str = "") -> Tuple[int, int, int]:
+        """(bytes in, bytes out, memory) of a relay: IP accounting of its service and
+        (if given) socket unit, summed, and the service's MemoryCurrent. Five small
+        Gets sent at once (one round trip); an absent unit or value counts 0."""
+        calls = [self._service_property(service, "IPIngressBytes", 0),
+                 self._service_property(service, "IPEgressBytes", 0),
+                 self._service_property(service, "MemoryCurrent", 0)]
+        if socket:
+            calls += [self._service_property(socket, "IPIngressBytes", 0, SOCKET_IFACE),
+                      self._service_property(socket, "IPEgressBytes", 0, SOCKET_IFACE)]
+        values = await asyncio.gather(*calls)
+        sock_in, sock_out = (values[3], values[4]) if socket else (0, 0)
+        return (sum_accounting(values[0], sock_in), sum_accounting(values[1], sock_out),
+                accounting_value(values[2]))
 
     async def socket_result(self, name: str) -> str:
         """Result of a socket unit ("success", "resources" for a failed bind, ...)."""

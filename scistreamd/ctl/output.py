@@ -5,7 +5,7 @@ JSON output is the verbs' data as is (main prints it); these are the texts.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 
 def format_request(uid: str, s2cs: str, role: str, listeners: Sequence[str]) -> str:
@@ -27,11 +27,87 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_list(endpoints: Sequence[Dict[str, Any]]) -> str:
+def format_bytes(n: Any) -> str:
+    """A byte count for people: ``0 B``, ``1.5 KiB``, ``9.54 MiB``, ``1.20 GiB``."""
+    if not isinstance(n, int) or n < 0:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_rate(bytes_per_s: Any) -> str:
+    """A rate for people in bits per second (as links are sold): ``0 bit/s``, ``812 Mbit/s``."""
+    if not isinstance(bytes_per_s, (int, float)) or bytes_per_s < 0:
+        return "-"
+    bits = bytes_per_s * 8
+    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
+        if bits < 1000 or unit == "Gbit/s":
+            return f"{bits:.0f} {unit}" if unit == "bit/s" or bits >= 100 else f"{bits:.3g} {unit}"
+        bits /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_age(seconds: Any) -> str:
+    """A duration, two units at most: ``42s``, ``5m03s``, ``2h05m``, ``3d04h``."""
+    if not isinstance(seconds, (int, float)) or seconds < 0:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def age_of(created_us: Any, now: float) -> str:
+    if not isinstance(created_us, int) or created_us <= 0:
+        return "-"
+    return format_age(max(0.0, now - created_us / 1e6))
+
+
+def peer_of(props: Dict[str, Any]) -> str:
+    """The other gateway: an outbound endpoint's peer daemon, or who claimed an
+    inbound endpoint's key (its address; ClaimedBy goes on with the certificate)."""
+    peer = props.get("Peer")
+    if isinstance(peer, str) and peer:
+        return peer
+    claimed = props.get("ClaimedBy")
+    if isinstance(claimed, str) and claimed:
+        addr = claimed.split()[0]  # "IP:PORT cert ...": the claimant's address
+        if addr.startswith("[") and "]" in addr:
+            return addr[1:addr.index("]")]
+        return addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
+    return "-"
+
+
+def format_list(endpoints: Sequence[Dict[str, Any]], now: Optional[float] = None) -> str:
+    """One line per endpoint, from its properties (D-Bus names)."""
     if not endpoints:
         return "No endpoints.\n"
-    rows = [(e["uid"], e["role"], e["state"], ",".join(e["listeners"]) or "-") for e in endpoints]
-    return format_table(rows, ("UID", "ROLE", "STATE", "LISTENERS"))
+    import time
+
+    now = time.time() if now is None else now
+    rows = []
+    for e in endpoints:
+        conns = e.get("ConnectionsActive")
+        rows.append((
+            str(e.get("Uid", "-")), str(e.get("Role", "-")), str(e.get("State", "-")),
+            age_of(e.get("CreatedAt"), now),
+            f"{format_bytes(e.get('BytesIn'))}/{format_bytes(e.get('BytesOut'))}".replace(" ", ""),
+            str(conns) if isinstance(conns, int) else "-",
+            peer_of(e),
+            ",".join(e.get("Listeners") or []) or "-",
+        ))
+    return format_table(rows, ("UID", "ROLE", "STATE", "AGE", "IN/OUT", "CONNS", "PEER",
+                               "LISTENERS"))
 
 
 def format_time_us(value: Any) -> str:
@@ -62,13 +138,36 @@ STATUS_ORDER = (
     "ClaimedBy",
     "ClaimedAt",
     "AllowedPeer",
+    "MainPID",
+    "MemoryCurrent",
+    "BytesIn",
+    "BytesOut",
+    "RateIn",
+    "RateOut",
+    "ConnectionsActive",
+    "ConnectionsTotal",
+    "TargetReachable",
+    "TargetFailures",
+    "LastTargetFailure",
+    "LastTargetFailureAt",
 )
-_TIME_PROPERTIES = frozenset({"CreatedAt", "ClaimedAt"})
+_TIME_PROPERTIES = frozenset({"CreatedAt", "ClaimedAt", "LastTargetFailureAt"})
+_BYTE_PROPERTIES = frozenset({"BytesIn", "BytesOut", "MemoryCurrent"})
+_RATE_PROPERTIES = frozenset({"RateIn", "RateOut"})
 
 
-def _show_value(key: str, value: Any) -> str:
+def _show_value(key: str, value: Any, now: float) -> str:
     if key in _TIME_PROPERTIES:
-        return format_time_us(value)
+        text = format_time_us(value)
+        if key == "CreatedAt" and text != "never":
+            text += f" ({age_of(value, now)} ago)"
+        return text
+    if key in _BYTE_PROPERTIES and isinstance(value, int):
+        return format_bytes(value) if value < 1024 else f"{format_bytes(value)} ({value} B)"
+    if key in _RATE_PROPERTIES and isinstance(value, int):
+        return f"{format_rate(value)} (last 5 s)"
+    if key == "MainPID" and value == 0:
+        return "- (not running)"
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value) or "-"
     if value == "" or value is None:
@@ -76,17 +175,30 @@ def _show_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def format_status(endpoints: Sequence[Dict[str, Any]]) -> str:
+def format_status(endpoints: Sequence[Dict[str, Any]], now: Optional[float] = None) -> str:
+    import time
+
+    now = time.time() if now is None else now
     blocks = []
     for props in endpoints:
         keys = [k for k in STATUS_ORDER if k in props]
         keys += sorted(k for k in props if k not in STATUS_ORDER and k != "Path")
         width = max(len(k) for k in keys + ["Path"]) + 1
-        lines = [f"{(k + ':').ljust(width)} {_show_value(k, props[k])}" for k in keys]
+        lines = [f"{(k + ':').ljust(width)} {_show_value(k, props[k], now)}" for k in keys]
         if "Path" in props:
             lines.append(f"{'Path:'.ljust(width)} {props['Path']}")
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
+
+
+def target_warning(props: Dict[str, Any]) -> str:
+    """The warning an inbound request prints when its target does not accept (or "")."""
+    if props.get("TargetReachable") != "no":
+        return ""
+    why = props.get("LastTargetFailure")
+    if not isinstance(why, str) or not why:
+        why = "nothing accepts connections at the target yet: start the server application"
+    return f"warning: {why}"
 
 
 def _s2cs_from_properties(props: Dict[str, Any]) -> str:

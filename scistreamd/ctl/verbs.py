@@ -17,6 +17,7 @@ from .output import (
     format_list,
     format_request,
     format_status,
+    target_warning,
 )
 from .plans import InboundPlan, OutboundPlan, read_uid_ref
 
@@ -83,15 +84,38 @@ def cmd_inbound(args: argparse.Namespace) -> Output:
     if plan.allowed_peer:
         options["allowed_peer"] = ("s", plan.allowed_peer)
 
-    def work(client: Client) -> Tuple[List[Any], str]:
+    def work(client: Client) -> Tuple[Tuple[List[Any], str], Dict[str, Any]]:
         body = [plan.remote_ip, plan.ports, plan.num_conn, options]
-        return _request_with_s2cs(client, "InboundRequest", body, plan.s2cs is None)
+        reply = _request_with_s2cs(client, "InboundRequest", body, plan.s2cs is None)
+        return reply, _target_health(client, reply[0][1])
 
-    (uid, endpoint, listeners), s2cs = run_bus(args, work)
+    ((uid, endpoint, listeners), s2cs), health = run_bus(args, work)
     s2cs = plan.s2cs or s2cs
     data = {"uid": uid, "role": "PROD", "s2cs": s2cs, "listeners": list(listeners),
-            "endpoint": endpoint}
+            "endpoint": endpoint,
+            "target_reachable": health.get("TargetReachable", "unknown")}
+    warning = target_warning(health)
+    if warning:
+        # stderr: the three lines on stdout stay what scripts parse.
+        print(f"scistreamctl: {warning}", file=sys.stderr)
+        data["warnings"] = [warning[len("warning: "):]]
     return format_request(uid, s2cs, "PROD", listeners), data
+
+
+def _target_health(client: Client, path: str) -> Dict[str, Any]:
+    """TargetReachable and LastTargetFailure of a new endpoint ({} from an older daemon)."""
+    health: Dict[str, Any] = {}
+    serials = [client.send("Get", [ENDPOINT_IFACE, name], path=path,
+                           interface=PROPERTIES_IFACE)
+               for name in ("TargetReachable", "LastTargetFailure")]
+    got = client.replies(serials)
+    for name, serial in zip(("TargetReachable", "LastTargetFailure"), serials):
+        try:
+            (value,) = client.reply(serial, got)
+        except CtlError:
+            continue
+        health[name] = value[1] if isinstance(value, tuple) else value
+    return health
 
 
 def cmd_outbound(args: argparse.Namespace) -> Output:
@@ -148,18 +172,39 @@ def cmd_rearm(args: argparse.Namespace) -> Output:
 
 
 def cmd_list(args: argparse.Namespace) -> Output:
-    rows = run_bus(args, list_endpoints)
-    endpoints = [
-        {"uid": uid, "role": role, "state": state, "listeners": list(listeners)}
-        for uid, role, state, listeners in rows
-    ]
-    endpoints.sort(key=lambda e: (e["uid"], e["role"]))
-    return format_list(endpoints), endpoints
+    from ..endpoint_json import endpoint_json
+
+    def work(client: Client) -> Tuple[List[Any], List[Dict[str, Any]]]:
+        # Both in one round trip: the list itself, and every endpoint's properties.
+        rows = client.send("ListEndpoints")
+        objects = client.send("GetManagedObjects", interface=OBJECT_MANAGER_IFACE)
+        got = client.replies([rows, objects])
+        (listed,) = client.reply(rows, got)
+        try:
+            (managed,) = client.reply(objects, got)
+        except CtlError:
+            managed = {}
+        return listed, _endpoints_in(managed)
+
+    rows, objects = run_bus(args, work)
+    by_key = {(o.get("Uid"), o.get("Role")): o for o in objects}
+    endpoints = []
+    for uid, role, state, listeners in rows:
+        # The list's own columns win (the properties may be of a moment later).
+        props = dict(by_key.get((uid, role), {}))
+        props.update(Uid=uid, Role=role, State=state, Listeners=list(listeners))
+        endpoints.append(props)
+    endpoints.sort(key=lambda e: (str(e["Uid"]), str(e["Role"])))
+    return format_list(endpoints), [endpoint_json(e) for e in endpoints]
 
 
 def endpoint_objects(client: Client) -> List[Dict[str, Any]]:
     """Every endpoint's properties (and its object Path), from GetManagedObjects."""
     (objects,) = client.call("GetManagedObjects", interface=OBJECT_MANAGER_IFACE)
+    return _endpoints_in(objects)
+
+
+def _endpoints_in(objects: Dict[str, Any]) -> List[Dict[str, Any]]:
     out = []
     for path, ifaces in objects.items():
         props = ifaces.get(ENDPOINT_IFACE)
@@ -182,7 +227,9 @@ def cmd_status(args: argparse.Namespace) -> Output:
             "tunnels this host has"
         )
     endpoints.sort(key=lambda e: str(e.get("Role", "")))
-    return format_status(endpoints), endpoints
+    from ..endpoint_json import endpoint_json
+
+    return format_status(endpoints), [endpoint_json(e) for e in endpoints]
 
 
 # ---------------------------------------------------------------------------

@@ -132,6 +132,19 @@ def _endpoint_props(uid: str, role: str) -> Dict[str, Any]:
         "ClaimedAt": CREATED_US + 1_000_000 if inbound else 0,
         "Peer": "" if inbound else "192.168.150.1:5000",
         "AllowedPeer": "",
+        "BytesIn": 1_500_000 if inbound else 1_000_000,
+        "BytesOut": 1_000_000 if inbound else 1_500_000,
+        "RateIn": 0,
+        "RateOut": 0,
+        "ConnectionsActive": 1,
+        "ConnectionsTotal": 3,
+        "MainPID": 4242,
+        "MemoryCurrent": 3 * 1024 * 1024,
+        "TargetReachable": "yes" if inbound else "unknown",
+        "TargetFailures": 2 if inbound else 0,
+        "LastTargetFailure": ("the server application at 192.168.150.1:5300 refused the "
+                              "connection") if inbound else "",
+        "LastTargetFailureAt": CREATED_US + 2_000_000 if inbound else 0,
     }
 
 
@@ -269,6 +282,8 @@ class Peer:
     def __init__(self, address: str) -> None:
         self.address = address
         self.state = PeerState()
+        #: the inbound endpoint object's properties (a test may change them)
+        self.inbound_props = _endpoint_props(UID, "inbound")
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: Optional[BaseException] = None
@@ -294,7 +309,7 @@ class Peer:
     async def _setup(self) -> None:
         self.bus = await MessageBus(bus_address=self.address).connect()
         self.bus.export(MANAGER_PATH, TestManager(self.state))
-        self.bus.export(IN_PATH, TestEndpoint(_endpoint_props(UID, "inbound")))
+        self.bus.export(IN_PATH, TestEndpoint(self.inbound_props))
         self.bus.export(OUT_PATH, TestEndpoint(_endpoint_props(UID, "outbound")))
         other = f"{ENDPOINT_PATH_PREFIX}/_30b0e4a7c_2d7d0c_2d4f43_2d9d5e_2d0d6f3b9a1c22_inbound"
         self.bus.export(other, TestEndpoint(_endpoint_props(UID2, "inbound")))
@@ -621,25 +636,33 @@ def test_format_request_is_the_guides_lines() -> None:
 
 def test_format_list_aligns_columns() -> None:
     assert ctl.format_list([]) == "No endpoints.\n"
-    text = ctl.format_list(
-        [
-            {
-                "uid": UID,
-                "role": "inbound",
-                "state": "active",
-                "listeners": ["192.168.150.1:5100", "192.168.150.1:5101"],
-            },
-            {"uid": UID, "role": "outbound", "state": "failed", "listeners": []},
-        ]
-    )
+    inbound = _endpoint_props(UID, "inbound")
+    inbound["Listeners"] = ["192.168.150.1:5100", "192.168.150.1:5101"]
+    outbound = dict(_endpoint_props(UID, "outbound"), State="failed", Listeners=[])
+    now = CREATED_US / 1e6 + 3725
+    text = ctl.format_list([inbound, outbound], now=now)
     lines = text.splitlines()
-    assert lines[0].split() == ["UID", "ROLE", "STATE", "LISTENERS"]
-    assert lines[1].split() == [UID, "inbound", "active", "192.168.150.1:5100,192.168.150.1:5101"]
-    assert lines[2].split() == [UID, "outbound", "failed", "-"]
+    header = ["UID", "ROLE", "STATE", "AGE", "IN/OUT", "CONNS", "PEER", "LISTENERS"]
+    assert lines[0].split() == header
+    assert lines[1].split() == [UID, "inbound", "active", "1h02m", "1.43MiB/977KiB", "1",
+                                "192.168.150.2", "192.168.150.1:5100,192.168.150.1:5101"]
+    assert lines[2].split() == [UID, "outbound", "failed", "1h02m", "977KiB/1.43MiB", "1",
+                                "192.168.150.1:5000", "-"]
     # aligned: every column starts at the same offset on every line
-    for word in ("ROLE", "STATE", "LISTENERS"):
+    for word in header[1:]:
         col = lines[0].index(word)
         assert all(line[col - 2 : col] == "  " and line[col] != " " for line in lines[1:])
+
+
+def test_format_bytes_rate_age() -> None:
+    assert [ctl.format_bytes(n) for n in (0, 1023, 1024, 1536, 10_000_000, 5 * 2**30)] == [
+        "0 B", "1023 B", "1 KiB", "1.5 KiB", "9.54 MiB", "5 GiB"]
+    assert ctl.format_bytes(-1) == ctl.format_bytes("x") == "-"
+    assert [ctl.format_rate(r) for r in (0, 100, 125_000, 117_500_000, 2.5e9)] == [
+        "0 bit/s", "800 bit/s", "1 Mbit/s", "940 Mbit/s", "20 Gbit/s"]
+    assert [ctl.format_age(s) for s in (0, 59, 60, 303, 3600, 7500, 86400 * 3 + 4 * 3600)] == [
+        "0s", "59s", "1m00s", "5m03s", "1h00m", "2h05m", "3d04h"]
+    assert ctl.format_age(-1) == "-"
 
 
 def test_format_time_us() -> None:
@@ -654,7 +677,7 @@ def test_format_status_has_every_property() -> None:
     props = _endpoint_props(UID, "outbound")
     props["Path"] = OUT_PATH
     props["FutureProperty"] = 7
-    text = ctl.format_status([props])
+    text = ctl.format_status([props], now=CREATED_US / 1e6 + 90)
     lines = dict(line.split(": ", 1) for line in text.splitlines())
     keys = [k.rstrip() for k in lines]
     assert keys[: len(ctl.STATUS_ORDER)] == list(ctl.STATUS_ORDER)
@@ -664,9 +687,15 @@ def test_format_status_has_every_property() -> None:
     assert values["ClaimedBy"] == "-"
     assert values["AllowedPeer"] == "-"
     assert values["StateDetail"] == "-"
-    assert values["CreatedAt"] == ctl.format_time_us(CREATED_US)
+    assert values["CreatedAt"] == ctl.format_time_us(CREATED_US) + " (1m30s ago)"
     assert values["Listeners"] == "192.168.150.2:5100"
     assert values["Path"] == OUT_PATH
+    assert values["BytesIn"] == "977 KiB (1000000 B)"
+    assert values["BytesOut"] == "1.43 MiB (1500000 B)"
+    assert values["MemoryCurrent"] == "3 MiB (3145728 B)"
+    assert values["RateIn"] == "0 bit/s (last 5 s)"
+    assert values["LastTargetFailureAt"] == "never"
+    assert values["TargetReachable"] == "unknown"
 
 
 @pytest.mark.parametrize("name, cls", sorted(BY_DBUS_NAME.items()))
@@ -796,7 +825,36 @@ def test_inbound_request_default_s2cs_and_json(peer: Peer, capsys: pytest.Captur
         "s2cs": "192.168.150.1:5000",
         "listeners": ["192.168.150.1:5100", "192.168.150.1:5101", "192.168.150.1:5102"],
         "endpoint": IN_PATH,
+        "target_reachable": "yes",
     }
+
+
+def test_inbound_request_warns_when_the_target_does_not_accept(
+    peer: Peer, capsys: pytest.CaptureFixture
+) -> None:
+    saved = dict(peer.inbound_props)
+    peer.inbound_props["TargetReachable"] = "no"
+    peer.inbound_props["LastTargetFailure"] = "nothing accepted connections at 192.168.150.1:5300"
+    try:
+        _check_inbound_warning(capsys)
+    finally:
+        peer.inbound_props.clear()
+        peer.inbound_props.update(saved)
+
+
+def _check_inbound_warning(capsys: pytest.CaptureFixture) -> None:
+    argv = ["inbound-request", "--remote-ip", "192.168.150.1", "--receiver-ports", "5300"]
+    code, out, err = run(argv, capsys)
+    assert code == 0
+    # The guide's three lines stay on stdout, unchanged; the warning goes to stderr.
+    assert out.splitlines()[0] == "uid; s2cs; access_token; role"
+    assert len(out.splitlines()) == 3
+    assert err == ("scistreamctl: warning: nothing accepted connections at "
+                   "192.168.150.1:5300\n")
+    code, out, err = run(["--json", *argv], capsys)
+    data = json.loads(out)
+    assert data["target_reachable"] == "no"
+    assert data["warnings"] == ["nothing accepted connections at 192.168.150.1:5300"]
 
 
 def test_outbound_request_guide_command(
@@ -869,18 +927,22 @@ def test_list(peer: Peer, capsys: pytest.CaptureFixture) -> None:
     ]
     code, out, _ = run(["list"], capsys)
     assert code == 0
-    assert [line.split() for line in out.splitlines()] == [
-        ["UID", "ROLE", "STATE", "LISTENERS"],
-        [UID, "inbound", "starting", "192.168.150.1:5100,192.168.150.1:5101"],
-        [UID, "outbound", "active", "192.168.150.2:5100"],
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["UID", "ROLE", "STATE", "AGE", "IN/OUT", "CONNS", "PEER", "LISTENERS"]
+    # the list's own columns; counters and peer from the endpoints' properties
+    assert [r[:3] + r[5:] for r in rows[1:]] == [
+        [UID, "inbound", "starting", "1", "192.168.150.2",
+         "192.168.150.1:5100,192.168.150.1:5101"],
+        [UID, "outbound", "active", "1", "192.168.150.1:5000", "192.168.150.2:5100"],
     ]
+    assert [r[4] for r in rows[1:]] == ["1.43MiB/977KiB", "977KiB/1.43MiB"]
     data = json.loads(run(["--json", "list"], capsys)[1])
-    assert data[1] == {
-        "uid": UID,
-        "role": "outbound",
-        "state": "active",
-        "listeners": ["192.168.150.2:5100"],
-    }
+    assert data[1]["uid"] == UID
+    assert data[1]["role"] == "outbound"
+    assert data[1]["state"] == "active"
+    assert data[1]["listeners"] == ["192.168.150.2:5100"]
+    assert data[1]["bytes_in"] == 1_000_000 and data[1]["connections_active"] == 1
+    assert "path" not in data[1] and "Path" not in data[1]
 
 
 def test_status(peer: Peer, capsys: pytest.CaptureFixture) -> None:
@@ -902,10 +964,14 @@ def test_status(peer: Peer, capsys: pytest.CaptureFixture) -> None:
 
     code, out, _ = run(["status", "--json", UID], capsys)
     data = json.loads(out)
-    assert [d["Role"] for d in data] == ["inbound", "outbound"]
-    expected = _endpoint_props(UID, "inbound")
-    expected["Path"] = IN_PATH
-    assert data[0] == expected
+    assert [d["role"] for d in data] == ["inbound", "outbound"]
+    from scistreamd.endpoint_json import endpoint_json
+
+    assert data[0] == endpoint_json(_endpoint_props(UID, "inbound"))
+    assert data[0]["claimed_at"] == "2025-03-18T12:13:21.123Z"
+    assert data[0]["last_target_failure_at"].endswith("Z")
+    assert data[1]["claimed_at"] is None
+    assert data[0]["n_restarts"] == 0 and data[0]["main_pid"] == 4242
 
 
 def test_status_unknown_uid_is_not_found(peer: Peer, capsys: pytest.CaptureFixture) -> None:

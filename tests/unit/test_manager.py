@@ -181,7 +181,8 @@ class Probes:
 
     def make(self) -> HostProbes:
         return HostProbes(listening=lambda _l: self.listen, taken=lambda _l: list(self.taken),
-                          relay_gid=lambda: None, last_relay_error=lambda _u: "bind failed")
+                          relay_gid=lambda: None, last_relay_error=lambda _u: "bind failed",
+                          target_accepts=lambda _t, _timeout: True)
 
 
 class Bed:
@@ -1059,4 +1060,56 @@ def test_rearm_racing_a_release_does_not_resurrect_the_endpoint(tmp_path: Path) 
             await rearm
         bed.assert_clean()
         assert bed.m._uid_locks == {}
+    run(go)
+
+
+# ---------------------------------------------------------------------------
+# counters (counting.py): journal lines in, Traffic and notifications out
+
+
+def test_relay_lines_count_connections_and_target_health(tmp_path: Path) -> None:
+    bed = Bed(tmp_path)
+
+    async def go() -> None:
+        ep = await inbound(bed)
+        assert bed.m.traffic(ep).target_reachable == "yes"  # the check at the request
+        bed.listener.changes.clear()
+        line = "2026.12.03 10:39:50 LOG5[{}]: Service [in-0] accepted connection from 1.2.3.4:5"
+        bed.m.on_relay_line(ep.unit, "inv", line.format(0), 1)
+        bed.m.on_relay_line(ep.unit, "inv", line.format(1), 2)
+        bed.m.on_relay_line("scistream-inbound-0000000000000000.service", "x", line.format(2), 3)
+        bed.m.on_relay_line(ep.unit, "inv", "LOG3[1]: s_connect: connect 192.168.150.1:7000: "
+                            "Connection refused (111)", 1_700_000_000_000_000)
+        bed.m.on_relay_line(ep.unit, "inv", "LOG5[1]: Connection reset: 0 byte(s) sent to "
+                            "TLS, 0 byte(s) sent to socket", 5)
+        t = bed.m.traffic(ep)
+        assert (t.connections_active, t.connections_total) == (1, 2)
+        assert (t.target_reachable, t.target_failures) == ("no", 1)
+        assert t.last_target_failure == (
+            "the server application at 192.168.150.1:7000 refused the connection")
+        assert bed.listener.changes and all(c == (ep.uid, ["counters"])
+                                            for c in bed.listener.changes)
+        # Endpoints with connections are polled; the answer is the state of health too.
+        assert ep.key in bed.m._hot
+        state = await bed.m.endpoint_state(ep.uid)
+        assert (state["target_reachable"], state["target_failures"]) == ("no", 1)
+        await bed.m.release(ep.uid)
+        assert ep.key not in bed.m.counters and ep.key not in bed.m._hot
+
+    run(go)
+
+
+def test_inbound_request_warns_but_never_refuses_a_closed_target(tmp_path: Path) -> None:
+    bed = Bed(tmp_path)
+    import dataclasses
+
+    bed.m.probes = dataclasses.replace(bed.m.probes, target_accepts=lambda _t, _timeout: False)
+
+    async def go() -> None:
+        ep = await inbound(bed)
+        t = bed.m.traffic(ep)
+        assert ep.state is State.ACTIVE
+        assert (t.target_reachable, t.target_failures) == ("no", 0)
+        assert "192.168.150.1:7000" in t.last_target_failure
+
     run(go)
