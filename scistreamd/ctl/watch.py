@@ -34,7 +34,7 @@ from .verbs import match_uid
 #: Seconds over which rates are averaged, and after which a counter that did
 #: not move counts as idle (the daemon signals counters at most once a second).
 RATE_WINDOW = 5.0
-IDLE_AFTER = 2.5
+IDLE_AFTER = 3.5
 #: Events kept under the table.
 EVENT_LINES = 8
 #: Properties that make an event line of their own (changes "as they happen").
