@@ -88,6 +88,16 @@ class ManagerCollector:
         for state, n in counts.items():
             by_state.add_metric([state], n)
         yield by_state
+        cfg = getattr(self._m, "cfg", None)
+        if cfg is not None:
+            # The limits, so alerts can say "near the cap" without knowing the config.
+            cap = GaugeMetricFamily(f"{PREFIX}_endpoints_max", "max_endpoints of this host")
+            cap.add_metric([], cfg.max_endpoints)
+            yield cap
+            conns = GaugeMetricFamily(f"{PREFIX}_relay_max_connections",
+                                      "relay_max_connections: connections one relay serves")
+            conns.add_metric([], cfg.relay_max_connections)
+            yield conns
         yield from self._per_endpoint(endpoints)
         yield from _request_families("dbus", "D-Bus", self._dbus)
         yield from _request_families("peer", "Peer port", self._peer)

@@ -56,6 +56,7 @@ class _Traffic:
 class _Manager:
     def __init__(self, eps: List[Endpoint], traffic: bool = True) -> None:
         self.eps = eps
+        self.cfg = config_from_mapping({"max_endpoints": 7})
         if traffic:
             self.traffic = self._traffic
 
@@ -90,6 +91,8 @@ def test_collector_states_restarts_and_no_uid_by_default() -> None:
     fams, text = _families(ManagerCollector(_Manager(eps), dbus=RequestStats(), peer=stats))
     states = {s.labels["state"]: s.value for s in fams["scistream_endpoints"].samples}
     assert states == {"starting": 0, "active": 1, "failed": 1, "releasing": 0}
+    assert fams["scistream_endpoints_max"].samples[0].value == 7
+    assert fams["scistream_relay_max_connections"].samples[0].value == 1024
     restarts = {s.labels["role"]: s.value for s in fams["scistream_relay_restarts"].samples}
     assert restarts == {"inbound": 2, "outbound": 0}
     assert UID not in text  # a uid is a capability: not in labels unless asked
