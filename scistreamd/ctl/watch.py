@@ -126,12 +126,23 @@ class View:
 
     def _event(self, now: float, kind: str, row: Row, values: Dict[str, Any]) -> Event:
         ev = (now, kind, row.uid, row.role, values)
-        if kind != "changed" or any(k in STATE_PROPERTIES for k in values):
+        if self._logging and (kind != "changed" or any(k in STATE_PROPERTIES for k in values)):
             self.events.append(ev)
         return ev
 
-    def snapshot(self, objects: Dict[str, Dict[str, Any]], now: float) -> List[Event]:
-        """A whole GetManagedObjects (endpoint path -> properties): the differences."""
+    _logging = True
+
+    def snapshot(self, objects: Dict[str, Dict[str, Any]], now: float,
+                 initial: bool = False) -> List[Event]:
+        """A whole GetManagedObjects (endpoint path -> properties): the differences.
+        ``initial``: what was there at the start is no event for the log under the table."""
+        self._logging = not initial
+        try:
+            return self._snapshot(objects, now)
+        finally:
+            self._logging = True
+
+    def _snapshot(self, objects: Dict[str, Dict[str, Any]], now: float) -> List[Event]:
         out = []
         for path in [p for p in self.rows if p not in objects]:
             out += self.removed(path, now)
@@ -225,6 +236,15 @@ def event_line(ev: Event) -> str:
     t, kind, uid, role, values = ev
     parts = [_clock(t), uid, role, kind]
     parts += [f"{snake(k)}={_value_text(_shown(k, v))}" for k, v in sorted(values.items())]
+    return " ".join(parts)
+
+
+def brief_line(ev: Event) -> str:
+    """An event under the table: the time of day and what changed in its state."""
+    t, kind, uid, role, values = ev
+    parts = [time.strftime("%H:%M:%S", time.localtime(t)), uid, role, kind]
+    keys = ("State", "StateDetail") if kind == "added" else STATE_PROPERTIES
+    parts += [f"{snake(k)}={_value_text(_shown(k, values[k]))}" for k in keys if k in values]
     return " ".join(parts)
 
 
@@ -335,7 +355,7 @@ def watch(args: argparse.Namespace) -> None:
             out = _LineOut(args.json)
         try:
             with out:
-                out.emit(view.snapshot(objects, time.time()), view, "")
+                out.emit(view.snapshot(objects, time.time(), initial=True), view, "")
                 _loop(client, view, out, polling, interval, args.timeout)
         except KeyboardInterrupt:
             pass
@@ -425,12 +445,20 @@ class _TableOut:
         title = (f"scistreamctl watch: {n} endpoint{'s' if n != 1 else ''}, {self.mode}, "
                  f"{time.strftime('%H:%M:%S')}; Ctrl-C quits")
         table = Table(*HEADER, box=None, header_style="bold", pad_edge=False)
-        for row in table_rows(view, now):
+        rows = table_rows(view, now)
+        # What fits under the title, the header and the event lines (1000 endpoints
+        # would otherwise be rendered every second only to be cut off).
+        fit = max(1, self._console.height - 4 - len(view.events) - (1 if status else 0))
+        shown = rows if len(rows) <= fit else rows[:fit - 1]
+        for row in shown:
             table.add_row(*row)
         parts: List[Any] = [Text(title, style="bold")]
         if status:
             parts.append(Text(status, style="bold red"))
         parts.append(table if view.rows else Text("No endpoints."))
+        if len(shown) < len(rows):
+            parts.append(Text(f"... and {len(rows) - len(shown)} more: name tunnels "
+                              "(scistreamctl watch UID...) or use a taller terminal"))
         parts.append(Text(""))
-        parts += [Text(event_line(ev)) for ev in view.events]
+        parts += [Text(brief_line(ev)) for ev in view.events]
         self._live.update(Group(*parts), refresh=True)

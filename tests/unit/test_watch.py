@@ -12,6 +12,7 @@ from scistreamd.ctl.args import parse_args
 from scistreamd.ctl.errors import CtlError
 from scistreamd.ctl.watch import (
     View,
+    brief_line,
     event_json,
     event_line,
     human_bytes,
@@ -69,6 +70,13 @@ def test_view_snapshot_signals_and_filter() -> None:
                       4.0) == []
     evs = v.snapshot({PATH_A: dict(v.rows[PATH_A].props)}, 5.0)
     assert [(e[1], e[2]) for e in evs] == [("removed", UID_B)]
+    # what was there at the start is not logged under the table; later additions are
+    fresh = View()
+    fresh.snapshot({PATH_A: props(UID_A, "inbound")}, 1.0, initial=True)
+    assert not fresh.events
+    fresh.snapshot({PATH_A: props(UID_A, "inbound"), PATH_B: props(UID_B, "outbound")}, 2.0)
+    assert [e[2] for e in fresh.events] == [UID_B]
+    assert brief_line(fresh.events[0]).endswith(f"{UID_B} outbound added state=active")
     # only the named tunnels
     only = View([UID_B[:8]])
     evs = only.snapshot({PATH_A: props(UID_A, "inbound"), PATH_B: props(UID_B, "outbound")},
