@@ -17,7 +17,8 @@
    - ``daemon_cpu_pct``: CPU of scistreamd over a window, as % of one core,
      idle (nobody watching) and while ``scistreamctl watch`` follows all N
      (plus the watch process's own CPU), and while Prometheus-like scrapes
-     come every second.
+     come every second; "idle" only once the new relays' start-up work settled
+     (5 s windows under 1 %, at most 2 minutes: ``settle_s``).
 """
 
 from __future__ import annotations
@@ -179,6 +180,12 @@ def many(bed: Testbed, n: int, window: float, log: Callable[[str], None]) -> Dic
             H.inhost(s1, "rss", "--pid", str(pid))["rss_kb"] / 1024, 1)
         log(f"  observe N={created}: scrape {out['scrape_ms']['median']} ms "
             f"({scrape['bytes']} B), daemon RSS {out['daemon_rss_mb']} MB")
+        # New relays keep the daemon busy for a while (their first counter reads, their
+        # start-up journal lines): idle is measured once that has settled.
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120 and _daemon_cpu_pct(s1, pid, 5.0) > 1.0:
+            pass
+        out["settle_s"] = round(time.monotonic() - t0, 1)
         out["daemon_cpu_idle_pct"] = _daemon_cpu_pct(s1, pid, window)
         # Watch all N: one connection following every endpoint's signals.
         H.run_unit(s1, WATCH_UNIT, ["sh", "-c", "exec scistreamctl watch > /dev/null"],
@@ -196,6 +203,7 @@ def many(bed: Testbed, n: int, window: float, log: Callable[[str], None]) -> Dic
         else:
             notes.append("watch was not running during the window")
         H.stop_units(s1, [WATCH_UNIT])
+        out["daemon_cpu_idle_after_pct"] = _daemon_cpu_pct(s1, pid, window)
         # Prometheus' cadence at its most eager (1 s), for the cost of being scraped.
         H.run_unit(s1, SCRAPE_UNIT, ["python3", H.INHOST, "scrape",
                                      f"http://{METRICS}/metrics", "-n", "100000",
@@ -269,7 +277,8 @@ def markdown(results: Dict[str, Any]) -> List[str]:
                   f"| /metrics size | {m.get('scrape_bytes')} B, {m.get('scrape_series')} "
                   f"series | |",
                   f"| daemon RSS MB | {m.get('daemon_rss_after_mb')} | ≤ 80 |",
-                  f"| daemon CPU % of a core, idle | {m.get('daemon_cpu_idle_pct')} | |",
+                  f"| daemon CPU % of a core, idle (before / after watching) | "
+                  f"{m.get('daemon_cpu_idle_pct')} / {m.get('daemon_cpu_idle_after_pct')} | |",
                   f"| daemon CPU %, watched by scistreamctl watch | "
                   f"{m.get('daemon_cpu_watched_pct')} | < 2 |",
                   f"| scistreamctl watch CPU % (RSS MB) | {m.get('watch_cpu_pct')} "
