@@ -2,15 +2,16 @@
 
 A mixin of Manager (manager.py keeps orchestration; this keeps counting). What
 is counted where: traffic.py. The poller reads systemd only for endpoints
-with activity (an open connection, a connection that just ended, or a reader
-of their properties whose values are older than a poll period): 1000 idle
-endpoints cost no call at all.
+with activity (an open connection, a connection that just ended, a relay that
+just started): 1000 idle endpoints cost no call and no timer at all. Reading
+the properties does not trigger a read: a `list` of 500 endpoints then cost
+0.9 s of daemon CPU instead of 0.16 s (measured), and an idle endpoint's
+bytes do not change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -20,6 +21,7 @@ from .buspath import unit_object_path
 from .traffic import (
     CONNECT_FAILED,
     CONNECTED,
+    RATE_WINDOW,
     REACHABLE_NO,
     REACHABLE_UNKNOWN,
     REACHABLE_YES,
@@ -38,12 +40,13 @@ logger = logging.getLogger("scistreamd.manager")
 MSG_TARGET_FAILED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a76")
 MSG_TARGET_REACHED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a77")
 #: Counter polls of endpoints with activity: their period, and how many polls an
-#: endpoint gets after its last connection ended (its last bytes).
+#: endpoint gets after its last connection ended (its last bytes, its rate back to 0).
 COUNTER_POLL_INTERVAL = 1.0
-_COUNTER_POLLS_AFTER_IDLE = 2
-#: A read of counters older than this asks for a fresh read (memory, mostly: bytes
-#: of endpoints with connections are read every poll anyway).
-STALE_AFTER = 30.0
+_COUNTER_POLLS_AFTER_IDLE = int(RATE_WINDOW) + 2  # until the rate shown is 0 again
+#: At most this many endpoints are read per round (the least recently read first):
+#: a read is five Gets (~1.4 ms of daemon CPU measured), so 1000 busy endpoints
+#: cost a bounded ~15 % of a core, each read every 10 s, instead of 140 %.
+MAX_READS_PER_ROUND = 100
 
 
 def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> None:
@@ -85,15 +88,6 @@ class CountersMixin:
             self._hot[ep.key] = max(1, self._hot.get(ep.key, 0))
             self._poll_wakeup.set()
 
-    def want_counters(self, ep: Endpoint) -> None:
-        """Someone reads the counters of ``ep``: if they are older than STALE_AFTER,
-        read them once (the new values follow as PropertiesChanged)."""
-        if ep.key not in self.counters or ep.key in self._hot:
-            return
-        if time.monotonic() - self._polled_at.get(ep.key, 0.0) >= STALE_AFTER:
-            self._hot[ep.key] = 1
-            self._poll_wakeup.set()
-
     def on_relay_line(self, unit: str, invocation: str, message: str, at_us: int) -> None:
         """One journal line of relay ``unit`` (relaylog.py feeds them, oldest first)."""
         key = self._by_unit_path.get(unit_object_path(unit))
@@ -121,7 +115,8 @@ class CountersMixin:
 
     async def poll_counters(self) -> None:
         """Read the accounting of every endpoint with activity (one round of the poller)."""
-        keys = list(self._hot)
+        keys = sorted(self._hot, key=lambda k: self._polled_at.get(k, 0.0))
+        keys = keys[:MAX_READS_PER_ROUND]
         if not keys:
             return
 
@@ -147,8 +142,8 @@ class CountersMixin:
                     self._hot[key] = left
                 else:
                     self._hot.pop(key, None)
-            if changed or c.active:
-                # Even unchanged bytes change the rate while connections are open.
+            if changed or len(c.samples) > 1:
+                # Unchanged bytes still move the rate (the API signals only what differs).
                 self.listener.endpoint_changed(ep, ["counters"])
 
         await asyncio.gather(*(one(k) for k in keys))
@@ -168,8 +163,9 @@ class CountersMixin:
             follower = None
         try:
             while True:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._poll_wakeup.wait(), COUNTER_POLL_INTERVAL)
+                if not self._hot:
+                    # Idle: no timer at all until a journal line or a reader wakes us.
+                    await self._poll_wakeup.wait()
                 self._poll_wakeup.clear()
                 try:
                     await self.poll_counters()

@@ -182,10 +182,8 @@ class EndpointObject(ServiceInterface):
     def AllowedPeer(self):
         return self.ep.allowed_peer
 
-    # Counters: a read of stale values asks the manager for fresh ones, which
-    # follow as (rate-limited) PropertiesChanged.
+    # Counters: what the manager has (it reads the relays with activity; counting.py).
     def _traffic(self) -> Dict[str, Any]:
-        self._api.manager.want_counters(self.ep)
         return counter_values(self._api.manager.traffic(self.ep))
 
     @_property(ENDPOINT)
@@ -361,7 +359,13 @@ class TunnelApi:
                   "NRestarts": ep.n_restarts, "ClaimedBy": ep.claimed_by,
                   "ClaimedAt": _usec(ep.claimed_at)}
         if props:
-            obj.emit_properties_changed({p: values[p] for p in props})
+            out = {p: values[p] for p in props}
+            path = _path(ep)
+            if path in self._counters_due:
+                # Counters that changed with the state (e.g. MainPID with NRestarts)
+                # travel in the same signal, not in one right after it.
+                out.update(self._counter_changes(path, obj))
+            obj.emit_properties_changed(out)
 
     def endpoint_removed(self, ep: Endpoint) -> None:
         path = _path(ep)
@@ -384,10 +388,16 @@ class TunnelApi:
         obj = self._objects.get(path)
         if obj is None:
             return
+        changed = self._counter_changes(path, obj)
+        if changed:
+            obj.emit_properties_changed(changed)
+
+    def _counter_changes(self, path: str, obj: EndpointObject) -> Dict[str, Any]:
+        """The counters of ``path`` that differ from those last signalled (now signalled)."""
         values = counter_values(self.manager.traffic(obj.ep))
         before = self._counter_values.get(path, {})
         changed = {k: v for k, v in values.items() if before.get(k) != v}
         self._counter_values[path] = values
         if changed:
             self._counters_sent[path] = time.monotonic()
-            obj.emit_properties_changed(changed)
+        return changed

@@ -138,6 +138,10 @@ STATUS_ORDER = (
     "ClaimedBy",
     "ClaimedAt",
     "AllowedPeer",
+)
+#: What the relay is doing: shown after those, aligned among themselves (the
+#: lines above keep their layout: scripts and notes match them).
+COUNTER_ORDER = (
     "MainPID",
     "MemoryCurrent",
     "BytesIn",
@@ -182,9 +186,15 @@ def format_status(endpoints: Sequence[Dict[str, Any]], now: Optional[float] = No
     blocks = []
     for props in endpoints:
         keys = [k for k in STATUS_ORDER if k in props]
-        keys += sorted(k for k in props if k not in STATUS_ORDER and k != "Path")
+        keys += sorted(k for k in props
+                       if k not in STATUS_ORDER and k not in COUNTER_ORDER and k != "Path")
+        counters = [k for k in COUNTER_ORDER if k in props]
         width = max(len(k) for k in keys + ["Path"]) + 1
         lines = [f"{(k + ':').ljust(width)} {_show_value(k, props[k], now)}" for k in keys]
+        if counters:
+            cwidth = max(len(k) for k in counters) + 1
+            lines += [f"{(k + ':').ljust(cwidth)} {_show_value(k, props[k], now)}"
+                      for k in counters]
         if "Path" in props:
             lines.append(f"{'Path:'.ljust(width)} {props['Path']}")
         blocks.append("\n".join(lines) + "\n")

@@ -882,7 +882,10 @@ def test_daemon_restart_keeps_relays_and_their_ports(clean, s1, s2, apps):
 # --------------------------------------------------------------------------
 # 9. CLI output
 
-def test_cli_keeps_the_guides_output_lines(clean, s1):
+def test_cli_keeps_the_guides_output_lines(clean, s1, apps):
+    # The server application listens, so the request has nothing to warn about
+    # (test_counters.py covers the warning when it does not).
+    echo_app(apps, s1, 5300, "APP:")
     # The guide's command, with s2uc's spellings.
     proc = s1.ctl("inbound-request", "--remote_ip", S1_IP, "--s2cs", f"{S1_IP}:5000",
                   "--receiver_ports", "5300", "--num_conn", "1",
@@ -915,7 +918,7 @@ def test_cli_keeps_the_guides_output_lines(clean, s1):
     assert sorted(e["uid"] for e in listed) == sorted([uid, uid2, made["uid"]])
     assert all(e["role"] == "inbound" and e["state"] == "active" for e in listed)
     status = json.loads(s1.ctl("status", uid, "--json", check=True).stdout)
-    assert [(s["Uid"], s["State"], s["Unit"]) for s in status] == [
+    assert [(s["uid"], s["state"], s["unit"]) for s in status] == [
         (uid, "active", unit_of(s1, uid))]
     human = s1.ctl("list", check=True).stdout
     assert all(u in human for u in (uid, uid2, made["uid"]))

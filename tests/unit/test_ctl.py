@@ -681,7 +681,10 @@ def test_format_status_has_every_property() -> None:
     lines = dict(line.split(": ", 1) for line in text.splitlines())
     keys = [k.rstrip() for k in lines]
     assert keys[: len(ctl.STATUS_ORDER)] == list(ctl.STATUS_ORDER)
-    assert keys[-2:] == ["FutureProperty", "Path"]
+    assert keys[len(ctl.STATUS_ORDER):] == ["FutureProperty", *ctl.COUNTER_ORDER, "Path"]
+    # The first lines keep their layout (scripts match "State:       active").
+    plain = ctl.format_status([_endpoint_props(UID, "outbound")], now=CREATED_US / 1e6)
+    assert "\nState:       active\n" in plain and "\nBytesIn:             977 KiB" in plain
     values = {k.rstrip(): v.strip() for k, v in lines.items()}
     assert values["ClaimedAt"] == "never"
     assert values["ClaimedBy"] == "-"
