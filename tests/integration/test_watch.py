@@ -151,15 +151,17 @@ def test_watch_without_a_terminal_prints_a_line_per_change(clean, s1):
         r = s1.ctl("inbound-request", "--remote_ip", s1.ip, "--receiver_ports", "5331")
         assert r.returncode == 0, r.stderr
         uid = parse_request_output(r.stdout)[0]
-        seen = w.until(lambda line: f"{uid} inbound changed state=active" in line or
-                       (f"{uid} inbound added" in line and "state=active" in line),
-                       "the new endpoint, active")
+        # Counters may ride along a state change: "changed bytes_in=0 ... state=active".
+        seen = w.until(lambda line: (f"{uid} inbound changed " in line or
+                                     f"{uid} inbound added " in line)
+                       and " state=active" in line, "the new endpoint, active")
         added = [line for line in seen if f"{uid} inbound added" in line]
         assert len(added) == 1 and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", added[0])
         assert "targets=192.168.150.1:5331" in added[0]
         assert s1.ctl("release", uid).returncode == 0
         seen = w.until(lambda line: f"{uid} inbound removed" in line, "the release")
-        assert any(f"{uid} inbound changed state=releasing" in line for line in seen), seen
+        assert any(f"{uid} inbound changed " in line and " state=releasing" in line
+                   for line in seen), seen
         assert w.stop() == 0
     finally:
         w.stop()
