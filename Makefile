@@ -63,7 +63,8 @@ clean:
 # `make bench`: throughput, setup latency and scale side by side on its own test
 # bed (tb-bench); not part of `make test`. Writes bench/results/latest.{json,png}
 # and a dated JSON copy, and prints a markdown table. Run it on a quiet machine.
-# BENCH_ARGS="--quick" for a short development run (writes quick-latest.*).
+# BENCH_ARGS="--quick" for a short development run (writes quick-latest.*);
+# BENCH_ARGS="--only observe" for the costs of IP accounting, metrics and watch alone.
 BENCH_PACKAGES = python3-matplotlib
 BENCH_ARGS ?=
 
