@@ -158,3 +158,30 @@ def test_config_metrics_keys() -> None:
                        ("127.0.0.1:5000", "peer port"), ("0.0.0.0:9731", "not a unicast")):
         with pytest.raises(ConfigError, match=words):
             config_from_mapping({"metrics_listen": bad})
+
+
+def test_dbus_methods_are_counted_by_result() -> None:
+    from dbus_next import DBusError
+
+    from scistreamd import reqstats
+    from scistreamd.dbus_api import _dbus_errors
+
+    async def Probe(fail: Exception | None = None) -> int:
+        if fail is not None:
+            raise fail
+        return 1
+
+    wrapped = _dbus_errors(Probe)
+    before = reqstats.DBUS.results()
+
+    async def main() -> None:
+        assert await wrapped() == 1
+        for exc in (NotFound("gone"), RuntimeError("bug")):
+            with pytest.raises(DBusError):
+                await wrapped(exc)
+
+    asyncio.run(main())
+    after = reqstats.DBUS.results()
+    for result in ("ok", "NotFound", "Failed"):
+        assert after[("Probe", result)] == before.get(("Probe", result), 0) + 1
+    assert reqstats.DBUS.histograms()["Probe"].count >= 3
