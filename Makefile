@@ -11,9 +11,10 @@ export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # the tests, demo and test bed use.
 RUNTIME_PACKAGES = systemd dbus stunnel4 openssl \
 	python3 python3-dbus-next python3-systemd python3-toml python3-cryptography python3-requests \
-	python3-jeepney
+	python3-jeepney python3-prometheus-client python3-rich
 TEST_PACKAGES = iperf3 iproute2 iputils-ping util-linux procps psmisc python3-authlib \
-	python3-pytest python3-pytest-timeout python3-hypothesis python3-argcomplete bash
+	python3-pytest python3-pytest-timeout python3-hypothesis python3-argcomplete bash \
+	prometheus tmux
 SETUP_PACKAGES = $(RUNTIME_PACKAGES) $(TEST_PACKAGES)
 
 .PHONY: setup test unit integration demo testbed-up testbed-down lint clean
@@ -62,7 +63,8 @@ clean:
 # `make bench`: throughput, setup latency and scale side by side on its own test
 # bed (tb-bench); not part of `make test`. Writes bench/results/latest.{json,png}
 # and a dated JSON copy, and prints a markdown table. Run it on a quiet machine.
-# BENCH_ARGS="--quick" for a short development run (writes quick-latest.*).
+# BENCH_ARGS="--quick" for a short development run (writes quick-latest.*);
+# BENCH_ARGS="--only observe" for the costs of IP accounting, metrics and watch alone.
 BENCH_PACKAGES = python3-matplotlib
 BENCH_ARGS ?=
 

@@ -177,8 +177,9 @@ def make_tunnel(bed: Testbed, ports: Sequence[int]) -> Tuple[str, List[str]]:
 
 def _relay_unit(host: Host, uid: str, role: str) -> str:
     """The relay unit of endpoint (uid, role): ``scistreamctl status``'s Unit."""
-    (ep,) = [e for e in _ctl(host, "status", uid) if e["Role"] == role]
-    return ep["Unit"]
+    # status --json speaks snake_case since issue 13 (endpoint_json); D-Bus names before.
+    (ep,) = [e for e in _ctl(host, "status", uid) if e.get("role", e.get("Role")) == role]
+    return ep.get("unit", ep.get("Unit"))
 
 
 def setup_scistreamd(bed: Testbed) -> RelayPath:

@@ -9,6 +9,8 @@
         JSON {"count", "rss_kb", "pss_kb"} of the matching processes
     ... unit-latency CONF PORT [-n N]
         systemd-run of stunnel CONF until PORT listens, then systemctl stop; N times
+    ... scrape URL [-n N] [--interval S]
+        GET URL N times (every S seconds); JSON {"ms": [...], "bytes", "series"}
     ... dbus-driver
         a long-lived system-bus client: one JSON request a line on stdin,
         {"member", "sig", "body", ["path"], ["iface"], ["dest"], ["discard"]};
@@ -211,6 +213,23 @@ async def dbus_driver() -> None:
     bus.disconnect()
 
 
+def scrape(url: str, n: int, interval: float) -> Dict[str, Any]:
+    """Time whole GETs of a metrics endpoint: connect, render, transfer."""
+    import urllib.request
+
+    times: List[float] = []
+    body = b""
+    for i in range(n):
+        if i and interval:
+            time.sleep(interval)
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=30) as r:
+            body = r.read()
+        times.append((time.perf_counter() - t0) * 1000)
+    series = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
+    return {"ms": times, "bytes": len(body), "series": series}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="inhost.py")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -232,6 +251,10 @@ def main() -> int:
     u.add_argument("conf")
     u.add_argument("port", type=int)
     u.add_argument("-n", type=int, default=10)
+    sc = sub.add_parser("scrape")
+    sc.add_argument("url")
+    sc.add_argument("-n", type=int, default=20)
+    sc.add_argument("--interval", type=float, default=0.0)
     sub.add_parser("dbus-driver")
     a = p.parse_args()
     if a.cmd == "timeit":
@@ -246,6 +269,8 @@ def main() -> int:
         print(json.dumps(rss(a.comm, a.pid, a.cgroup)))
     elif a.cmd == "unit-latency":
         print(json.dumps(unit_latency(a.conf, a.port, a.n)))
+    elif a.cmd == "scrape":
+        print(json.dumps(scrape(a.url, a.n, a.interval)))
     elif a.cmd == "dbus-driver":
         import asyncio
 

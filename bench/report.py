@@ -56,8 +56,13 @@ def goals(results: Dict[str, Any]) -> List[Dict[str, Any]]:
                             "met": s["p50"] <= want})
     out += latency.goals(results)
     out += tokens.goals(results)
+    from .observe import goals as observe_goals
+
+    out += observe_goals(results)
     rows = [r for r in results.get("scale") or [] if r.get("n") == 1000]
-    if rows:
+    if "scale" not in results:
+        pass
+    elif rows:
         for k, want in SCALE_GOALS.items():
             v = rows[0].get(k)
             out.append({"goal": f"scale N=1000 {k} <= {want}", "value": v,
@@ -147,6 +152,9 @@ def markdown(results: Dict[str, Any]) -> str:
 
     lines += relaymodes_markdown(results)
     lines += tokens.markdown(results)
+    from .observe import markdown as observe_markdown
+
+    lines += observe_markdown(results)
     if results.get("scale") is not None and "scale_config" in results:
         lines += ["", "### Scale: inbound endpoints on server1", "",
                   "| N | daemon RSS MB | relays RSS MB (PSS) | ListEndpoints ms | "

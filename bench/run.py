@@ -3,7 +3,8 @@ in one run on the test bed.
 
     python3 -m bench.run [--reps 5] [--seconds 5] [--cp-runs 20] [--lat-rounds 5000]
                          [--scale 100,250,500,1000]
-                         [--only dataplane,latency,controlplane,scale,relaymodes,tokens]
+                         [--only dataplane,latency,controlplane,scale,relaymodes,tokens,observe]
+                         [--observe-n 1000] [--observe-window 30]
                          [--quick] [--reuse] [--keep] [--results DIR]
 
 Boots its own two-host test bed (named ``tb-bench`` unless
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("dataplane", "latency", "controlplane", "scale", "relaymodes", "tokens")
+SECTIONS = ("dataplane", "latency", "controlplane", "scale", "relaymodes", "tokens",
+            "observe")
 DEFAULT_TESTBED = "tb-bench"
 
 
@@ -55,6 +57,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="timed round trips per latency run (default 5000)")
     p.add_argument("--scale", type=_parse_ns, default=[100, 250, 500, 1000],
                    help="endpoint counts (default 100,250,500,1000)")
+    p.add_argument("--observe-n", type=int, default=1000,
+                   help="idle endpoints for the observe section's scrape/RSS/CPU figures "
+                        "(default 1000; --quick: 100). --only observe runs that section alone")
+    p.add_argument("--observe-window", type=float, default=30.0,
+                   help="seconds over which the daemon's CPU is measured (default 30)")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run (default {','.join(SECTIONS)})")
     p.add_argument("--quick", action="store_true",
@@ -77,6 +84,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
             a.cp_runs = 5
         if "--scale" not in given:
             a.scale = [20, 50]
+        if "--observe-n" not in given:
+            a.observe_n = 100
+        if "--observe-window" not in given:
+            a.observe_window = 10.0
         if "--lat-rounds" not in given:
             a.lat_rounds = 1000
     a.sections = [s for s in a.only.split(",") if s]
@@ -128,6 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results["config"] = {"reps": a.reps, "iperf_seconds": a.seconds, "cp_runs": a.cp_runs,
                          "lat_rounds": a.lat_rounds,
                          "scale_n": a.scale, "sections": a.sections, "quick": a.quick,
+                         "observe_n": a.observe_n, "observe_window_s": a.observe_window,
                          "hosts": "relay_log_level info (negotiated suite logged per "
                                   "connection); daemon and CLI byte code precompiled "
                                   "(PYTHONPYCACHEPREFIX), as an installed package has; all "
@@ -194,6 +206,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                                           1000 if a.quick else 10000, log=log))
             except Exception as e:
                 errors["tokens"] = f"{type(e).__name__}: {e}"
+        if "observe" in a.sections:
+            from . import observe
+
+            log(f"bench: observability (IP accounting on/off, {a.observe_n} endpoints: "
+                "metrics scrape, RSS, CPU while watched) ...")
+            try:
+                results.update(observe.run(bed, a.reps, a.seconds, a.observe_n,
+                                           a.observe_window, log=log))
+            except Exception as e:
+                errors["observe"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
     finally:
         if not a.keep:
@@ -212,7 +234,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         results["errors"] = errors
     results["notes"] = _notes(results)
 
-    prefix = "quick-" if a.quick else ""
+    # A run of some sections never replaces a whole run's latest.json.
+    prefix = "quick-" if a.quick else (
+        "" if set(a.sections) == set(SECTIONS) else "-".join(a.sections) + "-")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     written = report.write_json(results, a.results, prefix, stamp)
     print()

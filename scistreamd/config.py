@@ -22,7 +22,15 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 import toml
 
 from .errors import ConfigError, InvalidArgument, ScistreamError
-from .model import IPAddress, IPNetwork, parse_ip, parse_network, parse_port
+from .model import (
+    HostPort,
+    IPAddress,
+    IPNetwork,
+    parse_hostport,
+    parse_ip,
+    parse_network,
+    parse_port,
+)
 from .ports import FIRST_UNPRIVILEGED_PORT
 from .relay import (
     DEFAULT_CIPHERSUITES,
@@ -154,6 +162,12 @@ class Config:
     token_ca_file: Path | None = None
     #: Seconds to wait for the introspection server.
     token_timeout: float = 5.0
+    #: Where the Prometheus metrics endpoint listens (HTTP, GET /metrics); None: off.
+    #: Anyone who can connect reads it: loopback or a monitoring network only.
+    metrics_listen: HostPort | None = None
+    #: Label per-endpoint series with the tunnel uid too (a uid is a capability:
+    #: only when nobody untrusted can reach metrics_listen); else unit and role only.
+    metrics_uid_label: bool = False
     #: Which file set each key (for messages); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -373,6 +387,15 @@ def _seconds_upto(high: float) -> Callable[[object], float]:
     return parse
 
 
+def _optional_hostport(value: object) -> HostPort | None:
+    if value == "":
+        return None
+    if not isinstance(value, str):
+        raise _Bad(f'expected "IP:PORT" (e.g. "127.0.0.1:9731") or "" for off, '
+                   f"got {_type_name(value)}")
+    return parse_hostport(value, "address")
+
+
 def _choice(names: Tuple[str, ...], what: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if isinstance(value, str) and value in names:
@@ -422,6 +445,8 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "token_negative_cache_seconds": _seconds_upto(30),
     "token_ca_file": _optional_path,
     "token_timeout": _seconds,
+    "metrics_listen": _optional_hostport,
+    "metrics_uid_label": _bool,
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}
 
@@ -499,6 +524,19 @@ def _check_consistency(
             "token_introspection_url is set but token_client_id is not: give this daemon's "
             "client id at the authorization server (its secret goes in "
             "token_client_secret_file)")
+    _check_metrics_port(values, sources)
+
+
+def _check_metrics_port(values: Dict[str, Any], sources: Mapping[str, str]) -> None:
+    metrics = values["metrics_listen"]
+    if metrics is None:
+        return
+    low, high = values["port_range"]
+    if low <= metrics.port <= high or metrics.port == values["peer_port"]:
+        raise ConfigError(
+            sources.get("metrics_listen", "<defaults>"), "metrics_listen",
+            f"port {metrics.port} is the peer port or inside port_range {low}-{high}: "
+            "choose another port for the metrics endpoint (e.g. 9731)")
 
 
 def relay_connection_fit(memory_max: int, tasks_max: int) -> int:

@@ -233,6 +233,18 @@ def _quiet_dbus_errors(loop: asyncio.AbstractEventLoop, context: Dict[str, Any])
     loop.default_exception_handler(context)
 
 
+async def _start_metrics(cfg: Config, manager: Any) -> Any:
+    """The Prometheus endpoint when metrics_listen is set (prometheus_client only then)."""
+    if cfg.metrics_listen is None:
+        return None
+    from .metrics import MetricsServer
+
+    server = MetricsServer(cfg.metrics_listen.host, cfg.metrics_listen.port, manager,
+                           uid_label=cfg.metrics_uid_label)
+    await server.start()
+    return server
+
+
 async def run(cfg: Config, *, user_bus: bool = False,
               config_path: Path = DEFAULT_CONFIG_PATH, config_required: bool = False) -> int:
     from dbus_next import BusType
@@ -314,6 +326,7 @@ async def run(cfg: Config, *, user_bus: bool = False,
                                  timeout=cfg.peer_timeout, user_api=user_api,
                                  user_certs=user_certs)
         await peer_server.start()
+    metrics = await _start_metrics(cfg, manager)
 
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -321,6 +334,8 @@ async def run(cfg: Config, *, user_bus: bool = False,
                      BUS_NAME)
         if peer_server:
             await peer_server.stop()
+        if metrics:
+            await metrics.stop()
         return 1
 
     reloader = Reloader(config_path, config_required, cfg, manager, peers, peer_server, status)
@@ -361,6 +376,8 @@ async def run(cfg: Config, *, user_bus: bool = False,
             task.cancel()
     if peer_server:
         await peer_server.stop()
+    if metrics:
+        await metrics.stop()
     peers.close()
     if tokens is not None:
         tokens.close()

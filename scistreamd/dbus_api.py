@@ -29,6 +29,7 @@ from . import (
     MANAGER_IFACE,
     MANAGER_PATH,
     __version__,
+    reqstats,
 )
 from .authz import Authorizer, action_of_member
 from .buspath import endpoint_object_path
@@ -50,18 +51,25 @@ def _dbus_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kw: Any) -> Any:
+        started, result = time.monotonic(), reqstats.OK
         try:
             return await fn(*args, **kw)
         except ScistreamError as e:
+            result = e.name if not e.internal else "Failed"
             if not e.internal:
                 raise DBusError(e.dbus_name(), str(e)) from None
             logger.error("internal error in %s: %s", fn.__name__, e)
             raise DBusError(INTERNAL_ERROR, INTERNAL_TEXT) from None
-        except DBusError:
+        except DBusError as e:
+            result = e.type.rpartition(".")[2]
             raise
         except Exception:
+            result = "Failed"
             logger.exception("internal error in %s", fn.__name__)
             raise DBusError(INTERNAL_ERROR, INTERNAL_TEXT) from None
+        finally:
+            # Metrics: every answered call, by method and result (reqstats.py).
+            reqstats.DBUS.record(fn.__name__, result, time.monotonic() - started)
 
     return wrapper
 

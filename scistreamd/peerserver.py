@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Dict, Optional, Protocol, Tuple, Union
 
-from . import __version__
+from . import __version__, reqstats
 from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .identity import Identity
 from .model import HostPort, IPAddress, PeerIdentity, parse_uid
@@ -61,6 +61,7 @@ from .peerwire import (
     loads,
     response,
     route,
+    user_route,
 )
 
 if TYPE_CHECKING:  # they import the manager and cryptography: only their types here
@@ -106,6 +107,14 @@ async def _read_head(tls: ServerTls) -> RequestHead:
         buf += data
     head, _, rest = buf.partition(b"\r\n\r\n")
     return RequestHead.parse(head, rest)
+
+
+def _user_label(method: str, target: str) -> str:
+    """The metrics label of a user API request ("user_list", "user_inbound", ...)."""
+    try:
+        return "user_" + user_route(method, target)[0]
+    except Refusal:
+        return "user_unknown"
 
 
 class PeerServer:
@@ -354,19 +363,24 @@ class PeerServer:
             user = self._user_certs.identity_of(der)
             if user is not None and not self._user_certs.peer_ca_issued(der):
                 claimant = PeerIdentity(who)  # a user's certificate claims nothing
-        method = "GET"
+        method, what, result, started = "GET", "none", reqstats.OK, time.monotonic()
         # Each read waits at most timeout, the whole connection 3 x timeout (_serve).
         try:
             req = await _read_head(tls)
-            method = req.method
-            if route(req.target)[0] == "user":
+            started = time.monotonic()  # latency: from a whole request head to the answer
+            method, what = req.method, route(req.target)[0] or "unknown"
+            if what == "user":
+                what = _user_label(req.method, req.target)
                 status, doc = await self._user(req, tls, user, claimant)
             else:
                 status, doc = 200, await self._answer(req, tls, claimant)
             headers: Tuple[Tuple[str, str], ...] = ()
         except Refusal as r:
             status, doc, headers = r.status, r.to_json(), r.headers
+            result = r.name
         await tls.write(response(status, doc, headers, with_body=method != "HEAD"))
+        if what != "none":
+            reqstats.PEER.record(what, result, time.monotonic() - started)
         await tls.close_notify()
         await self._linger(reader, writer)
 

@@ -225,6 +225,17 @@ def _args_logs(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--lines", dest="lines", metavar="N", help="show the last N lines")
 
 
+def _args_watch(p: argparse.ArgumentParser) -> None:
+    _uid_arg(p, "uid_refs", nargs="*", metavar="UID",
+             help="show only these tunnels (default: every endpoint on this host)")
+    p.add_argument("--poll", action="store_true",
+                   help="read the endpoints every --interval seconds instead of following "
+                        "scistreamd's signals (the default for users outside group scistream, "
+                        "who get no signals)")
+    p.add_argument("--interval", default="2", metavar="SECONDS",
+                   help="seconds between reads when polling (default 2)")
+
+
 #: verb -> (one-line help, description, adder of its own arguments)
 _VERB_SPECS: Dict[str, Tuple[str, str, Any]] = {
     "inbound-request": (
@@ -259,6 +270,15 @@ _VERB_SPECS: Dict[str, Tuple[str, str, Any]] = {
         "show every property of a tunnel's endpoint(s)",
         "Show every endpoint of tunnel UID on this host with all its properties.",
         _args_status,
+    ),
+    "watch": (
+        "show the endpoints live: rates, bytes, connections, state changes",
+        "Show every endpoint on this host (or those of the tunnels UID...) live: rates in "
+        "and out, bytes, connections, restarts and state changes as they happen, from "
+        "scistreamd's D-Bus signals. On a terminal a table is redrawn in place (python3-rich); "
+        "otherwise one line is printed per change (with --json one JSON object per line). "
+        "Ctrl-C quits (exit 0).",
+        _args_watch,
     ),
     "logs": (
         "show the journal of a tunnel (relay and daemon lines)",
@@ -313,7 +333,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         _complete(build_parser())  # exits when the shell asked for completions
     args = build_parser(only).parse_args(list(argv))
     args.timeout = _parse_timeout(args.timeout)
+    if getattr(args, "verb", "") == "watch":
+        args.interval = _parse_interval(args.interval)
     return args
+
+
+def _parse_interval(value: object) -> float:
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        seconds = -1.0
+    if not 0.2 <= seconds <= 3600:  # also rejects NaN
+        raise CtlError(f"--interval {value!r} is not a number of seconds: give 0.2 to 3600",
+                       EXIT_USAGE, "InvalidArgument")
+    return seconds
 
 
 def _parse_timeout(value: object) -> float:

@@ -179,6 +179,18 @@ class Connection:
         serial = self.send(destination, path, interface, member, sig, body)
         return self.replies([serial])[serial]
 
+    def next_message(self, timeout: float) -> Any:
+        """The next message the bus sends (a signal, for watch), or None after ``timeout``."""
+        self.deadline = time.monotonic() + timeout
+        while True:
+            msg = self.parser.get_next_message()
+            if msg is not None:
+                return msg
+            try:
+                self.parser.add_data(self._recv())
+            except TimeoutError:
+                return None
+
     def close(self) -> None:
         self.sock.close()
 
@@ -229,6 +241,25 @@ class Client:
              interface: str = MANAGER_IFACE) -> List[Any]:
         serial = self.send(member, body, path=path, interface=interface)
         return self.reply(serial, self.replies([serial]))
+
+    def within(self, seconds: float) -> None:
+        """A new deadline for what follows (a long-running verb's next calls)."""
+        self._conn.deadline = time.monotonic() + seconds
+
+    def add_match(self, rule: str) -> None:
+        """Ask the bus for the signals ``rule`` matches (org.freedesktop.DBus.AddMatch)."""
+        from jeepney import HeaderFields, MessageType
+
+        msg = self._conn.call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                              "org.freedesktop.DBus", "AddMatch", "s", (rule,))
+        if msg.header.message_type == MessageType.error:
+            name = str(msg.header.fields.get(HeaderFields.error_name, ""))
+            raise CtlError(f"the bus refused to deliver scistreamd's signals ({name})",
+                           EXIT_FAILED, "Failed")
+
+    def next_message(self, timeout: float) -> Any:
+        """The next message from the bus (jeepney's Message), or None after ``timeout``."""
+        return self._conn.next_message(timeout)
 
 
 def _connect(address: str, deadline: float) -> Connection:

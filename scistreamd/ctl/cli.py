@@ -54,7 +54,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _report(error_from_exception(err), as_json)
         except SystemExit as exc:  # --help / --version
             return exc.code if isinstance(exc.code, int) else EXIT_OK
-        if as_json:
+        if data is None and not text:  # a verb that printed as it went (watch)
+            pass
+        elif as_json:
             import json
 
             print(json.dumps(data, indent=2))

@@ -343,6 +343,15 @@ def cmd_logs(args: argparse.Namespace) -> Output:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def cmd_watch(args: argparse.Namespace) -> Output:
+    """Runs until Ctrl-C; prints as it goes (nothing left to print after)."""
+    from .watch import watch  # python3-rich only for this verb, on a terminal
+
+    args.uid_refs = [read_uid_ref(r) for r in args.uid_refs]
+    watch(args)
+    return "", None
+
+
 VERBS = {
     "inbound-request": cmd_inbound,
     "outbound-request": cmd_outbound,
@@ -351,4 +360,5 @@ VERBS = {
     "list": cmd_list,
     "status": cmd_status,
     "logs": cmd_logs,
+    "watch": cmd_watch,
 }
