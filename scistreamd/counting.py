@@ -18,6 +18,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Dict, Sequence, Set, Tuple
 
 from .buspath import unit_object_path
+from .events import log_event as _log
 from .traffic import (
     CONNECT_FAILED,
     CONNECTED,
@@ -49,10 +50,6 @@ _COUNTER_POLLS_AFTER_IDLE = int(RATE_WINDOW) + 2  # until the rate shown is 0 ag
 MAX_READS_PER_ROUND = 100
 
 
-def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> None:
-    from .manager import _log as log
-
-    log(level, msg_id, ep, text, *args)
 
 
 class CountersMixin:

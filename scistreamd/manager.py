@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-import uuid
-from pathlib import Path
 from typing import (
     Any,
     AsyncIterator,
@@ -45,22 +42,18 @@ from .errors import (
     PortsExhausted,
     RelayFailed,
     ScistreamError,
-    WrongListener,
 )
+from .events import MSG_FAILURE, MSG_RELEASE, MSG_REQUEST
+from .events import log_event as _log
 from .hostprobe import HostProbes
 from .identity import LEGACY_OWNER
 from .model import (
     Endpoint,
     HostPort,
-    IPAddress,
-    PeerIdentity,
     Role,
     State,
-    new_relay_id,
     new_uid,
-    next_key_generation,
     parse_allowed_peer,
-    parse_claimant_ip,
     parse_hostport,
     parse_hostport_list,
     parse_ip,
@@ -68,54 +61,27 @@ from .model import (
     parse_options,
     parse_port_list,
     parse_uid,
-    peer_matches,
-    socket_unit_name,
 )
 from .peerclient import PeerClient
+from .peerside import PeerSideMixin
 from .peertls import check_trust_pem
-from .peerwire import PeerEndpoint
 from .ports import PortAllocator
+from .reconcile import ReconcileMixin
 from .relay import (
-    STUNNEL_LOG_LEVELS,
     new_psk,
-    relay_file_path,
-    render_psk_file,
-    render_stunnel_config,
 )
-from .relay_unit import allow_property, relay_socket_properties, relay_unit_properties
-from .store import PSK_FILE, KeyStore, StateStore, parse_name
-from .systemd import ABSENT, Systemd, SystemdError, UnitStatus, unit_object_path
+from .relay_unit import allow_property
+from .relayunits import RelayUnitsMixin
+from .store import KeyStore, StateStore
+from .systemd import Systemd, SystemdError, unit_object_path
 from .targets import target_refusal
 from .traffic import REACHABLE_NO, REACHABLE_YES, Counters
 
 logger = logging.getLogger(__name__)
 
-#: journald MESSAGE_IDs of the daemon's tunnel events (journalctl MESSAGE_ID=...).
-MSG_REQUEST = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a71")
-MSG_RELEASE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a72")
-MSG_FAILURE = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a73")
-MSG_CLAIM = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a74")
-#: A refused claim (same id as peerwire.MSG_PEER_REFUSED, which the peer port logs).
-MSG_CLAIM_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75")
 #: Inbound requests check at most this many targets, each for at most this long.
 _PROBE_TARGETS = 8
 _PROBE_TIMEOUT = 1.0
-#: How many released inbound uids a claim can still tell apart from unknown ones.
-_RELEASED_MEMORY = 4096
-RELAY_PATTERN = "scistream-*-*.service"
-#: The relays' socket units (same names as their services, .socket).
-SOCKET_PATTERN = socket_unit_name(RELAY_PATTERN)
-
-
-def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> None:
-    """A journal line carrying the endpoint's fields, so journalctl SCISTREAM_UID=x finds it.
-
-    SCISTREAM_UNIT names the relay's unit: scistreamctl logs reads it to find
-    the relay's own lines, which carry no uid (relay_unit.py says why).
-    """
-    logger.log(level, text, *args, extra={
-        "MESSAGE_ID": msg_id.hex, "SCISTREAM_UID": ep.uid, "SCISTREAM_ROLE": ep.role.value,
-        "SCISTREAM_UNIT": ep.unit, "SCISTREAM_OWNER": ep.owner})
 
 
 class EndpointListener(Protocol):
@@ -135,7 +101,7 @@ class _NoListener:
         pass
 
 
-class Manager(CountersMixin):
+class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
     def __init__(self, cfg: Config, systemd: Systemd, peers: PeerClient, *,
                  listener: Optional[EndpointListener] = None,
                  probes: Optional[HostProbes] = None) -> None:
@@ -365,29 +331,6 @@ class Manager(CountersMixin):
             return ep
 
     # ---------------------------------------------------------- create/teardown
-    def _new_relay_id(self) -> str:
-        """A relay id no tracked endpoint uses (64 random bits: a clash is only theory)."""
-        taken = {e.relay_id for e in self.endpoints.values()}
-        while True:
-            relay_id = new_relay_id()
-            if relay_id not in taken:
-                return relay_id
-
-    def _rename_relay(self, ep: Endpoint, psk: str) -> None:
-        """Give a relay still named by its uid (a record of an earlier version) an
-        opaque relay id: new key directory, record, unit name. Its old unit must
-        be stopped; the caller starts the new one. Crash-safe: until the record
-        is saved the old directory stays, and the new one is an orphan adopt() removes.
-        """
-        old_unit, old_id = ep.unit, ep.relay_id
-        ep.relay_id = self._new_relay_id()
-        self._write_keys(ep, psk)
-        self.store.save(ep)
-        self.keys.remove(old_id, ep.role)
-        self._by_unit_path.pop(unit_object_path(old_unit), None)
-        self._by_unit_path[unit_object_path(ep.unit)] = ep.key
-        _log(logging.INFO, MSG_REQUEST, ep, "relay %s renamed %s: unit names no longer carry "
-             "the uid", old_unit, ep.unit)
 
     async def _create(self, ep: Endpoint, psk: str) -> None:
         """Start the relay of a new endpoint whose ports are held; roll back on failure."""
@@ -412,86 +355,6 @@ class Manager(CountersMixin):
         _log(logging.INFO, MSG_REQUEST, ep, "%s endpoint %s active: %s", ep.role.value, ep.uid,
              ", ".join(f"{a} -> {b}" for a, b in ep.mappings()))
 
-    def _write_keys(self, ep: Endpoint, psk: str) -> Tuple[Path, Path]:
-        conf = render_stunnel_config(ep, psk_path=relay_file_path(PSK_FILE),
-                                     ciphersuites=self.cfg.relay_ciphersuites,
-                                     log_level=self.cfg.relay_log_level)
-        return self.keys.write(ep.relay_id, ep.role, render_psk_file(ep.uid, psk), conf)
-
-    async def _start_unit(self, ep: Endpoint) -> None:
-        """Create and start the relay (and its socket unit); raise RelayFailed if it did not.
-
-        With socket activation one call creates both units and starts the
-        relay, which Requires= its socket: systemd binds the listeners first
-        and the job fails at once if a port is taken. When the job is done the
-        listeners are bound and the relay runs; connections that arrive before
-        stunnel accepts wait in the socket's backlog, so nothing polls for them.
-        """
-        props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.relay_id, ep.role))
-        sock = self.cfg.relay_socket_activation
-        aux = [(ep.socket_unit, relay_socket_properties(ep, self.cfg))] if sock else []
-        # A failed unit of the same name (an earlier crash) would block the start.
-        await self.systemd.reset_failed(ep.unit)
-        if sock:
-            await self.systemd.reset_failed(ep.socket_unit)
-            self._sockets.add(ep.key)
-        t0 = time.monotonic()
-        try:
-            result = await self.systemd.start_transient(ep.unit, props, aux=aux,
-                                                        timeout=self.cfg.relay_start_timeout)
-        except SystemdError as e:
-            raise RelayFailed(f"systemd refused to start {ep.unit}: {e.message}") from e
-        except asyncio.TimeoutError as e:
-            raise RelayFailed(f"{ep.unit} did not start within "
-                              f"{self.cfg.relay_start_timeout:g}s") from e
-        if result != "done":
-            if sock:
-                await self._raise_bind_failure(ep, result)
-            raise RelayFailed(f"{ep.unit} failed to start (job {result}): "
-                              f"see 'scistreamctl logs {ep.uid}'")
-        t1 = time.monotonic()
-        if not sock:
-            await self._wait_listening(ep)
-        logger.debug("%s: started in %.1f ms, listening %.1f ms later", ep.unit,
-                     (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
-
-    async def _raise_bind_failure(self, ep: Endpoint, result: str) -> None:
-        """Name why the socket unit did not start: usually a listener port someone holds."""
-        sock_result = await self.systemd.socket_result(ep.socket_unit)
-        taken = await asyncio.to_thread(self.probes.taken, ep.listeners)
-        if taken:
-            raise RelayFailed(
-                f"listener {', '.join(map(str, taken))} of tunnel {ep.uid} is in use by another "
-                "process on this host (address already in use): stop that process, or "
-                "take the port out of port_range, and request the tunnel again")
-        if sock_result and sock_result != "success":
-            raise RelayFailed(
-                f"systemd could not open the listeners {', '.join(map(str, ep.listeners))} of "
-                f"tunnel {ep.uid} ({ep.socket_unit}: {sock_result}): see 'journalctl -u "
-                f"{ep.socket_unit}'")
-
-    async def _wait_listening(self, ep: Endpoint) -> None:
-        deadline = time.monotonic() + self.cfg.relay_start_timeout
-        delay = 0.002
-        while not self.probes.listening(ep.listeners):
-            # Polled every few ms while the caller waits: only the one small call
-            # that says whether the relay still runs; its full status on failure.
-            _load, active, _sub = await self.systemd.unit_state(ep.unit)
-            if active not in ("active", "activating", "reloading"):
-                st = await self.systemd.status(ep.unit)
-                raise RelayFailed(
-                    f"relay {ep.unit} exited ({st.active_state}/{st.result or st.sub_state}) "
-                    f"before listening on {', '.join(map(str, ep.listeners))}: a port may be "
-                    f"taken; see 'scistreamctl logs {ep.uid}'")
-            if time.monotonic() > deadline:
-                raise RelayFailed(
-                    f"relay {ep.unit} is not listening on {', '.join(map(str, ep.listeners))} "
-                    f"after {self.cfg.relay_start_timeout:g}s: see 'scistreamctl logs {ep.uid}'")
-            await asyncio.sleep(delay)
-            # stunnel listens some 10-40 ms after systemd reports it started: poll
-            # finely there, where every millisecond is the caller's.
-            delay = min(delay * 1.5, 0.01)
-
     async def _teardown(self, ep: Endpoint) -> None:
         """Stop the units, remove keys and state, free ports, drop the object. Idempotent."""
         await self._stop_units(ep)
@@ -499,26 +362,6 @@ class Manager(CountersMixin):
         self.store.delete(ep.uid, ep.role)
         self.ports.release(h.port for h in ep.listeners)
         self._untrack(ep)
-
-    async def _stop_units(self, ep: Endpoint) -> None:
-        """Stop the relay and its socket unit (if any) and forget both.
-
-        Both stop jobs are queued at once (one round trip, not two): the socket
-        stops in the same go, so a connection arriving meanwhile cannot start the
-        relay again. Every unit is tried whatever happens to the other: nothing
-        may be left behind.
-        """
-        units = (ep.socket_unit, ep.unit)
-        stopped = await asyncio.gather(*(self.systemd.stop(u) for u in units),
-                                       return_exceptions=True)
-        for unit, res in zip(units, stopped):
-            if isinstance(res, BaseException):  # keep going: the rest must be returned
-                logger.error("stopping %s failed: %s", unit, res)
-        reset = await asyncio.gather(*(self.systemd.reset_failed(u) for u in units),
-                                     return_exceptions=True)
-        for unit, res in zip(units, reset):
-            if isinstance(res, BaseException):
-                logger.debug("reset-failed of %s: %s", unit, res)
 
     # ------------------------------------------------------------- release
     async def release(self, uid: object, role: Optional[Role] = None) -> List[Endpoint]:
@@ -536,242 +379,12 @@ class Manager(CountersMixin):
             raise NotFound(f"endpoint {uid} was released meanwhile")
         return eps
 
-    def _remember_released(self, uid: str) -> None:
-        self._released.pop(uid, None)
-        self._released[uid] = None
-        while len(self._released) > _RELEASED_MEMORY:
-            del self._released[next(iter(self._released))]
-
-    def _no_inbound(self, uid: str) -> NotFound:
-        """NotFound for a claim or state check of an inbound endpoint this host lacks."""
-        if uid in self._released:
-            return NotFound(f"tunnel {uid} was released by the inbound side: its key is gone; "
-                            "ask the inbound side for a new inbound request and use the uid it "
-                            "prints")
-        return NotFound(f"no inbound endpoint {uid} on that host: check the uid (copy it from "
-                        "the inbound request's output) and that the peer address (--peer, or "
-                        "the first listener's host) is the host that made it")
-
     async def release_all(self) -> int:
         count = 0
         for uid in sorted({k[0] for k in self.endpoints}):
             with contextlib.suppress(NotFound):  # released meanwhile
                 count += len(await self.release(uid))
         return count
-
-    # ---------------------------------------------------------- peer side
-    async def claim(self, uid: str, claimant: PeerIdentity,
-                    listeners: Iterable[HostPort] = ()) -> Dict[str, Any]:
-        """Hand the key of an inbound endpoint to the first (allowed) peer that asks.
-
-        ``listeners`` are the ones the claimant means to connect to: a wrong
-        one is refused before the key leaves, so a typo does not use up the
-        single claim. A claimant that is not the endpoint's allowed peer is
-        refused first, consuming nothing. Messages go to the peer verbatim:
-        they name no other claimant and not the allowed peer.
-
-        A claim is not lost by a crash of the claimant: the claimant that holds
-        it (the same verified certificate identity) may claim again as long as its
-        relay has never connected since its claim (_check_reclaim). It then gets a
-        new key and the next key generation, and the relay is re-keyed as by a
-        re-arm: the lost half may have left the old key behind somewhere.
-        """
-        uid = parse_uid(uid)
-        async with self._lock(uid):
-            ep = self.endpoints.get((uid, Role.INBOUND))
-            if ep is None:
-                raise self._no_inbound(uid)
-            if not peer_matches(ep.allowed_peer, claimant):
-                shown = (f"names {claimant.names() or 'no IP address or DNS name'}"
-                         if claimant.verified else "is absent")
-                _log(logging.WARNING, MSG_CLAIM_REFUSED, ep,
-                     "refused claim of %s by %s: not the endpoint's allowed peer %s", uid,
-                     claimant, ep.allowed_peer)
-                raise AccessDenied(
-                    f"endpoint {uid} may be claimed only by the peer its inbound request "
-                    f"named, and this claim's certificate {shown}: claim it from that "
-                    "gateway, or ask the inbound side for a new request that names this one "
-                    "(--allowed-peer)")
-            _require_listeners(uid, listeners, ep.listeners)  # consumes nothing
-            if ep.claimed_by:
-                await self._check_reclaim(ep, claimant)
-                return await self._reclaim(ep, claimant)
-            if ep.state is not State.ACTIVE:
-                raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
-            psk = self.keys.read_psk(ep.relay_id, Role.INBOUND, uid)
-            ip = parse_claimant_ip(claimant.address)
-            try:
-                await self._allow_only(ep, ip)
-            except SystemdError as e:
-                raise PeerRejected(
-                    f"the inbound side could not restrict tunnel {uid} to the claimant's "
-                    f"address ({e.name}); nothing was claimed: try again or ask its "
-                    "operator") from e
-            self._set(ep, claimed_by=str(claimant)[:200], claimed_at=time.time(),
-                      claimant_ip=ip, claimed_identity=_identity(claimant))
-            _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed by %s", uid, ep.claimed_by)
-            return PeerEndpoint(uid, ep.listeners, psk, self.cfg.relay_ciphersuites,
-                                ep.key_generation).to_json()
-
-    async def _check_reclaim(self, ep: Endpoint, claimant: PeerIdentity) -> None:
-        """PeerRejected unless ``claimant`` may claim the claimed ``ep`` again.
-
-        Only the identity that holds the claim may (a verified certificate naming
-        the same subjectAltNames; an unverified claimant has no identity to
-        compare), and only until its relay first connected to ours: after that the
-        key is in use and the claim settled, so a second claim is someone else's
-        mistake or worse. "Connected" is read from our relay's journal (stunnel
-        logs every accepted connection at level notice) since the claim, from the
-        claimant's address (the only one the listeners admit); when that cannot be
-        known (a quieter relay_log_level, an unreadable journal) the answer is no.
-        """
-        uid = ep.uid
-        rearm = (f"ask the inbound side to re-arm it ('scistreamctl rearm {uid}' there), then "
-                 "repeat the outbound request")
-        identity = _identity(claimant)
-        if not identity or identity != ep.claimed_identity:
-            raise PeerRejected(f"the key of {uid} was already claimed by another peer (a key is "
-                               f"handed out once): {rearm}")
-        if ep.state is not State.ACTIVE:
-            raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
-        notice = STUNNEL_LOG_LEVELS.index("notice")
-        why = ""
-        if STUNNEL_LOG_LEVELS.index(self.cfg.relay_log_level) < notice:
-            why = (f"its relays log at {self.cfg.relay_log_level} (relay_log_level), too "
-                   "quietly to tell whether your relay already connected")
-        elif ep.claimant_ip is None:
-            why = "its record of the claim names no claimant address"
-        else:
-            try:
-                if await asyncio.to_thread(self.probes.relay_accepted_from, ep.unit,
-                                           ep.claimant_ip, ep.claimed_at):
-                    why = ("your relay has connected to it since the claim (the key is in use; "
-                           "it is handed out again only until the claimant's relay first "
-                           "connects)")
-            except Exception as e:
-                logger.warning("reading the journal of %s failed: %s", ep.unit, e)
-                why = "it could not read its relay's journal to tell whether your relay connected"
-        if why:
-            _log(logging.WARNING, MSG_CLAIM_REFUSED, ep, "refused a repeated claim of %s by %s: "
-                 "%s", uid, claimant, why)
-            raise PeerRejected(f"the key of {uid} was already claimed by this gateway, and the "
-                               f"inbound side does not hand it out again: {why}; {rearm}")
-
-    async def _reclaim(self, ep: Endpoint, claimant: PeerIdentity) -> Dict[str, Any]:
-        """The claim again, by its holder (_check_reclaim said yes): a new key, the next
-        generation, the relay re-keyed, its listeners open to the claimant's address."""
-        ip = parse_claimant_ip(claimant.address)
-        # Before the restart: an accept by the new relay then counts as "connected".
-        now = time.time()
-        self._restarting.add(ep.key)
-        rekey = asyncio.ensure_future(self._rekey(ep, ip))
-        try:
-            try:
-                psk = await asyncio.shield(rekey)
-            except asyncio.CancelledError:
-                # The peer port gave up waiting (Busy): finish the restart first, under
-                # the lock, or the relay could stay stopped. The claimant's retry finds
-                # the claim still its own and claims again.
-                with contextlib.suppress(Exception):
-                    await rekey
-                raise
-        except RelayFailed as e:
-            _log(logging.ERROR, MSG_FAILURE, ep, "re-keying %s for a repeated claim failed: %s",
-                 ep.uid, e)
-            raise PeerRejected(f"the inbound side could not re-key tunnel {ep.uid} for the "
-                               "repeated claim; try again, or ask its operator (its journal "
-                               "says why)") from e
-        finally:
-            self._restarting.discard(ep.key)
-            self._on_unit_change(unit_object_path(ep.unit))
-        old = ep.claimed_at
-        self._set(ep, claimed_by=str(claimant)[:200], claimed_at=now, claimant_ip=ip,
-                  claimed_identity=_identity(claimant), state=State.ACTIVE, detail="")
-        _log(logging.INFO, MSG_CLAIM, ep, "key of %s claimed again by %s (its relay never "
-             "connected since its claim at %s): new key, generation %d", ep.uid, ep.claimed_by,
-             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old)), ep.key_generation)
-        return PeerEndpoint(ep.uid, ep.listeners, psk, self.cfg.relay_ciphersuites,
-                            ep.key_generation).to_json()
-
-    async def _allow_only(self, ep: Endpoint, claimant_ip: Any) -> None:
-        """Make the listeners of ``ep`` accept TCP from ``claimant_ip`` only (None: from
-        nobody). Raises SystemdError if systemd refuses: a claim is then refused and
-        consumes nothing (the list is in force before the key leaves)."""
-        if ep.key not in self._sockets:
-            logger.warning("%s has no socket unit (relay_socket_activation is off, or an "
-                           "earlier version made it): its listeners accept any address",
-                           ep.unit)
-            return
-        want = dataclasses.replace(ep, claimant_ip=claimant_ip)
-        await self.systemd.set_properties(ep.socket_unit, [allow_property(want, self.cfg)])
-
-    async def endpoint_state(self, uid: str) -> Dict[str, Any]:
-        """For the peer's liveness check: does the inbound half still exist? No secrets."""
-        uid = parse_uid(uid)
-        ep = self.endpoints.get((uid, Role.INBOUND))
-        if ep is None:
-            raise self._no_inbound(uid)
-        t = self.traffic(ep)
-        # Whether the server application takes connections (peerwire.EndpointState).
-        return {"uid": ep.uid, "state": ep.state.value,
-                "key_generation": ep.key_generation, "target_reachable": t.target_reachable,
-                "target_failures": t.target_failures,
-                "last_target_failure": t.last_target_failure,
-                "last_target_failure_at": t.last_target_failure_at}
-
-    async def check_peers(self) -> None:
-        """Mark outbound endpoints whose inbound half is gone or re-keyed at the peer as failed.
-
-        Without this a survivor looks healthy while every connection through
-        it is refused by the peer. An unreachable peer daemon proves nothing
-        (it may be restarting), so only a definite "no such endpoint" counts,
-        or a key generation other than the one claimed (the peer re-armed: our
-        key is dead). Generation 0 on either side (an earlier version) compares
-        with nothing.
-        """
-        for ep in [e for e in self.endpoints.values()
-                   if e.role is Role.OUTBOUND and e.state is State.ACTIVE and e.peer]:
-            try:
-                info = await self.peers.endpoint_info_async(ep.peer, ep.uid)
-                if (ep.key_generation and info.key_generation
-                        and info.key_generation != ep.key_generation
-                        and self.endpoints.get(ep.key) is ep and ep.state is State.ACTIVE):
-                    _log(logging.WARNING, MSG_FAILURE, ep, "peer %s re-armed tunnel %s: its key "
-                         "generation is %d, this endpoint's key is of generation %d", ep.peer,
-                         ep.uid, info.key_generation, ep.key_generation)
-                    self._set(ep, state=State.FAILED, detail=(
-                        f"the peer re-armed tunnel {ep.uid}; make a new outbound request "
-                        f"(release this one first: 'scistreamctl release {ep.uid}'): this "
-                        "endpoint's key no longer works"))
-                health = info.health
-                if health and self.endpoints.get(ep.key) is ep:
-                    self.peer_target_health(ep, health)
-            except NotFound:
-                if self.endpoints.get(ep.key) is ep and ep.state is State.ACTIVE:
-                    _log(logging.WARNING, MSG_FAILURE, ep, "peer %s no longer has tunnel %s",
-                         ep.peer, ep.uid)
-                    self._set(ep, state=State.FAILED, detail=(
-                        f"the peer {ep.peer} released tunnel {ep.uid}: connections through it "
-                        f"are refused; release it here too with 'scistreamctl release {ep.uid}'"))
-            except ScistreamError as e:
-                logger.debug("peer check of %s: %s", ep.uid, e)
-
-    async def run_peer_checks(self) -> None:
-        """Check the peers every peer_check_interval (read afresh each round: a reload
-        may change it, and wakes this loop)."""
-        while True:
-            interval = self.cfg.peer_check_interval
-            self._checks_changed.clear()
-            if interval <= 0:
-                await self._checks_changed.wait()
-                continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._checks_changed.wait(), interval)
-                continue  # the interval changed: wait the new one
-            try:
-                await self.check_peers()
-            except Exception:
-                logger.exception("peer check failed")
 
     async def apply_config(self, cfg: Config) -> None:
         """Run with a reloaded configuration (config.plan_reload merged it: only keys
@@ -814,229 +427,4 @@ class Manager(CountersMixin):
                  "(generation %d)", ep.uid, ep.key_generation)
             return ep
 
-    async def _rekey(self, ep: Endpoint, claimant_ip: Optional[IPAddress]) -> str:
-        """Give inbound ``ep`` a new key and restart its relay with it; the listeners then
-        admit ``claimant_ip`` only (None: nobody). Returns the key; RelayFailed if the
-        relay did not restart. The caller holds the uid's lock and marks ``ep`` restarting.
-
-        The generation is counted (and saved) before the key is written: a crash
-        between the two makes the old claimant see a new generation while its key
-        still works (a false alarm), never a dead key under the old generation.
-        """
-        self._set(ep, key_generation=next_key_generation(ep.key_generation))
-        psk = new_psk()
-        self._write_keys(ep, psk)
-        try:
-            if await self._socket_listening(ep):
-                # The socket keeps the ports bound while the relay restarts
-                # with the new key (no window for another process to take
-                # them); its allow list changes while the relay is down.
-                await self.systemd.stop(ep.unit, timeout=self.cfg.relay_start_timeout)
-                await self._allow_only(ep, claimant_ip)
-                await self.systemd.reset_failed(ep.unit)
-                result = await self.systemd.start(ep.unit, timeout=self.cfg.relay_start_timeout)
-                if result != "done":
-                    raise RelayFailed(f"{ep.unit} failed to restart (job {result}): "
-                                      f"see 'scistreamctl logs {ep.uid}'")
-            else:
-                # No socket unit (a relay of an earlier version) or a failed one:
-                # stop everything and start a fresh pair rather than RestartUnit,
-                # so the units have this version's properties. _start_unit also
-                # resets the failed state, so quick re-arms never hit the start
-                # rate limit.
-                self._set(ep, claimant_ip=claimant_ip)
-                await self._stop_units(ep)
-                if ep.legacy_relay_id:
-                    self._rename_relay(ep, psk)
-                await self._start_unit(ep)
-        except (SystemdError, asyncio.TimeoutError) as e:
-            raise RelayFailed(f"restarting {ep.unit} failed: {e}") from e
-        return psk
-
-    async def _socket_listening(self, ep: Endpoint) -> bool:
-        if ep.key not in self._sockets:
-            return False
-        _load, active, _sub = await self.systemd.unit_state(ep.socket_unit)
-        return active == "active"
-
-    # ------------------------------------------------------ unit monitoring
-    def _on_unit_change(self, path: str) -> None:
-        key = self._by_unit_path.get(path)
-        if key is None or key in self._refreshing:
-            return
-        self._refreshing[key] = asyncio.ensure_future(self._refresh(key))
-
-    async def _refresh(self, key: Tuple[str, Role]) -> None:
-        retry = ""
-        try:
-            await asyncio.sleep(0.01)  # coalesce a burst of PropertiesChanged
-            ep = self.endpoints.get(key)
-            if ep is None or self._not_monitored(ep):
-                return
-            try:
-                st = await self.systemd.status(ep.unit)
-            except SystemdError as e:
-                # systemd or the bus is busy (e.g. LimitsExceeded): the change
-                # must not be lost, so ask again shortly.
-                logger.warning("reading the state of %s failed, retrying: %s", ep.unit, e)
-                retry = unit_object_path(ep.unit)
-                return
-            # A release or re-arm may have begun meanwhile: its state wins.
-            if self.endpoints.get(key) is not ep or self._not_monitored(ep):
-                return
-            self._apply_status(ep, st)
-        except Exception:
-            logger.exception("refreshing endpoint state failed")
-        finally:
-            self._refreshing.pop(key, None)
-            if retry:
-                asyncio.get_running_loop().call_later(0.5, self._on_unit_change, retry)
-
-    def _not_monitored(self, ep: Endpoint) -> bool:
-        return ep.state in (State.STARTING, State.RELEASING) or ep.key in self._restarting
-
-    def _apply_status(self, ep: Endpoint, st) -> None:
-        c = self.counters.get(ep.key)
-        if c is not None:
-            changed = False
-            if st.main_pid != c.main_pid:
-                c.main_pid = st.main_pid
-                changed = True
-            if not st.main_pid:
-                changed = c.relay_stopped() or changed
-            if changed:
-                self.listener.endpoint_changed(ep, ["counters"])
-        if st.active_state in ("active", "activating", "reloading"):
-            self._set(ep, state=State.ACTIVE, detail="", n_restarts=st.n_restarts)
-        elif st.active_state == "deactivating":
-            self._set(ep, n_restarts=st.n_restarts)
-        else:
-            why = ("the relay unit is gone" if st.active_state == ABSENT else
-                   f"relay {st.active_state} ({st.result or st.sub_state})")
-            if ep.state is State.FAILED:
-                # The first reason stays: it is the one that says what went wrong
-                # (e.g. a recreated relay's port taken), not "the unit is gone".
-                self._set(ep, n_restarts=st.n_restarts)
-                return
-            _log(logging.ERROR, MSG_FAILURE, ep, "%s endpoint %s failed: %s",
-                 ep.role.value, ep.uid, why)
-            self._set(ep, state=State.FAILED,
-                      detail=f"{why}; see 'scistreamctl logs {ep.uid}', then release it",
-                      n_restarts=st.n_restarts)
-            asyncio.ensure_future(self._add_failure_reason(ep, why))
-
-    async def _add_failure_reason(self, ep: Endpoint, why: str) -> None:
-        """Append the relay's own last error to StateDetail (e.g. "Address already in use")."""
-        # The unit's failure reaches us over D-Bus before journald has stored
-        # the relay's last stderr lines: give it a moment.
-        await asyncio.sleep(0.5)
-        last = await asyncio.to_thread(self.probes.last_relay_error, ep.unit)
-        if last and self.endpoints.get(ep.key) is ep and ep.state is State.FAILED:
-            self._set(ep, detail=f"{why}: {last}; see 'scistreamctl logs {ep.uid}', "
-                                 "then release it")
-
-    # ------------------------------------------------------------ adoption
-    async def adopt(self) -> None:
-        """Reconcile persisted state with the relay units systemd runs (start-up).
-
-        - state + running unit: adopted as is (ports held, object exported);
-        - state ``active`` + no running unit (e.g. after a reboot): the unit is
-          recreated from the persisted root-only key; if that fails the
-          endpoint stays, ``failed``, until released;
-        - state ``starting``/``releasing`` (the daemon died mid-request): the
-          request never completed, so it is rolled back;
-        - a relay unit or key directory without state: an orphan, stopped and
-          removed.
-        """
-        eps, _bad = self.store.load_all()
-        # One ListUnitsByPatterns gives every relay's state; per relay only its
-        # NRestarts is asked (below, concurrently): re-adoption stays fast at N=1000.
-        units = {name: (active, sub) for name, active, sub
-                 in await self.systemd.list_units([RELAY_PATTERN, SOCKET_PATTERN])}
-        known_units = set()
-        adopted: List[Endpoint] = []
-        for ep in eps:
-            known_units.update((ep.unit, ep.socket_unit))
-            running = units.get(ep.unit, ("inactive", ""))[0] in ("active", "activating",
-                                                                   "reloading")
-            if ep.state in (State.STARTING, State.RELEASING):
-                logger.warning("rolling back interrupted %s of %s %s", ep.state.value,
-                               ep.role.value, ep.uid)
-                await self._teardown(ep)
-                continue
-            self.ports.adopt(h.port for h in ep.listeners)
-            self._track(ep)
-            if running:
-                # A relay of an earlier version has no socket unit: adopted as it
-                # is (it keeps its connections); a re-arm gives it one.
-                if ep.socket_unit in units:
-                    self._sockets.add(ep.key)
-                adopted.append(ep)
-                continue
-            if ep.state is State.FAILED:
-                continue
-            # The units stop and start on purpose: not a failure for the monitor.
-            self._restarting.add(ep.key)
-            try:
-                logger.info("recreating relay %s from persisted state", ep.unit)
-                await self._stop_units(ep)
-                # Rendered afresh: the config follows this version's layout
-                # (e.g. a key directory written by 0.1.0).
-                psk = self.keys.read_psk(ep.relay_id, ep.role, ep.uid)
-                if ep.legacy_relay_id:
-                    self._rename_relay(ep, psk)
-                else:
-                    self._write_keys(ep, psk)
-                await self._start_unit(ep)
-                self._set(ep, state=State.ACTIVE, detail="")
-            except Exception as e:
-                _log(logging.ERROR, MSG_FAILURE, ep, "recreating %s failed: %s", ep.unit, e)
-                self._set(ep, state=State.FAILED,
-                          detail=f"could not recreate the relay at start-up: {e}")
-            finally:
-                self._restarting.discard(ep.key)
-        restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
-        pids = await self._main_pids([ep.unit for ep in adopted])
-        for ep in adopted:
-            self.counters_due(ep)
-            active, sub = units[ep.unit]
-            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit],
-                                              pids.get(ep.unit, 0)))
-        for name in units:
-            if name not in known_units and name.endswith(".socket"):
-                # Its service (if any) is stopped with it (Requires=) and below.
-                logger.warning("stopping orphan relay socket %s (no state for it)", name)
-                await self.systemd.stop(name)
-                await self.systemd.reset_failed(name)
-        for name in units:
-            if name not in known_units and not name.endswith(".socket"):
-                logger.warning("stopping orphan relay %s (no state for it)", name)
-                await self.systemd.stop(name)
-                await self.systemd.reset_failed(name)
-        known_keys = {self.keys.endpoint_dir(ep.relay_id, ep.role).name
-                      for ep in self.endpoints.values()}
-        for name in self.keys.names():
-            if name not in known_keys:
-                try:
-                    relay_id, role = parse_name(name)
-                except InvalidArgument:
-                    continue
-                logger.warning("removing orphan key directory %s", name)
-                self.keys.remove(relay_id, role)
-        logger.info("adopted %d endpoints", len(self.endpoints))
-
-
-def _identity(who: PeerIdentity) -> str:
-    """The certificate identity a repeated claim must match; "" for an unverified peer."""
-    return who.names()[:200] if who.verified else ""
-
-
-def _require_listeners(uid: str, asked: Iterable[HostPort], have: Sequence[HostPort]) -> None:
-    """WrongListener naming each of ``asked`` that is not a listener of tunnel ``uid``."""
-    unknown = [str(h) for h in asked if h not in have]
-    if unknown:
-        raise WrongListener(
-            f"{', '.join(unknown)} is not a listener of tunnel {uid} (it has "
-            f"{', '.join(map(str, have))}); nothing was claimed: repeat the outbound request "
-            "with the listeners the inbound request printed")
 

@@ -76,7 +76,7 @@ DEFAULT_PEER_PORT = 5000
 #: Largest answer the client accepts; 1024 IPv6 listeners fit comfortably.
 MAX_RESPONSE = 64 * 1024
 #: journald MESSAGE_ID of a refused peer request (no or untrusted certificate, not
-#: the endpoint's allowed peer); manager.MSG_CLAIM_REFUSED is the same id.
+#: the endpoint's allowed peer); events.MSG_CLAIM_REFUSED is the same id.
 MSG_PEER_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a75")
 _DIGITS = re.compile(r"[0-9]{1,12}")
 

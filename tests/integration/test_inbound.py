@@ -20,8 +20,8 @@ import pytest
 
 from scistreamd import ENDPOINT_IFACE, ENDPOINT_PATH_PREFIX, MANAGER_IFACE, __version__
 from scistreamd.config import Config
+from scistreamd.events import MSG_RELEASE, MSG_REQUEST
 from scistreamd.interface import MANAGER
-from scistreamd.manager import MSG_RELEASE, MSG_REQUEST
 from tests.integration.conftest import (
     HOSTTOOL,
     KEY_DIR,

@@ -1053,7 +1053,7 @@ def test_self_signed_host_certificates_authenticate_each_other(
 
 class NamedGateway(Gateway):
     async def claim(self, uid: str, claimant: PeerIdentity, listeners: Any = ()) -> Dict[str, Any]:
-        from scistreamd.manager import _require_listeners
+        from scistreamd.peerside import _require_listeners
 
         _require_listeners(uid, listeners, [HostPort(ipaddress.ip_address("192.168.150.1"),
                                                      5100)])
