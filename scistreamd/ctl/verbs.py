@@ -79,6 +79,12 @@ def _request_with_s2cs(
 
 def cmd_inbound(args: argparse.Namespace) -> Output:
     plan = InboundPlan(args)
+    if plan.s2cs or args.remote:
+        from . import remote
+
+        target = remote.remote_side(args)
+        if target is not None:
+            return remote.inbound(target, plan)
     options: Dict[str, Any] = {}
     if plan.allowed_peer:
         options["allowed_peer"] = ("s", plan.allowed_peer)
@@ -96,6 +102,12 @@ def cmd_inbound(args: argparse.Namespace) -> Output:
 
 def cmd_outbound(args: argparse.Namespace) -> Output:
     plan = OutboundPlan(args)
+    if plan.s2cs or args.remote:
+        from . import remote
+
+        target = remote.remote_side(args)
+        if target is not None:
+            return remote.outbound(target, plan)
     options: Dict[str, Any] = {}
     if plan.peer:
         options["peer"] = ("s", plan.peer)
@@ -129,9 +141,27 @@ def _call_on_uid(args: argparse.Namespace, member: str) -> str:
     return run_bus(args, call)
 
 
+def _remote(args: argparse.Namespace) -> Any:
+    """The remote side --s2cs names (imports remote mode only when asked for), or None."""
+    if not (getattr(args, "s2cs", None) or getattr(args, "remote", False)):
+        return None
+    from . import remote
+
+    return remote.remote_side(args)
+
+
 def cmd_release(args: argparse.Namespace) -> Output:
     if args.all and args.uid:
         raise usage_error("give either UID or --all, not both", "release")
+    if args.server_s2cs or args.client_s2cs:
+        from . import remote
+
+        return remote.release_both(args)
+    target = _remote(args)
+    if target is not None:
+        from . import remote
+
+        return remote.release(target, args)
     if args.all:
         count = run_bus(args, lambda client: int(client.call("ReleaseAll")[0]))
         noun = "endpoint" if count == 1 else "endpoints"
@@ -148,6 +178,11 @@ def cmd_rearm(args: argparse.Namespace) -> Output:
 
 
 def cmd_list(args: argparse.Namespace) -> Output:
+    target = _remote(args)
+    if target is not None:
+        from . import remote
+
+        return remote.list_(target)
     rows = run_bus(args, list_endpoints)
     endpoints = [
         {"uid": uid, "role": role, "state": state, "listeners": list(listeners)}
@@ -174,6 +209,11 @@ def _of_uid(ref: str, objects: List[Dict[str, Any]]) -> Tuple[str, List[Dict[str
 
 
 def cmd_status(args: argparse.Namespace) -> Output:
+    target = _remote(args)
+    if target is not None:
+        from . import remote
+
+        return remote.status(target, args)
     ref = read_uid_ref(args.uid)
     uid, endpoints = _of_uid(ref, run_bus(args, endpoint_objects))
     if not endpoints:
@@ -296,9 +336,16 @@ def cmd_logs(args: argparse.Namespace) -> Output:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def cmd_tunnel(args: argparse.Namespace) -> Output:
+    from . import remote
+
+    return remote.tunnel(args)
+
+
 VERBS = {
     "inbound-request": cmd_inbound,
     "outbound-request": cmd_outbound,
+    "tunnel": cmd_tunnel,
     "release": cmd_release,
     "rearm": cmd_rearm,
     "list": cmd_list,

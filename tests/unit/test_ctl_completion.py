@@ -136,7 +136,9 @@ def test_completion_of_verbs_and_options(tmp_path: Path) -> None:
     assert set(complete("scistreamctl ", tmp_path, env)) >= set(ctl.VERBS) | {"--json"}
     assert complete("scistreamctl re", tmp_path, env) == ["release", "rearm"]
     got = complete("scistreamctl inbound-request --rem", tmp_path, env)
-    assert set(got) == {"--remote-ip", "--remote_ip"}
+    assert set(got) == {"--remote-ip", "--remote_ip", "--remote"}
+    got = complete("scistreamctl tunnel --client", tmp_path, env)
+    assert {"--client-s2cs", "--client-cert", "--client-key"} <= set(got)
     assert complete("scistreamctl logs --fol", tmp_path, env) == ["--follow"]
 
 
