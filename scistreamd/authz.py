@@ -39,6 +39,7 @@ from dbus_next.aio import MessageBus
 
 from . import ENDPOINT_PATH_PREFIX, MANAGER_IFACE, MANAGER_PATH
 from .errors import AccessDenied
+from .identity import local_identity
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Authorizer:
         self._checks_inside = checks_inside
         self._verdicts: Dict[Key, bool] = {}
         self._pending: Dict[Key, asyncio.Future[bool]] = {}
+        #: unique bus name -> its uid (seen by _check; for Owner)
+        self._uids: Dict[str, int] = {}
         try:
             self._gid: Optional[int] = grp.getgrnam(GROUP).gr_gid
         except KeyError:
@@ -150,6 +153,20 @@ class Authorizer:
         # The one private call (see the module docstring); the verdict is
         # cached now, so handle() decides this time.
         self._bus._process_message(msg)
+
+    async def caller_owner(self) -> str:
+        """The Owner string of the current method's caller: "local:uid=N"."""
+        sender = _CALLER.get()
+        uid = self._uids.get(sender or "")
+        if uid is None and sender is not None:
+            body = await self._bus_call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                        "org.freedesktop.DBus", "GetConnectionCredentials",
+                                        "s", [sender])
+            value = body[0].get("UnixUserID") if body else None
+            uid = value.value if value is not None else None
+        if uid is None:  # authorized, yet no credentials: never seen on a real bus
+            raise AccessDenied(denied_text())
+        return local_identity(uid).owner
 
     async def require(self, action: str) -> None:
         """Raise AccessDenied unless the caller of the current method may ``action``."""
@@ -208,6 +225,10 @@ class Authorizer:
         if body is None:
             return False
         creds = body[0]
+        if creds.get("UnixUserID") is not None:
+            if len(self._uids) >= self.MAX_CACHE:
+                self._uids.clear()
+            self._uids[sender] = creds["UnixUserID"].value
         if self._is_privileged(creds.get("UnixUserID"), creds.get("UnixGroupIDs")):
             return True
         return await self._polkit(sender, action)

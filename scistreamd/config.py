@@ -30,6 +30,7 @@ from .relay import (
     parse_stunnel_log_level,
 )
 from .targets import DEFAULT_TARGET_RULES, TargetRule, parse_target_rules
+from .userrules import UserRule, parse_user_rules
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ class Config:
     #: Networks/ports inbound endpoints may forward to (targets.py); loopback and
     #: link-local only when a rule names them.
     allowed_targets: Tuple[TargetRule, ...] = DEFAULT_TARGET_RULES
+    #: CA(s) whose client certificates are remote users' identities ("cert:<name>")
+    #: on the user API; None: user certificates are not accepted.
+    user_client_ca: Path | None = None
+    #: Who among remote users (user API) may do what (userrules.py); none: nothing.
+    user_rules: Tuple[UserRule, ...] = ()
     log_level: str = "info"
     #: Which file set each key (for messages); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -277,6 +283,8 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "key_dir": _path,
     "max_endpoints": lambda v: _int(v, 1, 100_000),
     "allowed_targets": parse_target_rules,
+    "user_client_ca": _optional_path,
+    "user_rules": parse_user_rules,
     "log_level": _choice(LOG_LEVELS, "level"),
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}

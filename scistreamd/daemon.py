@@ -65,6 +65,13 @@ class _PeerHandler:
         return await self._m.endpoint_state(uid)
 
 
+def token_verifier(cfg: Config) -> Any:
+    """The user API's TokenVerifier (userapi.TokenVerifier), built once from the
+    configuration; None: bearer tokens are refused by name. (The hook for
+    tokens.py: build its TokenVerifier here when introspection is configured.)"""
+    return None
+
+
 def _client_ca(cfg: Config) -> Optional[Path]:
     """The CA file for peer client certificates, or None when there is none yet.
 
@@ -109,6 +116,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     from .peerclient import PeerClient
     from .peerserver import PeerServer
     from .systemd import Systemd
+    from .userapi import UserApi
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_dbus_errors)
@@ -134,10 +142,18 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
 
     peer_server = None
     if cfg.peer_enabled:
+        user_certs = None
+        if cfg.user_client_ca is not None:
+            from .usercert import UserCertMatcher
+
+            user_certs = UserCertMatcher(cfg.user_client_ca, _client_ca(cfg))
+        user_api = UserApi(manager, cfg.user_rules, token_verifier(cfg),
+                           certs=user_certs is not None)
         peer_server = PeerServer(cfg.listen_address, cfg.peer_port, cfg.peer_cert, cfg.peer_key,
                                  _client_ca(cfg), _PeerHandler(manager),
                                  require_client_cert=cfg.peer_require_client_cert,
-                                 timeout=cfg.peer_timeout)
+                                 timeout=cfg.peer_timeout, user_api=user_api,
+                                 user_certs=user_certs)
         await peer_server.start()
 
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)

@@ -161,6 +161,10 @@ class EndpointObject(ServiceInterface):
     def AllowedPeer(self):
         return self.ep.allowed_peer
 
+    @_property(ENDPOINT)
+    def Owner(self):
+        return self.ep.owner
+
     @_method(ENDPOINT)
     async def Release(self):
         await self._api.manager.release(self.ep.uid, self.ep.role)
@@ -192,13 +196,15 @@ class ManagerObject(ServiceInterface):
     @_method(MANAGER)
     async def InboundRequest(self, remote_ip, receiver_ports, num_conn, options):
         ep = await self._m.inbound_request(remote_ip, list(receiver_ports), num_conn,
-                                           _unwrap(options))
+                                           _unwrap(options),
+                                           owner=await self._api.authorizer.caller_owner())
         return [ep.uid, _path(ep), [str(h) for h in ep.listeners]]
 
     @_method(MANAGER)
     async def OutboundRequest(self, uid, remote_listeners, local_ports, num_conn, options):
         ep = await self._m.outbound_request(uid, list(remote_listeners), list(local_ports),
-                                            num_conn, _unwrap(options))
+                                            num_conn, _unwrap(options),
+                                            owner=await self._api.authorizer.caller_owner())
         return [_path(ep), [str(h) for h in ep.listeners]]
 
     @_method(MANAGER)

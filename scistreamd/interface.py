@@ -117,6 +117,8 @@ ENDPOINT = Interface(
         Property("ClaimedAt", "t", "microseconds since the epoch; 0: never", emits="true"),
         Property("Peer", "s"),
         Property("AllowedPeer", "s"),
+        Property("Owner", "s", 'who created it: "local:uid=N" (D-Bus), "token:<sub>" or '
+                 '"cert:<name>" (user API)'),
     ),
 )
 

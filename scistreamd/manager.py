@@ -47,6 +47,7 @@ from .errors import (
     WrongListener,
 )
 from .hostprobe import HostProbes
+from .identity import LEGACY_OWNER
 from .model import (
     Endpoint,
     HostPort,
@@ -209,7 +210,9 @@ class Manager:
 
     # ------------------------------------------------------------- inbound
     async def inbound_request(self, remote_ip: object, receiver_ports: object,
-                              num_conn: object, options: object) -> Endpoint:
+                              num_conn: object, options: object, *,
+                              owner: str = LEGACY_OWNER) -> Endpoint:
+        """``owner``: the creator's Owner string (identity.py)."""
         ip = parse_ip(remote_ip, "remote_ip")
         ports = parse_port_list(receiver_ports, "receiver_ports")
         n = parse_num_conn(num_conn, self.cfg.port_range[1] - self.cfg.port_range[0] + 1)
@@ -228,7 +231,7 @@ class Manager:
                     listeners=tuple(HostPort(self.cfg.listen_address, p) for p in listen),
                     targets=tuple(HostPort(ip, p) for p in ports),
                     num_conn=n, created_at=time.time(),
-                    allowed_peer=str(opts.get("allowed_peer", "")))
+                    allowed_peer=str(opts.get("allowed_peer", "")), owner=owner)
             except BaseException:
                 self.ports.release(listen)
                 raise
@@ -237,7 +240,8 @@ class Manager:
 
     # ------------------------------------------------------------ outbound
     async def outbound_request(self, uid: object, remote_listeners: object, local_ports: object,
-                               num_conn: object, options: object) -> Endpoint:
+                               num_conn: object, options: object, *,
+                               owner: str = LEGACY_OWNER) -> Endpoint:
         uid = parse_uid(uid)
         remote = parse_hostport_list(remote_listeners, "remote_listeners")
         local = parse_port_list(local_ports, "local_ports", min_len=0)
@@ -277,7 +281,8 @@ class Manager:
             ep = Endpoint(
                 uid=uid, role=Role.OUTBOUND,
                 listeners=tuple(HostPort(self.cfg.listen_address, p) for p in held),
-                targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr)
+                targets=remote, num_conn=n, created_at=time.time(), peer=peer_addr,
+                owner=owner)
         except BaseException:
             self.ports.release(held)
             raise

@@ -22,6 +22,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 from .errors import InvalidArgument
+from .identity import LEGACY_OWNER, parse_owner
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +395,8 @@ class Endpoint:
     #: opaque name of the relay's unit and key directory (new_relay_id); for a
     #: record of a version before relay ids, the uid (its unit's name then).
     relay_id: str = field(default_factory=new_relay_id)
+    #: who created it (identity.py): "local:uid=N", "token:<sub>" or "cert:<name>".
+    owner: str = LEGACY_OWNER
 
     def __post_init__(self) -> None:
         self.validate()
@@ -440,6 +443,8 @@ class Endpoint:
                 _UID.fullmatch(self.relay_id) and self.relay_id != self.uid):
             raise InvalidArgument(f"endpoint relay id {_show(self.relay_id)} is neither opaque "
                                   "(16 hex digits) nor the endpoint's own uid")
+        if parse_owner(self.owner) != self.owner:
+            raise InvalidArgument(f"endpoint owner {_show(self.owner)} is not canonical")
 
     @property
     def unit(self) -> str:
@@ -486,6 +491,7 @@ class Endpoint:
             # Only when set: a record without it still loads in an older daemon.
             **({"allowed_peer": self.allowed_peer} if self.allowed_peer else {}),
             "relay_id": self.relay_id,
+            "owner": self.owner,
         }
 
     @classmethod
@@ -499,7 +505,7 @@ class Endpoint:
             raise InvalidArgument(f"endpoint record must be an object, not {_show(d)}")
         required = {"uid", "role", "listeners", "targets", "num_conn", "created_at"}
         optional = {"state", "peer", "claimed_by", "claimed_at", "claimant_ip", "detail",
-                    "n_restarts", "allowed_peer", "relay_id"}
+                    "n_restarts", "allowed_peer", "relay_id", "owner"}
         unknown = [k for k in d if k not in required | optional]
         if unknown:
             raise InvalidArgument(
@@ -535,6 +541,8 @@ class Endpoint:
             # Records written before relay ids existed: the relay runs as
             # scistream-<role>-<uid>.service and is adopted under that name.
             relay_id=parse_relay_id(d.get("relay_id", uid)),
+            # Records written before owners existed: see identity.LEGACY_OWNER.
+            owner=parse_owner(d.get("owner", LEGACY_OWNER)),
         )
 
 

@@ -15,6 +15,12 @@ Peer authentication: with a client CA every client is asked for a
 certificate (CERT_OPTIONAL): one that does not chain fails the handshake;
 none at all completes it, so that with ``require_client_cert`` claims and
 state checks get a named 403 AccessDenied instead of a bare TLS alert.
+
+The user API (/v1/tunnels...) is served by a :class:`UserRequests` handler
+(userapi.UserApi) given to the server; this module only hands it the request,
+the body reader and the certificate. A certificate that chains only to
+``user_client_ca`` (and not to the peer CA) is a user's, never a peer's: it
+counts as no certificate for claims and state checks.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ import ssl
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Awaitable, Dict, Optional, Protocol, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Protocol, Tuple, Union
 
 from . import __version__
 from .errors import AccessDenied, InvalidArgument, ScistreamError
+from .identity import Identity
 from .model import HostPort, IPAddress, PeerIdentity, parse_uid
 from .peertls import (
     ServerTls,
@@ -55,7 +62,6 @@ from .peerwire import (
     loads,
     response,
     route,
-    status_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,6 +75,29 @@ _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1024 * 1024
 _REFUSAL_LOG_INTERVAL = 10.0
 _INTERNAL = "internal error; see the journal of scistreamd"
+
+
+class UserRequests(Protocol):
+    """The user API (userapi.UserApi): answers a request under /v1/tunnels.
+
+    ``body()`` reads the request body (only POST has one); ``cert`` is the
+    identity of a client certificate that chained to user_client_ca, or None.
+    Returns (HTTP status, JSON document); raises ScistreamError (its name
+    goes to the client; AccessDenied with ``http_status`` 401 for no credentials).
+    """
+
+    async def answer(self, req: RequestHead, body: Callable[[], Awaitable[bytes]],
+                     cert: Optional[Identity], source: str) -> Tuple[int, Dict[str, Any]]: ...
+
+
+class UserCerts(Protocol):
+    """Which client certificates are users' (usercert.UserCertMatcher)."""
+
+    ca_file: Path
+
+    def identity_of(self, der: bytes) -> Optional[Identity]: ...
+
+    def peer_ca_issued(self, der: bytes) -> bool: ...
 
 
 class PeerHandler(Protocol):
@@ -116,7 +145,9 @@ class PeerServer:
                  client_ca: Optional[Path], handler: PeerHandler, *,
                  require_client_cert: bool, timeout: float = 10.0, max_body: int = 64 * 1024,
                  max_connections: int = 1024, max_per_source: int = 64,
-                 handshake_timeout: Optional[float] = None) -> None:
+                 handshake_timeout: Optional[float] = None,
+                 user_api: Optional[UserRequests] = None,
+                 user_certs: Optional[UserCerts] = None) -> None:
         if not timeout > 0:
             raise InvalidArgument(f"peer port timeout must be > 0 seconds, not {timeout!r}")
         for what, value, low in (("max_body", max_body, 2), ("max_connections",
@@ -134,6 +165,8 @@ class PeerServer:
         self._client_ca = Path(client_ca) if client_ca is not None else None
         self._require = bool(require_client_cert)
         self._handler = handler
+        self._user_api = user_api
+        self._user_certs = user_certs
         self._timeout = float(timeout)
         self._handshake_timeout = handshake_timeout or min(self._timeout, 3.0)
         self._max_body = max_body
@@ -165,7 +198,8 @@ class PeerServer:
         load, ScistreamError an address that cannot be bound."""
         if self._sock is not None:
             return
-        self._ctx = server_context(self._cert, self._key, self._client_ca)
+        self._ctx = server_context(self._cert, self._key, self._client_ca,
+                                   self._user_certs.ca_file if self._user_certs else None)
         self._sock = self._bind()
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
         if self._require:
@@ -317,18 +351,28 @@ class PeerServer:
             logger.debug("peer port: no TLS handshake from %s within %g s", who,
                          self._handshake_timeout)
             return
-        cert = tls.obj.getpeercert() if self._client_ca is not None else None
+        asked = self._client_ca is not None or self._user_certs is not None
+        cert = tls.obj.getpeercert() if asked else None
         # The dict form is empty unless the certificate was verified.
         claimant = identity_of(who, cert) if cert else PeerIdentity(who)
+        user = None
+        if cert and self._user_certs is not None:
+            der = tls.obj.getpeercert(binary_form=True) or b""
+            user = self._user_certs.identity_of(der)
+            if user is not None and not self._user_certs.peer_ca_issued(der):
+                claimant = PeerIdentity(who)  # a user's certificate claims nothing
         method = "GET"
         # Each read waits at most timeout, the whole connection 3 x timeout (_serve).
         try:
             req = await _read_head(tls)
             method = req.method
-            doc = await self._answer(req, tls, claimant)
-            status, headers = 200, ()
+            if route(req.target)[0] == "user":
+                status, doc = await self._user(req, tls, user, claimant)
+            else:
+                status, doc = 200, await self._answer(req, tls, claimant)
+            headers: Tuple[Tuple[str, str], ...] = ()
         except Refusal as r:
-            status, doc, headers = status_of(r.name), r.to_json(), r.headers
+            status, doc, headers = r.status, r.to_json(), r.headers
         await tls.write(response(status, doc, headers, with_body=method != "HEAD"))
         await tls.close_notify()
         await self._linger(reader, writer)
@@ -383,6 +427,23 @@ class PeerServer:
         logger.info("peer port: handed the key of endpoint %s to %s", uid, who)
         return result
 
+    async def _user(self, req: RequestHead, tls: ServerTls, cert: Optional[Identity],
+                    who: PeerIdentity) -> Tuple[int, Dict[str, Any]]:
+        """A user API request, answered by the UserRequests handler (userapi.py)."""
+        if self._user_api is None:
+            raise Refusal("UnknownPath", "this gateway does not serve the user API "
+                          "(user_api = false in its configuration)")
+        user_api = self._user_api
+        source = who.address
+
+        async def body() -> bytes:
+            return await self._read_body(req, tls)
+
+        # Creating a tunnel may claim a key from a peer and start a relay: more
+        # than one timeout, still within the connection's 3 x timeout.
+        return await self._call(user_api.answer(req, body, cert, source), who,
+                                f"{req.method} {clean(req.target, 80)}", 2 * self._timeout)
+
     def _authenticate(self, what: str, uid: str, who: PeerIdentity) -> None:
         """A named 403 when a verified client certificate is required and absent."""
         if who.verified or not self._require:
@@ -414,15 +475,17 @@ class PeerServer:
         # Empty body means no options, same as {}.
         return body[:length] if length else b"{}"
 
-    async def _call(self, coro: Awaitable[Dict[str, Any]], who: PeerIdentity,
-                    what: str) -> Dict[str, Any]:
-        """The daemon's answer within the timeout; its named failures go to the peer."""
+    async def _call(self, coro: Awaitable[Any], who: PeerIdentity,
+                    what: str, timeout: float = 0.0) -> Any:
+        """The daemon's answer within the timeout; its named failures go to the peer.
+
+        The answer is a JSON object, or (user API) a (status, JSON object) pair."""
+        timeout = timeout or self._timeout
         try:
-            result = await asyncio.wait_for(coro, self._timeout)
+            result = await asyncio.wait_for(coro, timeout)
         except asyncio.TimeoutError:
-            logger.warning("peer port: %s for %s: no answer within %g s", what, who,
-                           self._timeout)
-            raise Refusal("Busy", f"the daemon is busy (no answer within {self._timeout:g} s); "
+            logger.warning("peer port: %s for %s: no answer within %g s", what, who, timeout)
+            raise Refusal("Busy", f"the daemon is busy (no answer within {timeout:g} s); "
                         "try again") from None
         except ScistreamError as e:
             if e.internal:  # this host's trouble (systemd, config): details to the journal
@@ -431,12 +494,14 @@ class PeerServer:
             # AccessDenied: the manager logged it, with the endpoint's fields.
             logger.log(logging.DEBUG if isinstance(e, AccessDenied) else logging.INFO,
                        "peer port: refused %s by %s: %s", what, who, e)
-            raise Refusal(e.name, str(e)) from None
+            status = getattr(e, "http_status", 0)
+            raise Refusal(e.name, str(e), getattr(e, "http_headers", ()), status) from None
         except Exception:
             logger.exception("peer port: %s for %s failed", what, who)
             raise Refusal("Failed", _INTERNAL) from None
         try:
-            if isinstance(result, dict) and dumps(result):
+            doc = result[1] if isinstance(result, tuple) and len(result) == 2 else result
+            if isinstance(doc, dict) and dumps(doc):
                 return result
         except (TypeError, ValueError):
             pass

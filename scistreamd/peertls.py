@@ -82,8 +82,13 @@ def check_trust_pem(value: object, what: str = "option trust_pem", *, load: bool
 # -- server --------------------------------------------------------------------
 
 
-def server_context(cert: Path, key: Path, client_ca: Optional[Path]) -> ssl.SSLContext:
-    """The peer port's context; ConfigError naming the file that cannot be loaded."""
+def server_context(cert: Path, key: Path, client_ca: Optional[Path],
+                   user_client_ca: Optional[Path] = None) -> ssl.SSLContext:
+    """The peer port's context; ConfigError naming the file that cannot be loaded.
+
+    ``user_client_ca``: CA(s) of users' client certificates (user API), trusted
+    besides ``client_ca``; which of the two a certificate chains to is decided
+    after the handshake (usercert.py)."""
     for path, what in ((cert, "certificate"), (key, "private key")):
         try:
             with open(path, "rb"):
@@ -105,13 +110,16 @@ def server_context(cert: Path, key: Path, client_ca: Optional[Path]) -> ssl.SSLC
         raise ConfigError(str(cert), "", f"cannot load the peer-port certificate with key "
                           f"{key}: {ssl_reason(e)}; both must be PEM and the key must belong "
                           "to the certificate") from None
-    if client_ca is not None:
+    for ca, whose in ((client_ca, "peer daemons'"), (user_client_ca, "users'")):
+        if ca is None:
+            continue
         try:
-            ctx.load_verify_locations(cafile=str(client_ca))
+            ctx.load_verify_locations(cafile=str(ca))
         except (ssl.SSLError, OSError, ValueError) as e:
-            raise ConfigError(str(client_ca), "", "cannot load the CA for peer client "
+            raise ConfigError(str(ca), "", f"cannot load the CA for {whose} client "
                               f"certificates: {ssl_reason(e)}; give a readable PEM file of "
-                              "the CA(s) that sign peer daemons' certificates") from None
+                              f"the CA(s) that sign {whose} certificates") from None
+    if client_ca is not None or user_client_ca is not None:
         # Optional at the TLS level: a client without a certificate still gets an
         # HTTP answer naming the fix; one that does not chain fails the handshake.
         ctx.verify_mode = ssl.CERT_OPTIONAL

@@ -62,6 +62,7 @@ STATUS_ORDER = (
     "ClaimedBy",
     "ClaimedAt",
     "AllowedPeer",
+    "Owner",
 )
 _TIME_PROPERTIES = frozenset({"CreatedAt", "ClaimedAt"})
 

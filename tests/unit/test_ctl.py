@@ -140,6 +140,7 @@ def _endpoint_props(uid: str, role: str) -> Dict[str, Any]:
         "ClaimedAt": CREATED_US + 1_000_000 if inbound else 0,
         "Peer": "" if inbound else "192.168.150.1:5000",
         "AllowedPeer": "",
+        "Owner": "local:uid=0",
     }
 
 
