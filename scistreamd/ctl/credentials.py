@@ -15,6 +15,7 @@ identity, and the daemon refuses by name when there is neither.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -93,9 +94,10 @@ def read_token_file(path: str, what: str, *, missing_ok: bool = False) -> Option
         raise InvalidArgument(f"cannot read {source}: no such file; give the file that "
                               "holds your access token") from None
     except OSError as err:
-        raise InvalidArgument(f"cannot read {source}: {err.strerror or err} (a symbolic link "
-                              "is not followed): give a regular file you own, mode 0600") \
-            from None
+        why = ("it is a symbolic link, which is not followed" if err.errno == errno.ELOOP
+               else err.strerror or str(err))
+        raise InvalidArgument(f"cannot read {source}: {why}: give a regular file you own, "
+                              "mode 0600") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

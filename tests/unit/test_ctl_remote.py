@@ -99,7 +99,7 @@ def test_token_file_not_mine_symlink_dir_missing(tmp_path: Path) -> None:
         os.chown(path, 0, 0)
     link = tmp_path / "link"
     link.symlink_to(path)
-    with pytest.raises(errors.InvalidArgument, match="symbolic link"):
+    with pytest.raises(errors.InvalidArgument, match="is a symbolic link"):
         credentials.find_token(str(link), {})
     with pytest.raises(errors.InvalidArgument, match="not a regular file"):
         credentials.read_token_file(str(tmp_path), "--token-file")
