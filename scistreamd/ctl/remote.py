@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .. import MANAGER_IFACE
 from ..errors import NotFound, ScistreamError
 from ..model import HostPort, IPAddress, parse_hostport
-from .errors import CtlError, usage_error
+from .errors import CtlError, _one_line, usage_error
 
 Output = Tuple[str, Any]
 
@@ -327,8 +327,12 @@ def tunnel(args: argparse.Namespace) -> Output:
         out = client.outbound(uid, made["listeners"], local_ports, num_conn, str(server_hp),
                               peer_trust)
     except BaseException as err:  # also Ctrl-C: nothing may stay behind
-        _roll_back(uid, server, client, err)
-        raise
+        extra = _roll_back(uid, server, client)
+        if not isinstance(err, ScistreamError):
+            raise
+        # Whole, not cut to one line's length: the end may say how to clean up.
+        text = err.message if isinstance(err, CtlError) else _one_line(str(err))
+        raise CtlError(text + extra, err.exit_code, err.name) from None
     rows = [(str(server), server.access_token, "PROD"), (str(client), client.access_token,
                                                           "CONS")]
     data = {"uid": uid, "listeners": out["listeners"],
@@ -339,9 +343,9 @@ def tunnel(args: argparse.Namespace) -> Output:
     return _request_lines(uid, rows, out["listeners"]), data
 
 
-def _roll_back(uid: str, server: Any, client: Any, cause: BaseException) -> None:
+def _roll_back(uid: str, server: Any, client: Any) -> str:
     """Release ``uid`` on the client side (a request that timed out here may still have
-    been made there) and on the server side; a failure to is added to ``cause``'s message."""
+    been made there) and on the server side; what to add to the failure's message."""
     left = []
     for where in (client, server):
         try:
@@ -351,14 +355,13 @@ def _roll_back(uid: str, server: Any, client: Any, cause: BaseException) -> None
                 continue
             if where is client and _unreachable(err):
                 continue  # never reached: nothing was made there
-            left.append(f"{where}: {err}")
-    if left and isinstance(cause, ScistreamError):
-        text = "; ".join(left)
-        extra = (f" -- and releasing tunnel {uid} failed ({text}): release it with "
-                 f"'scistreamctl release {uid} --server-s2cs {server} --client-s2cs {client}'")
-        if isinstance(cause, CtlError):
-            cause.message += extra
-        cause.args = (str(cause.args[0] if cause.args else "") + extra,)
+            left.append(f"{where}: {_one_line(str(err), 160)}")
+    if left:
+        # The command comes last: it is what the user needs from this line.
+        return (f" -- and releasing tunnel {uid} failed ({'; '.join(left)}): release it with "
+                f"'scistreamctl release {uid} --server-s2cs {server} --client-s2cs {client}'")
+    return (f" (the outbound half of tunnel {uid} failed; its inbound half at {server} "
+            "was released: nothing is left)")
 
 
 def _unreachable(err: BaseException) -> bool:

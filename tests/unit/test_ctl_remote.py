@@ -323,6 +323,7 @@ def test_tunnel_rolls_back_the_inbound_half(canned: Canned, capsys) -> None:
                            "--receiver_ports", "5300", "--server_cert", str(canned.ca)],
                           capsys)
     assert (code, out) == (7, "") and "claimed" in err
+    assert f"inbound half at {canned.addr} was released: nothing is left" in err
     assert [(m, p) for m, p, _, _ in canned.seen] == [
         ("POST", "/v1/tunnels/inbound"), ("POST", "/v1/tunnels/outbound"),
         ("DELETE", f"/v1/tunnels/{UID}"), ("DELETE", f"/v1/tunnels/{UID}")]
@@ -331,6 +332,19 @@ def test_tunnel_rolls_back_the_inbound_half(canned: Canned, capsys) -> None:
     assert canned.seen[0][3]["allowed_peer"] == "127.0.0.1"
     assert canned.seen[1][3] == {"uid": UID, "remote_listeners": ["192.0.2.1:5100"],
                                  "num_conn": 1, "peer": canned.addr}
+
+
+def test_tunnel_rollback_that_fails_says_how_to_release(canned: Canned, capsys) -> None:
+    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/outbound"] = (403, {"error": "AccessDenied",
+                                                         "message": "no"})
+    canned.answers[f"DELETE /v1/tunnels/{UID}"] = (500, {"error": "Failed", "message": "x"})
+    code, _, err = _run(["tunnel", "--remote", "--server-s2cs", canned.addr,
+                         "--client-s2cs", canned.addr, "--remote_ip", "192.0.2.1",
+                         "--receiver_ports", "5300", "--server_cert", str(canned.ca)], capsys)
+    assert code == 9 and err.count("\n") == 1
+    assert (f"'scistreamctl release {UID} --server-s2cs {canned.addr} --client-s2cs "
+            f"{canned.addr}'") in err
 
 
 def test_tunnel_prints_both_sides(canned: Canned, capsys) -> None:
