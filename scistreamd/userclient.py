@@ -36,9 +36,9 @@ import requests
 from . import __version__, errors
 from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .model import HostPort, parse_hostport, parse_uid
-from .peerclient import _causes, _PeerAdapter
 from .peertls import CLIENT_CERT_ALERTS, client_context, ssl_reason
 from .peerwire import clean, loads
+from .tlshttp import TrustOnlyAdapter, causes
 
 TUNNELS_PATH = "/v1/tunnels"
 #: Largest answer read: a list of every tunnel of a busy identity fits.
@@ -223,7 +223,7 @@ class UserClient:
         if self._session is None:
             self._session = requests.Session()
             self._session.trust_env = False  # no proxy or .netrc sees the token
-            self._session.mount("https://", _PeerAdapter(self._context))
+            self._session.mount("https://", TrustOnlyAdapter(self._context))
         host = self.daemon.host
         netloc = f"[{host}]:{self.daemon.port}" if host.version == 6 else str(self.daemon)
         try:
@@ -264,8 +264,8 @@ class UserClient:
 
     def _transport_error(self, exc: BaseException) -> ScistreamError:
         d = self.daemon
-        causes = list(_causes(exc))
-        for c in causes:
+        found = list(causes(exc))
+        for c in found:
             if isinstance(c, ssl.SSLCertVerificationError):
                 detail = clean(getattr(c, "verify_message", "") or c.reason or c)
                 if getattr(c, "verify_code", 0) in (62, 64):  # host/IP mismatch
@@ -275,13 +275,13 @@ class UserClient:
                 return UntrustedServer(
                     f"the certificate of scistreamd at {d} is not trusted by {self._trust}: "
                     f"{detail}; give its CA (or its certificate) with --server_cert")
-        for c in causes:
+        for c in found:
             if isinstance(c, ssl.SSLError) and getattr(c, "reason", None) in CLIENT_CERT_ALERTS:
                 return AccessDenied(
                     f"scistreamd at {d} refused the TLS handshake ({c.reason}): it did not "
                     "accept the client certificate (or wants one); give a certificate from a "
                     "CA it accepts for users with --client-cert/--client-key, or a token")
-        for c in causes:
+        for c in found:
             if isinstance(c, (requests.Timeout, TimeoutError)):
                 return DaemonUnreachable(f"scistreamd at {d} did not answer within "
                                          f"{self.timeout:g} s: check the host, or give a "
@@ -291,7 +291,7 @@ class UserClient:
                     f"scistreamd at {d} is not reachable ({c.strerror}): check the address "
                     f"and port given with --s2cs, that scistreamd runs there and that TCP "
                     f"port {d.port} is open to you")
-        for c in causes:
+        for c in found:
             if isinstance(c, ssl.SSLError) and not isinstance(
                     c, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
                 return ScistreamError(f"TLS with scistreamd at {d} failed: {ssl_reason(c)}; "
