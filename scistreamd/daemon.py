@@ -142,15 +142,15 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
 
     peer_server = None
     if cfg.peer_enabled:
-        user_certs = None
+        client_ca, user_certs = _client_ca(cfg), None
         if cfg.user_client_ca is not None:
             from .usercert import UserCertMatcher
 
-            user_certs = UserCertMatcher(cfg.user_client_ca, _client_ca(cfg))
+            user_certs = UserCertMatcher(cfg.user_client_ca, client_ca)
         user_api = UserApi(manager, cfg.user_rules, token_verifier(cfg),
                            certs=user_certs is not None)
         peer_server = PeerServer(cfg.listen_address, cfg.peer_port, cfg.peer_cert, cfg.peer_key,
-                                 _client_ca(cfg), _PeerHandler(manager),
+                                 client_ca, _PeerHandler(manager),
                                  require_client_cert=cfg.peer_require_client_cert,
                                  timeout=cfg.peer_timeout, user_api=user_api,
                                  user_certs=user_certs)

@@ -102,7 +102,7 @@ def _log(level: int, msg_id: uuid.UUID, ep: Endpoint, text: str, *args: Any) -> 
     """
     logger.log(level, text, *args, extra={
         "MESSAGE_ID": msg_id.hex, "SCISTREAM_UID": ep.uid, "SCISTREAM_ROLE": ep.role.value,
-        "SCISTREAM_UNIT": ep.unit})
+        "SCISTREAM_UNIT": ep.unit, "SCISTREAM_OWNER": ep.owner})
 
 
 class EndpointListener(Protocol):

@@ -16,11 +16,9 @@ certificate (CERT_OPTIONAL): one that does not chain fails the handshake;
 none at all completes it, so that with ``require_client_cert`` claims and
 state checks get a named 403 AccessDenied instead of a bare TLS alert.
 
-The user API (/v1/tunnels...) is served by a :class:`UserRequests` handler
-(userapi.UserApi) given to the server; this module only hands it the request,
-the body reader and the certificate. A certificate that chains only to
-``user_client_ca`` (and not to the peer CA) is a user's, never a peer's: it
-counts as no certificate for claims and state checks.
+The user API (/v1/tunnels) is answered by userapi.UserApi. A certificate that
+chains to ``user_client_ca`` but not to the peer CA is a user's: for claims and
+state checks it counts as none.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -35,7 +34,7 @@ import ssl
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Dict, Optional, Protocol, Tuple, Union
 
 from . import __version__
 from .errors import AccessDenied, InvalidArgument, ScistreamError
@@ -64,6 +63,10 @@ from .peerwire import (
     route,
 )
 
+if TYPE_CHECKING:  # they import the manager and cryptography: only their types here
+    from .userapi import UserRequests
+    from .usercert import UserCertMatcher
+
 logger = logging.getLogger(__name__)
 
 #: Largest request head (request line + headers).
@@ -75,29 +78,6 @@ _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1024 * 1024
 _REFUSAL_LOG_INTERVAL = 10.0
 _INTERNAL = "internal error; see the journal of scistreamd"
-
-
-class UserRequests(Protocol):
-    """The user API (userapi.UserApi): answers a request under /v1/tunnels.
-
-    ``body()`` reads the request body (only POST has one); ``cert`` is the
-    identity of a client certificate that chained to user_client_ca, or None.
-    Returns (HTTP status, JSON document); raises ScistreamError (its name
-    goes to the client; AccessDenied with ``http_status`` 401 for no credentials).
-    """
-
-    async def answer(self, req: RequestHead, body: Callable[[], Awaitable[bytes]],
-                     cert: Optional[Identity], source: str) -> Tuple[int, Dict[str, Any]]: ...
-
-
-class UserCerts(Protocol):
-    """Which client certificates are users' (usercert.UserCertMatcher)."""
-
-    ca_file: Path
-
-    def identity_of(self, der: bytes) -> Optional[Identity]: ...
-
-    def peer_ca_issued(self, der: bytes) -> bool: ...
 
 
 class PeerHandler(Protocol):
@@ -147,7 +127,7 @@ class PeerServer:
                  max_connections: int = 1024, max_per_source: int = 64,
                  handshake_timeout: Optional[float] = None,
                  user_api: Optional[UserRequests] = None,
-                 user_certs: Optional[UserCerts] = None) -> None:
+                 user_certs: Optional[UserCertMatcher] = None) -> None:
         if not timeout > 0:
             raise InvalidArgument(f"peer port timeout must be > 0 seconds, not {timeout!r}")
         for what, value, low in (("max_body", max_body, 2), ("max_connections",
@@ -351,8 +331,7 @@ class PeerServer:
             logger.debug("peer port: no TLS handshake from %s within %g s", who,
                          self._handshake_timeout)
             return
-        asked = self._client_ca is not None or self._user_certs is not None
-        cert = tls.obj.getpeercert() if asked else None
+        cert = tls.obj.getpeercert() if self._ctx.verify_mode != ssl.CERT_NONE else None
         # The dict form is empty unless the certificate was verified.
         claimant = identity_of(who, cert) if cert else PeerIdentity(who)
         user = None
@@ -429,20 +408,14 @@ class PeerServer:
 
     async def _user(self, req: RequestHead, tls: ServerTls, cert: Optional[Identity],
                     who: PeerIdentity) -> Tuple[int, Dict[str, Any]]:
-        """A user API request, answered by the UserRequests handler (userapi.py)."""
+        """A user API request, answered by userapi.UserApi; with more time: a creation
+        may claim a key from a peer and start a relay (still within 3 x timeout)."""
         if self._user_api is None:
-            raise Refusal("UnknownPath", "this gateway does not serve the user API "
-                          "(user_api = false in its configuration)")
-        user_api = self._user_api
-        source = who.address
-
-        async def body() -> bytes:
-            return await self._read_body(req, tls)
-
-        # Creating a tunnel may claim a key from a peer and start a relay: more
-        # than one timeout, still within the connection's 3 x timeout.
-        return await self._call(user_api.answer(req, body, cert, source), who,
-                                f"{req.method} {clean(req.target, 80)}", 2 * self._timeout)
+            raise Refusal("UnknownPath", "this gateway does not serve the user API")
+        answer = self._user_api.answer(req, functools.partial(self._read_body, req, tls),
+                                       cert, who.address)
+        return await self._call(answer, who, f"{req.method} {clean(req.target, 80)}",
+                                2 * self._timeout)
 
     def _authenticate(self, what: str, uid: str, who: PeerIdentity) -> None:
         """A named 403 when a verified client certificate is required and absent."""
@@ -487,6 +460,8 @@ class PeerServer:
             logger.warning("peer port: %s for %s: no answer within %g s", what, who, timeout)
             raise Refusal("Busy", f"the daemon is busy (no answer within {timeout:g} s); "
                         "try again") from None
+        except Refusal:
+            raise
         except ScistreamError as e:
             if e.internal:  # this host's trouble (systemd, config): details to the journal
                 logger.error("peer port: %s for %s failed: %s", what, who, e)

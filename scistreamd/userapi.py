@@ -28,7 +28,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from .endpoint_json import endpoint_json
-from .errors import AccessDenied, InvalidArgument, NotFound
+from .errors import AccessDenied, InvalidArgument, NotFound, ScistreamError
 from .identity import Identity
 from .manager import Manager
 from .model import Endpoint, parse_uid
@@ -40,7 +40,14 @@ from .peerwire import (
     parse_bearer,
     user_route,
 )
-from .userrules import UserRule, inbound_refusal, limit_refusal, outbound_refusal
+from .userrules import (
+    UserRule,
+    inbound_refusal,
+    limit_refusal,
+    no_rule_refusal,
+    outbound_refusal,
+    rule_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,16 @@ class TokenVerifier(Protocol):
     AuthUnavailable (never a traceback, never the token in a message)."""
 
     async def verify(self, token: str) -> Identity: ...
+
+
+class UserRequests(Protocol):
+    """What the peer server asks of the user API (UserApi.answer): ``body()`` reads
+    the request body; ``cert``: the identity of a client certificate from
+    user_client_ca, or None. (status, JSON document), or a ScistreamError whose
+    name goes to the client (``http_status``/``http_headers`` when not the table's)."""
+
+    async def answer(self, req: RequestHead, body: Callable[[], Awaitable[bytes]],
+                     cert: Optional[Identity], source: str) -> Tuple[int, Dict[str, Any]]: ...
 
 
 class NoCredentials(AccessDenied):
@@ -122,6 +139,9 @@ class UserApi:
             except AccessDenied as e:
                 self._refused(None, source, f"token refused: {e}")
                 raise NoCredentials(str(e)) from None
+            except ScistreamError as e:  # e.g. AuthUnavailable: fail closed, by name
+                self._refused(None, source, f"token not checked: {e}")
+                raise
         if cert is not None:
             return cert
         why = ("no credentials: send 'Authorization: Bearer <token>'" +
@@ -149,6 +169,8 @@ class UserApi:
                      cert: Optional[Identity], source: str) -> Tuple[int, Dict[str, Any]]:
         name, raw_uid = user_route(req.method, req.target)
         ident = await self.authenticate(req, cert, source)  # before the body is read
+        if rule_for(self._rules, ident) is None:  # the default: may do nothing at all
+            self._deny(ident, source, no_rule_refusal(ident))
         if name == "list":
             return 200, {"tunnels": [self._json(ep) for ep in self._own(ident)]}
         if name == "tunnel":

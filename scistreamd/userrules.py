@@ -147,6 +147,10 @@ def _no_rule(ident: Identity, what: str) -> str:
             "users may do nothing unless a rule allows it)" + FIX)
 
 
+def no_rule_refusal(ident: Identity) -> str:
+    return _no_rule(ident, "use this gateway's user API")
+
+
 def inbound_refusal(rules: Sequence[UserRule], ident: Identity,
                     targets: Iterable[Tuple[IPAddress, int]]) -> Optional[str]:
     rule = rule_for(rules, ident)

@@ -72,7 +72,7 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 ENDPOINT_PROPS = {"Uid": str, "Role": str, "State": str, "StateDetail": str, "Listeners": list,
                   "Targets": list, "NumConn": int, "Unit": str, "CreatedAt": int,
                   "NRestarts": int, "ClaimedBy": str, "ClaimedAt": int, "Peer": str,
-                  "AllowedPeer": str}
+                  "AllowedPeer": str, "Owner": str}
 MANAGER_PROPS = {"Version": str, "PeerPort": int, "ListenAddress": str, "PortRange": list}
 
 #: Sizes. Examples x batch = calls per test; a batch shares one residue check.
