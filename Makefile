@@ -12,7 +12,7 @@ export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 RUNTIME_PACKAGES = systemd dbus stunnel4 openssl \
 	python3 python3-dbus-next python3-systemd python3-toml python3-cryptography python3-requests \
 	python3-jeepney
-TEST_PACKAGES = iperf3 iproute2 iputils-ping util-linux procps psmisc \
+TEST_PACKAGES = iperf3 iproute2 iputils-ping util-linux procps psmisc python3-authlib \
 	python3-pytest python3-pytest-timeout python3-hypothesis python3-argcomplete bash
 SETUP_PACKAGES = $(RUNTIME_PACKAGES) $(TEST_PACKAGES)
 

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import latency
+from . import latency, tokens
 
 PATH_LABELS = {
     "direct": "direct (no relay)",
@@ -55,6 +55,7 @@ def goals(results: Dict[str, Any]) -> List[Dict[str, Any]]:
                 out.append({"goal": f"{key}.{op} p50 <= {want} ms", "value": s["p50"],
                             "met": s["p50"] <= want})
     out += latency.goals(results)
+    out += tokens.goals(results)
     rows = [r for r in results.get("scale") or [] if r.get("n") == 1000]
     if rows:
         for k, want in SCALE_GOALS.items():
@@ -145,6 +146,7 @@ def markdown(results: Dict[str, Any]) -> str:
     from .relaymodes import markdown as relaymodes_markdown
 
     lines += relaymodes_markdown(results)
+    lines += tokens.markdown(results)
     if results.get("scale") is not None and "scale_config" in results:
         lines += ["", "### Scale: inbound endpoints on server1", "",
                   "| N | daemon RSS MB | relays RSS MB (PSS) | ListEndpoints ms | "

@@ -3,7 +3,7 @@ in one run on the test bed.
 
     python3 -m bench.run [--reps 5] [--seconds 5] [--cp-runs 20] [--lat-rounds 5000]
                          [--scale 100,250,500,1000]
-                         [--only dataplane,latency,controlplane,scale,relaymodes,tunnel]
+                         [--only dataplane,latency,controlplane,scale,relaymodes,tokens,tunnel]
                          [--quick] [--reuse] [--keep] [--results DIR]
 
 Boots its own two-host test bed (named ``tb-bench`` unless
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("dataplane", "latency", "controlplane", "scale", "relaymodes", "tunnel")
+SECTIONS = ("dataplane", "latency", "controlplane", "scale", "relaymodes", "tokens", "tunnel")
 DEFAULT_TESTBED = "tb-bench"
 
 
@@ -184,6 +184,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results.update(relaymodes.run(bed, a.reps, a.seconds, a.cp_runs, log=log))
             except Exception as e:
                 errors["relaymodes"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        if "tokens" in a.sections:
+            from . import tokens
+
+            log("bench: bearer token checks (cached check, introspections per 100) ...")
+            try:
+                results.update(tokens.run(bed, 2 if a.quick else 5,
+                                          1000 if a.quick else 10000, log=log))
+            except Exception as e:
+                errors["tokens"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
         if "tunnel" in a.sections:
             from . import tunnelcmd

@@ -124,6 +124,26 @@ class Config:
     #: Who among remote users (user API) may do what (userrules.py); none: nothing.
     user_rules: Tuple[UserRule, ...] = ()
     log_level: str = "info"
+    #: RFC 7662 introspection endpoint that checks remote users' bearer tokens
+    #: (https); "" = none: the daemon accepts no user tokens.
+    token_introspection_url: str = ""
+    #: This daemon's own client at the authorization server (HTTP Basic).
+    token_client_id: str = ""
+    #: Root-only file (0600) holding that client's secret.
+    token_client_secret_file: Path = Path("/etc/scistream/token-client-secret")
+    #: Scopes every token must carry (all of them).
+    token_required_scope: Tuple[str, ...] = ()
+    #: The audience every token must name in its "aud"; "" = not checked.
+    token_audience: str = ""
+    #: Longest time a positive introspection answer is reused (never past exp);
+    #: also how long a revoked token may still work. 0 = never reused.
+    token_cache_max_seconds: float = 60.0
+    #: How long a negative answer is reused (a few seconds).
+    token_negative_cache_seconds: float = 5.0
+    #: CA bundle to verify the introspection server with; None: the system's CAs.
+    token_ca_file: Path | None = None
+    #: Seconds to wait for the introspection server.
+    token_timeout: float = 5.0
     #: Which file set each key (for messages); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -247,6 +267,79 @@ def _networks(value: object) -> Tuple[IPNetwork, ...]:
     return tuple(dict.fromkeys(nets))  # duplicates dropped, order kept
 
 
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,256}")
+# Printable ASCII without ':' (HTTP Basic separates id and secret with it).
+_CLIENT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,256}")
+
+
+def _https_url(value: object) -> str:
+    """"" or an https URL without credentials or fragment (it gets the client secret)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        raise _Bad(f"expected an https URL string, got {_type_name(value)}")
+    if value == "":
+        return ""
+    if len(value) > 2048 or not value.isprintable() or any(c.isspace() for c in value):
+        raise _Bad("not a URL (spaces, control characters, or longer than 2048): "
+                   'write e.g. "https://auth.example.org/oauth2/token/introspect"')
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as err:
+        raise _Bad(f"{value!r:.80} is not a URL ({err})") from None
+    if url.scheme != "https" or not url.hostname:
+        raise _Bad(f"{value!r:.80} is not an https URL: the daemon sends its client secret "
+                   "there, so only https is accepted")
+    if url.username is not None or url.password is not None or url.fragment:
+        raise _Bad(f"{value!r:.80} carries credentials or a fragment: give the bare URL "
+                   "(the secret goes in token_client_secret_file)")
+    return value
+
+
+def _client_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected a string, got {_type_name(value)}")
+    if value and not _CLIENT_ID.fullmatch(value):
+        raise _Bad("expected printable ASCII without spaces or ':', at most 256 characters")
+    return value
+
+
+def _scope_list(value: object) -> Tuple[str, ...]:
+    if isinstance(value, str):
+        items: List[object] = list(value.split())
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        raise _Bad(f'expected a scope string or an array of scopes, got {_type_name(value)}')
+    if len(items) > 32:
+        raise _Bad(f"{len(items)} scopes: require at most 32")
+    for item in items:
+        if not isinstance(item, str) or not _SCOPE_TOKEN.fullmatch(item):
+            raise _Bad(f"{item!r:.60} is not an OAuth scope (RFC 6749: printable ASCII "
+                       "without spaces, quotes or backslashes)")
+    return tuple(dict.fromkeys(items))  # type: ignore[arg-type]
+
+
+def _audience(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected a string, got {_type_name(value)}")
+    if len(value) > 512 or not value.isprintable():
+        raise _Bad("expected printable text of at most 512 characters")
+    return value
+
+
+def _seconds_upto(high: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad(f"expected seconds (a number), got {_type_name(value)}")
+        if not 0 <= value <= high:
+            raise _Bad(f"{value} is out of range: use 0..{high:g} seconds")
+        return float(value)
+
+    return parse
+
+
 def _choice(names: Tuple[str, ...], what: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if isinstance(value, str) and value in names:
@@ -286,6 +379,15 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "user_client_ca": _optional_path,
     "user_rules": parse_user_rules,
     "log_level": _choice(LOG_LEVELS, "level"),
+    "token_introspection_url": _https_url,
+    "token_client_id": _client_id,
+    "token_client_secret_file": _path,
+    "token_required_scope": _scope_list,
+    "token_audience": _audience,
+    "token_cache_max_seconds": _seconds_upto(3600),
+    "token_negative_cache_seconds": _seconds_upto(30),
+    "token_ca_file": _optional_path,
+    "token_timeout": _seconds,
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}
 
@@ -321,6 +423,12 @@ def _check_consistency(
             "choose a port_range that excludes the peer port",
         )
     _check_relay_caps(values, sources, rank)
+    if values["token_introspection_url"] and not values["token_client_id"]:
+        raise ConfigError(
+            sources.get("token_introspection_url", "<defaults>"), "token_client_id",
+            "token_introspection_url is set but token_client_id is not: give this daemon's "
+            "client id at the authorization server (its secret goes in "
+            "token_client_secret_file)")
 
 
 def relay_connection_fit(memory_max: int, tasks_max: int) -> int:

@@ -66,10 +66,14 @@ class _PeerHandler:
 
 
 def token_verifier(cfg: Config) -> Any:
-    """The user API's TokenVerifier (userapi.TokenVerifier), built once from the
-    configuration; None: bearer tokens are refused by name. (The hook for
-    tokens.py: build its TokenVerifier here when introspection is configured.)"""
-    return None
+    """The user API's TokenVerifier (tokens.py), built once from the configuration
+    (reading and checking the client secret file: ConfigError stops the start);
+    None without token_introspection_url: bearer tokens are refused by name."""
+    if not cfg.token_introspection_url:
+        return None
+    from .tokens import TokenVerifier
+
+    return TokenVerifier.from_config(cfg)
 
 
 def _client_ca(cfg: Config) -> Optional[Path]:
@@ -118,6 +122,8 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     from .systemd import Systemd
     from .userapi import UserApi
 
+    # Built once, before anything else: a bad client secret file stops the start.
+    tokens = token_verifier(cfg)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_dbus_errors)
     stop = asyncio.Event()
@@ -147,7 +153,7 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
             from .usercert import UserCertMatcher
 
             user_certs = UserCertMatcher(cfg.user_client_ca, client_ca)
-        user_api = UserApi(manager, cfg.user_rules, token_verifier(cfg),
+        user_api = UserApi(manager, cfg.user_rules, tokens,
                            certs=user_certs is not None)
         peer_server = PeerServer(cfg.listen_address, cfg.peer_port, cfg.peer_cert, cfg.peer_key,
                                  client_ca, _PeerHandler(manager),
@@ -195,6 +201,8 @@ async def run(cfg: Config, *, user_bus: bool = False) -> int:
     if peer_server:
         await peer_server.stop()
     peers.close()
+    if tokens is not None:
+        tokens.close()
     if not disconnected.done():
         bus.disconnect()
     return code
@@ -230,6 +238,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"scistreamd: configuration error: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
+        if cfg.token_introspection_url:
+            from .tokens import read_client_secret
+
+            try:
+                read_client_secret(cfg.token_client_secret_file)
+            except ConfigError as e:
+                print(f"scistreamd: configuration error: {e}", file=sys.stderr)
+                return EX_CONFIG
         print("configuration OK")
         return 0
     if args.generate_cert:

@@ -78,6 +78,19 @@ class WrongListener(ScistreamError):
     exit_code = 11
 
 
+class AuthUnavailable(ScistreamError):
+    """A bearer token could not be checked: the token introspection endpoint did
+    not answer, or answered something that is not an RFC 7662 answer.
+
+    Not AccessDenied: the caller's token may well be good, and another token
+    would not help; retrying later may (HTTP 503 on the peer port). Either way
+    nothing is granted (fail closed).
+    """
+
+    name = "AuthUnavailable"
+    exit_code = 12
+
+
 class ConfigError(ScistreamError):
     """A bad configuration (file, key and problem), or a host set-up problem
     named by ``path`` alone (a whole message, e.g. a missing system group)."""
@@ -104,5 +117,6 @@ BY_DBUS_NAME: Dict[str, Type[ScistreamError]] = {
         RelayFailed,
         AccessDenied,
         WrongListener,
+        AuthUnavailable,
     )
 }

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Tuple, Type
 from .errors import (
     AccessDenied,
     AlreadyExists,
+    AuthUnavailable,
     InvalidArgument,
     NotFound,
     PeerRejected,
@@ -80,6 +81,7 @@ ERRORS: Dict[str, Tuple[int, Type[ScistreamError]]] = {
     PortsExhausted.name: (503, PortsExhausted),
     PeerUnreachable.name: (502, PeerUnreachable),
     RelayFailed.name: (500, RelayFailed),
+    AuthUnavailable.name: (503, AuthUnavailable),
     "UnknownPath": (404, PeerRejected),
     "MethodNotAllowed": (405, PeerRejected),
     "LengthRequired": (411, PeerRejected),
@@ -91,7 +93,8 @@ ERRORS: Dict[str, Tuple[int, Type[ScistreamError]]] = {
 #: Names whose message is the daemon's own answer to the request (passed on as is).
 DAEMON_ERRORS = frozenset({InvalidArgument.name, AccessDenied.name, NotFound.name,
                            PeerRejected.name, WrongListener.name, "Busy", AlreadyExists.name,
-                           PortsExhausted.name, PeerUnreachable.name, RelayFailed.name})
+                           PortsExhausted.name, PeerUnreachable.name, RelayFailed.name,
+                           AuthUnavailable.name})
 REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized",
            403: "Forbidden", 404: "Not Found", 502: "Bad Gateway",
            405: "Method Not Allowed", 409: "Conflict", 411: "Length Required",

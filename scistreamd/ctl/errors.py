@@ -8,6 +8,7 @@ from typing import Tuple
 from ..errors import (
     AccessDenied,
     AlreadyExists,
+    AuthUnavailable,
     InvalidArgument,
     NotFound,
     PeerRejected,
@@ -52,6 +53,9 @@ EXIT_CODES: Tuple[Tuple[int, str, str], ...] = (
      "answer", "scistreamd not running / bus unreachable"),
     (WrongListener.exit_code, "the peer has no such listener for the tunnel; nothing was "
      "claimed (``WrongListener``)", "wrong listener, nothing claimed (WrongListener)"),
+    (AuthUnavailable.exit_code, "the daemon could not check the bearer token: its token "
+     "introspection server is unreachable or answered garbage; nothing was done, try again "
+     "later (``AuthUnavailable``)", "token check unavailable (AuthUnavailable)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "interrupted"),
 )
 

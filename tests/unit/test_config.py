@@ -358,6 +358,28 @@ BAD_VALUES = [
     ("log_level", '"INFO"'),
     ("log_level", '"notice"'),
     ("log_level", "20"),
+    ("token_introspection_url", '"http://auth.example.org/introspect"'),
+    ("token_introspection_url", '"https://id:secret@auth.example.org/introspect"'),
+    ("token_introspection_url", '"https://auth.example.org/i#x"'),
+    ("token_introspection_url", '"https:///introspect"'),
+    ("token_introspection_url", '"https://auth.example.org:99999/i"'),
+    ("token_introspection_url", '"https://auth.example.org/a b"'),
+    ("token_introspection_url", "true"),
+    ("token_client_id", '"a b"'),
+    ("token_client_id", "7"),
+    ("token_client_id", '"a:b"'),
+    ("token_client_secret_file", '"secret"'),
+    ("token_required_scope", '"a \\"b"'),
+    ("token_required_scope", "[1]"),
+    ("token_required_scope", "1"),
+    ("token_audience", '"a\\nb"'),
+    ("token_cache_max_seconds", "-1"),
+    ("token_cache_max_seconds", "3601"),
+    ("token_cache_max_seconds", '"60"'),
+    ("token_negative_cache_seconds", "31"),
+    ("token_negative_cache_seconds", "nan"),
+    ("token_ca_file", '"ca.crt"'),
+    ("token_timeout", "0"),
 ]
 
 
@@ -447,3 +469,38 @@ def test_allowed_targets_bad_values(main: Path, value: str, needle: str) -> None
     with pytest.raises(ConfigError) as e:
         load_config(main)
     assert e.value.key == "allowed_targets" and needle in str(e.value), str(e.value)
+
+
+def test_token_keys(main: Path) -> None:
+    write(main, 'token_introspection_url = "https://auth.example.org:8443/oauth2/introspect"\n'
+                'token_client_id = "scistreamd-s1"\n'
+                'token_client_secret_file = "/etc/scistream/oauth-secret"\n'
+                'token_required_scope = "tunnels  read tunnels"\n'
+                'token_audience = "scistreamd-s1"\n'
+                'token_cache_max_seconds = 0\n'
+                'token_negative_cache_seconds = 2.5\n'
+                'token_ca_file = "/etc/scistream/oauth-ca.crt"\n'
+                'token_timeout = 2\n')
+    c = load_config(main)
+    assert c.token_introspection_url == "https://auth.example.org:8443/oauth2/introspect"
+    assert (c.token_client_id, c.token_audience) == ("scistreamd-s1", "scistreamd-s1")
+    assert c.token_client_secret_file == Path("/etc/scistream/oauth-secret")
+    assert c.token_required_scope == ("tunnels", "read")
+    assert (c.token_cache_max_seconds, c.token_negative_cache_seconds) == (0.0, 2.5)
+    assert (c.token_ca_file, c.token_timeout) == (Path("/etc/scistream/oauth-ca.crt"), 2.0)
+    assert config_from_mapping({"token_required_scope": ["a", "b"]}).token_required_scope == \
+        ("a", "b")
+
+
+def test_token_defaults_accept_no_user_tokens() -> None:
+    c = Config()
+    assert c.token_introspection_url == "" and c.token_required_scope == ()
+    assert (c.token_cache_max_seconds, c.token_negative_cache_seconds) == (60.0, 5.0)
+    assert c.token_ca_file is None
+
+
+def test_token_url_needs_a_client_id(main: Path) -> None:
+    write(main, 'token_introspection_url = "https://auth.example.org/introspect"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert info.value.key == "token_client_id" and "token_client_secret_file" in str(info.value)

@@ -690,8 +690,8 @@ def test_error_mapping_of_named_errors(name: str, cls: Any) -> None:
 
 def test_error_codes_are_distinct_and_documented() -> None:
     codes = {cls.exit_code for cls in BY_DBUS_NAME.values()}
-    assert codes == set(range(2, 10)) | {11}
-    for code in range(0, 12):
+    assert codes == set(range(2, 10)) | {11, 12}
+    for code in range(0, 13):
         assert f"  {code} " in ctl.EXIT_CODES_HELP
         assert f"\n{code} " in ctl.__doc__
 

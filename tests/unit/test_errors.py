@@ -44,7 +44,8 @@ def test_dbus_names_and_exit_codes_are_unchanged() -> None:
         f"org.scistream.Tunnel1.Error.{n}": code for n, code in [
             ("InvalidArgument", 2), ("NotFound", 3), ("AlreadyExists", 4),
             ("PortsExhausted", 5), ("PeerUnreachable", 6), ("PeerRejected", 7),
-            ("RelayFailed", 8), ("AccessDenied", 9), ("WrongListener", 11)]}
+            ("RelayFailed", 8), ("AccessDenied", 9), ("WrongListener", 11),
+            ("AuthUnavailable", 12)]}
     failed = "org.scistream.Tunnel1.Error.Failed"
     assert ConfigError.dbus_name() == SystemdError.dbus_name() == failed
 
