@@ -375,3 +375,95 @@ def test_one_command_tunnel_rolls_back_when_the_outbound_half_fails(clean_users,
                 f"{S2}:5000", *more, *ident(), user=user)
         assert r.returncode == 0, r.stderr
     assert residue(s1) == [] and residue(s2) == []
+
+
+# ---------------------------------------------------------------------------
+# With a token from the test bed's OAuth 2.0 server (tests/oauthbed.py)
+
+
+@pytest.fixture(scope="module")
+def tokened(users, bed):
+    """server1's daemon also checks bearer tokens (introspection) and has a rule for the
+    token robot 'alice' (inbound to 192.168.150.1 port 5302 only); tokens are issued by
+    the OAuth server on server2 for alice's client."""
+    from tests.oauthbed import Driver, OAuth, config
+
+    s1, _s2 = users
+    driver = Driver(s1)
+    oauth = OAuth(bed, driver)
+    oauth.start()
+    keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in config().items())
+    rules = RULES + (f'\n[[user_rules]]\nname = "alice"\nidentities = ["token:'
+                     f'{oauth.alice["sub"]}"]\ninbound_targets = ["{S1} {ECHO_PORT}"]\n'
+                     "max_endpoints = 4\n")
+    # one drop-in: user_rules in a later file would replace these
+    _write(s1, DROPIN, (keys + rules).encode())
+    _restart(s1)
+    try:
+        yield oauth
+    finally:
+        _write(s1, DROPIN, RULES.encode())
+        _restart(s1)
+        oauth.remove()
+        driver.close()
+
+
+def test_guide_command_with_a_token_file_works_remotely_and_shows_it_redacted(
+        clean_users, tokened, apps):
+    """sstest-user on server2 with a token issued by the OAuth server in a 0600 token file
+    (never on a command line): inbound on server1 through its user API, owner token:<sub>,
+    the access_token column REDACTED:<sha256 prefix>; data flows through the tunnel."""
+    import hashlib
+
+    s1, s2 = clean_users
+    token = tokened.issue()
+    _write(s2, f"{DIR}/alice.token", token.encode(), "0600", owner=USER)
+    r = ctl(s2, *shlex.split(GUIDE_IN.format(s2cs=f"{S1}:5000")), "--server_cert", PEER_CA,
+            "--token-file", f"{DIR}/alice.token", user=USER)
+    assert r.returncode == 0, r.stderr
+    assert token not in r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    uid, s2cs, shown, role = lines[1].split()
+    assert (s2cs, role) == (f"{S1}:5000", "PROD")
+    assert shown == "REDACTED:" + hashlib.sha256(token.encode()).hexdigest()[:8]
+    assert endpoint_properties(s1, uid, "inbound")["Owner"] == f"token:{tokened.alice['sub']}"
+    listeners = json.loads(lines[2][len("Listeners: "):].replace("'", '"'))
+    r = s2.ctl("outbound-request", "--server_cert", PEER_CA, uid, *listeners)
+    assert r.returncode == 0, r.stderr
+    _uid, _s2cs, _role, local = parse_request_output(r.stdout)
+    echo_through(apps, s1, s2, local[0], "token")
+    # the same token from $SCISTREAM_TOKEN's place, the per-user file ($XDG_CONFIG_HOME)
+    r = ctl(s2, "list", "--s2cs", f"{S1}:5000", "--server_cert", PEER_CA, user=USER,
+            env=f"XDG_CONFIG_HOME={DIR}/xdg")
+    assert r.returncode == 9, r.stdout + r.stderr  # no token, no certificate: refused
+    _write(s2, f"{DIR}/xdg/scistream/token", token.encode(), "0600", owner=USER)
+    r = ctl(s2, "list", "--s2cs", f"{S1}:5000", "--server_cert", PEER_CA, "--json", user=USER,
+            env=f"XDG_CONFIG_HOME={DIR}/xdg")
+    assert r.returncode == 0, r.stderr
+    assert [e["uid"] for e in json.loads(r.stdout)] == [uid]
+    r = ctl(s2, "release", uid, "--s2cs", f"{S1}:5000", "--server_cert", PEER_CA,
+            "--token-file", f"{DIR}/alice.token", user=USER)
+    assert r.returncode == 0, r.stderr
+    assert s2.ctl("release", uid).returncode == 0
+    for host in (s1, s2):
+        assert token not in host.journal("--no-pager")
+    assert residue(s1) == [] and residue(s2) == []
+
+
+def test_token_refusals_and_oauth_server_down_through_the_cli(clean_users, tokened):
+    """A token of the wrong scope: AccessDenied (9); the OAuth server down: the daemon
+    fails closed with AuthUnavailable, which the CLI exits with (12); nothing created."""
+    s1, s2 = clean_users
+    base = [*shlex.split(GUIDE_IN.format(s2cs=f"{S1}:5000")), "--server_cert", PEER_CA,
+            "--token-file", f"{DIR}/t.token", "--json"]
+    _write(s2, f"{DIR}/t.token", tokened.issue(scope="other").encode(), "0600", owner=USER)
+    r = ctl(s2, *base, user=USER)
+    assert (r.returncode, json.loads(r.stdout)["error"]) == (9, "AccessDenied"), r.stderr
+    _write(s2, f"{DIR}/t.token", tokened.issue().encode(), "0600", owner=USER)
+    tokened.stop()
+    try:
+        r = ctl(s2, *base, user=USER)
+    finally:
+        tokened.start()
+    assert (r.returncode, json.loads(r.stdout)["error"]) == (12, "AuthUnavailable"), r.stderr
+    assert residue(s1) == [] and residue(s2) == []
