@@ -316,9 +316,16 @@ def test_one_command_tunnel_json(clean_users):
     assert len(doc["listeners"]) == 2 and doc["listeners"] == doc["client"]["listeners"]
     assert doc["server"]["endpoint"]["uid"] == doc["uid"]
     assert doc["client"]["endpoint"]["role"] == "outbound"
-    r = ctl(s2, "release", doc["uid"], "--server-s2cs", f"{S1}:5000", "--client-s2cs",
-            f"{S2}:5000", "--remote", *ident(), user=USER)
+    # release --all with --s2cs: every endpoint of this identity there, and only those
+    r = s1.ctl("inbound-request", "--remote_ip", S1, "--receiver_ports", str(ECHO_PORT))
     assert r.returncode == 0, r.stderr
+    theirs, _s2cs, _role, _listeners = parse_request_output(r.stdout)
+    for ip in (S1, S2):
+        r = ctl(s2, "release", "--all", "--s2cs", f"{ip}:5000", "--remote", *ident(),
+                user=USER)
+        assert (r.returncode, r.stdout) == (0, f"Released 1 endpoint at {ip}:5000.\n"), r.stderr
+    assert endpoint_properties(s1, theirs, "inbound")["Owner"] == "local:uid=0"
+    assert s1.ctl("release", theirs).returncode == 0
     assert residue(s1) == [] and residue(s2) == []
 
 

@@ -16,6 +16,7 @@ import os
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -219,6 +220,7 @@ class Canned:
         self.ca = tmp / "ca.crt"
         self.ca.write_bytes(ca.cert_pem())
         self.answers: Dict[str, Tuple[int, Any]] = {}
+        self.delays: Dict[str, float] = {}
         self.seen: List[Tuple[str, str, str, Any]] = []
         owner = self
 
@@ -230,6 +232,7 @@ class Canned:
                 owner.seen.append((self.command, self.path,
                                    self.headers.get("Authorization", ""), body))
                 status, doc = owner.answers.get(key, (404, {"error": "UnknownPath"}))
+                time.sleep(owner.delays.get(key, 0))
                 raw = json.dumps(doc).encode()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(raw)))
@@ -345,6 +348,31 @@ def test_tunnel_rollback_that_fails_says_how_to_release(canned: Canned, capsys) 
     assert code == 9 and err.count("\n") == 1
     assert (f"'scistreamctl release {UID} --server-s2cs {canned.addr} --client-s2cs "
             f"{canned.addr}'") in err
+
+
+def test_tunnel_interrupted_in_its_outbound_half_releases_the_inbound_half(
+        canned: Canned, tmp_path: Path) -> None:
+    import signal
+
+    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/outbound"] = (201, {"listeners": ["192.0.2.2:5100"]})
+    canned.delays["POST /v1/tunnels/outbound"] = 3.0
+    canned.answers[f"DELETE /v1/tunnels/{UID}"] = (200, {"released": 1})
+    env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CONFIG_HOME=str(tmp_path / "none"))
+    proc = subprocess.Popen(
+        ["/usr/bin/python3", "-m", "scistreamd.ctl", "tunnel", "--remote", "--server-s2cs",
+         canned.addr, "--client-s2cs", canned.addr, "--remote_ip", "192.0.2.1",
+         "--receiver_ports", "5300", "--server_cert", str(canned.ca)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while len(canned.seen) < 2 and time.monotonic() < deadline:  # the outbound half is asked
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (130, ""), err
+    assert "Traceback" not in err
+    assert [(m, p) for m, p, _, _ in canned.seen][-2:] == [
+        ("DELETE", f"/v1/tunnels/{UID}"), ("DELETE", f"/v1/tunnels/{UID}")]
 
 
 def test_tunnel_prints_both_sides(canned: Canned, capsys) -> None:
