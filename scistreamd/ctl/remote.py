@@ -15,7 +15,6 @@ work on two sides and do not care which kind each is.
 from __future__ import annotations
 
 import argparse
-import errno
 import socket
 from datetime import datetime
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -24,6 +23,7 @@ from .. import MANAGER_IFACE
 from ..errors import NotFound, ScistreamError
 from ..model import HostPort, IPAddress, parse_hostport
 from .errors import CtlError, _one_line, usage_error
+from .output import format_request_rows
 
 Output = Tuple[str, Any]
 
@@ -39,10 +39,8 @@ def is_this_host(ip: IPAddress) -> bool:
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.bind((str(ip), 0))
-    except OSError as err:
-        if err.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT):
-            return False
-        raise
+    except OSError:  # EADDRNOTAVAIL above all; no IPv6 here: not this host either
+        return False
     return True
 
 
@@ -83,8 +81,6 @@ def daemon_of(args: argparse.Namespace, value: Optional[str], option: str = "--s
 class LocalSide:
     """This host's daemon over D-Bus."""
 
-    remote = False
-
     def __init__(self, args: argparse.Namespace, s2cs: str) -> None:
         self.args, self.s2cs = args, s2cs
         self.access_token = "INVALID_TOKEN"
@@ -122,8 +118,6 @@ class LocalSide:
 
 class RemoteSide:
     """Another daemon's user API."""
-
-    remote = True
 
     def __init__(self, args: argparse.Namespace, daemon: HostPort) -> None:
         from ..userclient import UserClient
@@ -184,21 +178,12 @@ def side(args: argparse.Namespace, option: str) -> Any:
 # Verbs on one remote daemon
 
 
-def _request_lines(uid: str, rows: Sequence[Tuple[str, str, str]],
-                   listeners: Sequence[str]) -> str:
-    """The guide's lines: a header, a row per side (s2cs, token column, role), Listeners."""
-    lines = ["uid; s2cs; access_token; role"]
-    lines += [f"{uid} {s2cs} {token} {role}" for s2cs, token, role in rows]
-    lines.append(f"Listeners: {list(listeners)!r}")
-    return "\n".join(lines) + "\n"
-
-
 def inbound(remote: RemoteSide, plan: Any) -> Output:
     got = remote.inbound(plan.remote_ip, plan.ports, plan.num_conn, plan.allowed_peer)
     data = {"uid": got["uid"], "role": "PROD", "s2cs": remote.s2cs,
             "access_token": remote.access_token, "listeners": got["listeners"],
             "endpoint": got["endpoint"]}
-    return _request_lines(got["uid"], [(remote.s2cs, remote.access_token, "PROD")],
+    return format_request_rows(got["uid"], [(remote.s2cs, remote.access_token, "PROD")],
                           got["listeners"]), data
 
 
@@ -208,7 +193,7 @@ def outbound(remote: RemoteSide, plan: Any) -> Output:
     data = {"uid": plan.uid, "role": "CONS", "s2cs": remote.s2cs,
             "access_token": remote.access_token, "listeners": got["listeners"],
             "endpoint": got["endpoint"]}
-    return _request_lines(plan.uid, [(remote.s2cs, remote.access_token, "CONS")],
+    return format_request_rows(plan.uid, [(remote.s2cs, remote.access_token, "CONS")],
                           got["listeners"]), data
 
 
@@ -340,7 +325,7 @@ def tunnel(args: argparse.Namespace) -> Output:
                        "listeners": made["listeners"], "endpoint": made["endpoint"]},
             "client": {"s2cs": str(client), "access_token": client.access_token,
                        "listeners": out["listeners"], "endpoint": out["endpoint"]}}
-    return _request_lines(uid, rows, out["listeners"]), data
+    return format_request_rows(uid, rows, out["listeners"]), data
 
 
 def _roll_back(uid: str, server: Any, client: Any) -> str:
