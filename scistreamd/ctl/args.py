@@ -210,6 +210,9 @@ def _uid_arg(p: argparse.ArgumentParser, *names: str, help: str, **kw: Any) -> N
 def complete_uids(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> List[str]:
     """argcomplete: the uids of this host's endpoints (ListEndpoints) that start with
     ``prefix``; nothing, quietly, when the daemon cannot be asked (down, not permitted)."""
+    if any(getattr(parsed_args, name, None) for name in ("s2cs", "server_s2cs", "client_s2cs",
+                                                          "remote")):
+        return []  # another daemon's uids: not asked for over the network on every TAB
     from .bus import endpoint_uids
 
     user = bool(getattr(parsed_args, "user", False))
