@@ -8,7 +8,13 @@ Three views, interleaved run by run (release of both ends after each, timed too)
 - ``cli_mixed``: the same as root without ``--remote``: server2's own daemon over
   D-Bus, server1's through the user API;
 - ``library``: userclient.UserClient in one long-lived process in server2 (no
-  interpreter start, no imports): create inbound on server1, outbound on server2.
+  interpreter start, no imports): create inbound on server1, outbound on server2;
+- ``guide_two_commands``: what ``tunnel`` replaces, the guide's two commands each
+  typed on its own gateway (inbound-request on server1, outbound-request on
+  server2, over D-Bus), the sum of their wall times; release on each.
+
+On a loaded machine compare the views of one run with each other (they are
+interleaved), not with other runs.
 
 The identity is a client certificate (user_client_ca); token identities (and so
 a warm or cold token cache) are not measured here.
@@ -104,6 +110,25 @@ def _tunnel(s2: Host, remote: bool) -> Dict[str, float]:
     return {"tunnel": r["ms"], "release": rel["ms"]}
 
 
+def _guide(s1: Host, s2: Host) -> Dict[str, float]:
+    """The guide's two commands, each on its own gateway (D-Bus), and release on each."""
+    times = []
+    inbound = H.timeit(s1, ["scistreamctl", "inbound-request", "--remote_ip", S1_IP,
+                            "--s2cs", f"{S1_IP}:5000", "--receiver_ports", "5300"])
+    if inbound["rc"] != 0:
+        raise H.BenchError(f"inbound-request exited {inbound['rc']}: {inbound['stderr']}")
+    lines = inbound["stdout"].splitlines()
+    uid = lines[1].split()[0]
+    listeners = lines[2].split(":", 1)[1].strip().strip("[]").replace("'", "").split(", ")
+    outbound = H.timeit(s2, ["scistreamctl", "outbound-request", "--s2cs", f"{S2_IP}:5000",
+                             f"--server_cert={PEER_CA}", uid, *listeners])
+    if outbound["rc"] != 0:
+        raise H.BenchError(f"outbound-request exited {outbound['rc']}: {outbound['stderr']}")
+    for host in (s2, s1):
+        times.append(H.timeit(host, ["scistreamctl", "release", uid])["ms"])
+    return {"tunnel": inbound["ms"] + outbound["ms"], "release": sum(times)}
+
+
 def run(bed: Testbed, runs: int = 20, warmup: int = 2,
         log: Callable[[str], None] = print) -> Dict[str, Any]:
     s1, s2 = bed["server1"], bed["server2"]
@@ -111,11 +136,11 @@ def run(bed: Testbed, runs: int = 20, warmup: int = 2,
     samples: Dict[str, List[float]] = {}
     try:
         for i in range(warmup + runs):
-            order = (True, False) if i % 2 == 0 else (False, True)
-            for remote in order:
-                got = _tunnel(s2, remote)
+            kinds = ["cli_remote", "cli_mixed", "guide_two_commands"]
+            for kind in kinds[i % 3:] + kinds[:i % 3]:  # each goes first in turn
+                got = (_guide(s1, s2) if kind == "guide_two_commands"
+                       else _tunnel(s2, kind == "cli_remote"))
                 if i >= warmup:
-                    kind = "cli_remote" if remote else "cli_mixed"
                     for op, ms in got.items():
                         samples.setdefault(f"{kind}_{op}", []).append(ms)
             if i >= warmup and (i - warmup + 1) % 5 == 0:
