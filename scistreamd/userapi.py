@@ -197,7 +197,11 @@ class UserApi:
             return 201, {"uid": ep.uid, "listeners": [str(h) for h in ep.listeners],
                          "endpoint": self._json(ep)}
         out = OutboundBody.from_json(doc)
-        self._deny(ident, source, outbound_refusal(self._rules, ident))
+        # Where this gateway will connect: the peer daemon (the manager's default:
+        # the first listener's host) and the remote listeners.
+        peer = out.peer.host if out.peer else out.remote_listeners[0].host
+        self._deny(ident, source, outbound_refusal(
+            self._rules, ident, [peer] + [h.host for h in out.remote_listeners]))
         async with self._owner_lock(ident):
             self._check_limit(ident, source)
             ep = await self._m.outbound_request(

@@ -7,6 +7,7 @@ Each rule is a TOML table of the array ``user_rules``::
     identities = ["username:alice@example.org", "group:0b2c...", "cert:robot7.example.org"]
     inbound_targets = ["10.7.0.0/16 5000-5100"]   # targets.py syntax; [] = no inbound
     outbound = true                        # may create outbound endpoints (default false)
+    outbound_peers = ["192.168.150.0/24"]  # ... whose peer and listeners lie here (default: any)
     max_endpoints = 4                      # endpoints held at once (default 4)
 
 Identity selectors: ``token:SUB`` or ``sub:SUB`` (a token's subject),
@@ -27,11 +28,12 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 from .errors import InvalidArgument
 from .identity import MAX_NAME, Identity
-from .model import IPAddress
+from .model import IPAddress, IPNetwork, parse_network
 from .targets import TargetRule, parse_target_rules, target_refusal
 
 SELECTOR_KINDS = ("token", "sub", "username", "group", "cert")
-RULE_KEYS = ("name", "identities", "inbound_targets", "outbound", "max_endpoints")
+RULE_KEYS = ("name", "identities", "inbound_targets", "outbound", "outbound_peers",
+             "max_endpoints")
 DEFAULT_MAX_ENDPOINTS = 4
 MAX_USER_RULES = 1024
 MAX_SELECTORS = 1024
@@ -46,6 +48,9 @@ class UserRule:
     inbound_targets: Tuple[TargetRule, ...] = ()
     outbound: bool = False
     max_endpoints: int = DEFAULT_MAX_ENDPOINTS
+    #: Networks an outbound request's peer daemon and remote listeners must lie in;
+    #: None: any (the peer must still pass the gateway's TLS trust).
+    outbound_peers: Optional[Tuple[IPNetwork, ...]] = None
 
     def matches(self, ident: Identity) -> bool:
         return any(selector_matches(kind, value, ident) for kind, value in self.identities)
@@ -111,10 +116,19 @@ def parse_user_rule(value: object, index: int) -> UserRule:
     outbound = value.get("outbound", False)
     if not isinstance(outbound, bool):
         raise InvalidArgument(f"outbound of {where} must be true or false")
+    peers = value.get("outbound_peers")
+    if peers is not None:
+        if not isinstance(peers, list) or len(peers) > MAX_SELECTORS:
+            raise InvalidArgument(f"outbound_peers of {where} must be an array of networks, "
+                                  "e.g. [\"192.168.150.0/24\", \"2001:db8::/32\"]")
+        try:
+            peers = tuple(parse_network(p, "outbound peer network") for p in peers)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{where}: {e}") from None
     limit = value.get("max_endpoints", DEFAULT_MAX_ENDPOINTS)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 100_000:
         raise InvalidArgument(f"max_endpoints of {where} must be an integer 0..100000")
-    return UserRule(name, selectors, targets, outbound, limit)
+    return UserRule(name, selectors, targets, outbound, limit, peers)
 
 
 def parse_user_rules(value: object) -> Tuple[UserRule, ...]:
@@ -169,13 +183,21 @@ def inbound_refusal(rules: Sequence[UserRule], ident: Identity,
     return None
 
 
-def outbound_refusal(rules: Sequence[UserRule], ident: Identity) -> Optional[str]:
+def outbound_refusal(rules: Sequence[UserRule], ident: Identity,
+                     addresses: Iterable[IPAddress] = ()) -> Optional[str]:
+    """``addresses``: the peer daemon's and the remote listeners' (for outbound_peers)."""
     rule = rule_for(rules, ident)
     if rule is None:
         return _no_rule(ident, "create outbound endpoints")
     if not rule.outbound:
         return (f"{ident} may not create outbound endpoints: rule {rule.name!r} of user_rules "
                 "does not set outbound = true" + FIX)
+    if rule.outbound_peers is not None:
+        for ip in addresses:
+            if not any(ip.version == n.version and ip in n for n in rule.outbound_peers):
+                return (f"{ident} may not create outbound endpoints towards {ip}: it is "
+                        f"outside outbound_peers of rule {rule.name!r} of user_rules ("
+                        f"{', '.join(map(str, rule.outbound_peers[:8])) or 'none'})" + FIX)
     return None
 
 

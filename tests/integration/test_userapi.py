@@ -51,6 +51,7 @@ name = "robot-b-rule"
 identities = ["cert:{B}"]
 inbound_targets = ["192.168.150.0/24 5300-5310"]
 outbound = true
+outbound_peers = ["192.168.150.1"]
 max_endpoints = 4
 """
 
@@ -221,6 +222,12 @@ def test_target_outside_the_rule_is_refused_and_nothing_created(users):
     msg = refused(api(s2, s2.ip, "POST", "/v1/tunnels/outbound",
                       {"uid": str(uuid.uuid4()), "remote_listeners": [f"{s1.ip}:5100"],
                        "num_conn": 1}, cert=C), 403, "AccessDenied")
+    # robot-b may reach peers in 192.168.150.1 only: towards server2 itself it is refused
+    # before anything is claimed or created.
+    msg = refused(api(s2, s2.ip, "POST", "/v1/tunnels/outbound",
+                      {"uid": str(uuid.uuid4()), "remote_listeners": [f"{s2.ip}:5100"],
+                       "num_conn": 1}, cert=B), 403, "AccessDenied")
+    assert "outbound_peers of rule 'robot-b-rule'" in msg and s2.ip in msg, msg
     assert residue(s1) == [] and residue(s2) == []
 
 

@@ -80,7 +80,8 @@ def test_parse_owner() -> None:
 RULES = [
     {"name": "beam7", "identities": ["group:grp-beam7", "cert:Robot7.Example.org."],
      "inbound_targets": ["10.7.0.0/16 5000-5100"], "outbound": True, "max_endpoints": 2},
-    {"name": "bob-out", "identities": ["username:bob@example.org"], "outbound": True},
+    {"name": "bob-out", "identities": ["username:bob@example.org"], "outbound": True,
+     "outbound_peers": ["192.168.150.0/24", "2001:db8::/32"]},
     {"name": "alice-late", "identities": ["sub:sub-alice"], "inbound_targets": ["0.0.0.0/0"]},
 ]
 
@@ -114,6 +115,11 @@ def test_inbound_decisions_name_the_rule() -> None:
 def test_outbound_and_limit_decisions() -> None:
     rules = parse_user_rules(RULES)
     assert outbound_refusal(rules, BOB) is None
+    assert outbound_refusal(rules, BOB, [IP("192.168.150.1"), IP("2001:db8::5")]) is None
+    why = outbound_refusal(rules, BOB, [IP("192.168.150.1"), IP("10.0.0.1")])
+    assert "10.0.0.1" in why and "outbound_peers of rule 'bob-out'" in why
+    assert outbound_refusal(rules, ALICE, [IP("10.0.0.1")]) is None  # beam7: any peer
+    assert rules[0].outbound_peers is None
     assert "outbound = true" in outbound_refusal(parse_user_rules(RULES[2:]), ALICE)
     assert "no rule" in outbound_refusal(rules, local_identity(5))
     assert limit_refusal(rules, ALICE, 1) is None
@@ -131,6 +137,8 @@ def test_outbound_and_limit_decisions() -> None:
     ({"name": "r", "identities": ["sub:x"], "max_endpoints": -1}, "max_endpoints"),
     ({"name": "r", "identities": ["sub:x"], "inbound_targets": ["10.0.0.1/8"]}, "host bits"),
     ({"name": "r r", "identities": ["sub:x"]}, "name"),
+    ({"name": "r", "identities": ["sub:x"], "outbound_peers": "10.0.0.0/8"}, "array"),
+    ({"name": "r", "identities": ["sub:x"], "outbound_peers": ["gw.example.org"]}, "network"),
 ])
 def test_bad_rules_are_named(rule: Dict[str, Any], text: str) -> None:
     with pytest.raises(InvalidArgument, match=text):
