@@ -12,6 +12,10 @@ the daemon builds it, runs on server1 in tests/integration/tokendriver.py:
   introspection requests for each 100 (goal: 1).
 - ``cold``: the first check of each of ``runs`` × 5 fresh tokens (one real
   introspection over HTTPS, a new TLS connection only for the first), for scale.
+- ``daemon``: server1's scistreamd configured the same way; from server2, GET
+  /v1/tunnels (a new TLS connection each, as a client makes one) ``runs`` × 20
+  times with one warm token, and ``runs`` × 20 times each with a fresh token
+  (one introspection inside the request): what the cache saves per request.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def run(bed: Any, runs: int = 5, checks: int = 10000,
                 cold_ms.append((time.perf_counter() - t0) * 1000)
             log(f"bench: tokens run {i + 1}/{runs}: cached p50 {p50s[-1]:.1f} µs, "
                 f"round trips per 100: {trips_seq[-1]} sequential, {trips_par[-1]} parallel")
+        daemon_ms = _daemon(bed, oauth, runs, log)
     finally:
         driver.close()
         oauth.remove()
@@ -71,9 +76,53 @@ def run(bed: Any, runs: int = 5, checks: int = 10000,
         "cached_check_us": {"p50": _summary(p50s), "p95": _summary(p95s)},
         "round_trips_per_100": {"sequential": trips_seq, "parallel": trips_par},
         "cold_check_ms": _summary(cold_ms),
+        "daemon_request_ms": daemon_ms,
         "setup": "TokenVerifier on server1 (in-process, as in the daemon), the authlib "
                  "OAuth server on server2 over HTTPS (TLS 1.3, test CA)",
     }}
+
+
+DROPIN = "/etc/scistream/conf.d/60-bench-tokens.toml"
+USER_API = "https://192.168.150.1:5000/v1/tunnels"
+PEER_CA = "/etc/scistream/peer-ca.crt"
+
+
+def _daemon(bed: Any, oauth: Any, runs: int, log: Callable[[str], None]) -> Dict[str, Any]:
+    """p50/p95 of user API requests through server1's daemon, warm and cold token."""
+    import json
+
+    from tests.oauthbed import Driver, config, put
+
+    s1 = bed["server1"]
+    keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in config().items())
+    put(s1, DROPIN, keys + f'\n[[user_rules]]\nname = "bench"\n'
+        f'identities = ["token:{oauth.alice["sub"]}"]\n', "0644")
+    s1.run(["systemctl", "restart", "scistreamd.service"], timeout=120)
+    remote = Driver(bed["server2"])
+    warm: List[float] = []
+    cold: List[float] = []
+    try:
+        token = oauth.issue()
+        remote.ask(op="usertime", url=USER_API, ca=PEER_CA, tokens=[token])  # warms it
+        for i in range(runs):
+            for tokens, into in (([token] * 20, warm),
+                                 ([oauth.issue() for _ in range(20)], cold)):
+                out = remote.ask(op="usertime", url=USER_API, ca=PEER_CA, tokens=tokens)
+                if "ms" not in out:
+                    raise RuntimeError(f"user API request failed: {out}")
+                into.extend(out["ms"])
+            log(f"bench: tokens through the daemon, run {i + 1}/{runs}")
+    finally:
+        remote.close()
+        s1.run(["rm", "-f", DROPIN])
+        s1.run(["systemctl", "restart", "scistreamd.service"], timeout=120)
+
+    def pct(xs: List[float], q: float) -> float:
+        xs = sorted(xs)
+        return round(xs[min(len(xs) - 1, int(len(xs) * q))], 2)
+
+    return {"warm": {"p50": pct(warm, 0.5), "p95": pct(warm, 0.95), "n": len(warm)},
+            "cold": {"p50": pct(cold, 0.5), "p95": pct(cold, 0.95), "n": len(cold)}}
 
 
 def goals(results: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -109,4 +158,14 @@ def markdown(results: Dict[str, Any]) -> List[str]:
             f"| introspection round trips per 100 requests, sequential | {trips['sequential']} |",
             f"| introspection round trips per 100 requests, parallel | {trips['parallel']} |",
             f"| first check of a fresh token (one introspection) | "
-            f"{fmt(t['cold_check_ms'], 1, ' ms')} |"]
+            f"{fmt(t['cold_check_ms'], 1, ' ms')} |"] + _daemon_rows(t)
+
+
+def _daemon_rows(t: Dict[str, Any]) -> List[str]:
+    d = t.get("daemon_request_ms")
+    if not d:
+        return []
+    return [f"| GET /v1/tunnels through the daemon, warm token: p50 / p95 (n={d['warm']['n']}) | "
+            f"{d['warm']['p50']} / {d['warm']['p95']} ms |",
+            f"| GET /v1/tunnels through the daemon, fresh token: p50 / p95 (n={d['cold']['n']}) | "
+            f"{d['cold']['p50']} / {d['cold']['p95']} ms |"]

@@ -74,9 +74,17 @@ class OAuth:
         self.s1, self.s2 = bed["server1"], bed["server2"]
         self.driver = driver
         self.daemon_secret = secrets.token_urlsafe(24)
-        self.alice = {"client_id": "alice-robot", "client_secret": secrets.token_urlsafe(24),
-                      "sub": str(uuid.uuid4()), "username": "alice@facility.test"}
-        self.alice["identity_set"] = [self.alice["sub"], str(uuid.uuid4())]
+        #: A Globus-like group id that only carol's identity_set holds.
+        self.group = str(uuid.uuid4())
+        self.users: Dict[str, Dict[str, Any]] = {}
+        for name in ("alice", "bob", "carol"):
+            sub = str(uuid.uuid4())
+            self.users[name] = {"client_id": f"{name}-robot",
+                                "client_secret": secrets.token_urlsafe(24), "sub": sub,
+                                "username": f"{name}@facility.test",
+                                "identity_set": [sub, str(uuid.uuid4())]}
+        self.users["carol"]["identity_set"].append(self.group)
+        self.alice = self.users["alice"]
         ca = certs.make_ca("scistreamd test OAuth CA")
         pair = certs.make_host_cert("oauth", [ipaddress.ip_address("192.168.150.2")], issuer=ca)
         self.ca_pem = ca.cert_pem().decode()
@@ -86,12 +94,10 @@ class OAuth:
             "clients": [
                 {"client_id": DAEMON_CLIENT, "client_secret": self.daemon_secret,
                  "introspect": True},
-                {"client_id": self.alice["client_id"],
-                 "client_secret": self.alice["client_secret"],
-                 "scope": f"{SCOPE} other", "audiences": [DAEMON_CLIENT, "other-service"],
-                 "sub": self.alice["sub"], "username": self.alice["username"],
-                 "identity_set": self.alice["identity_set"]},
-            ]}
+            ] + [{"client_id": u["client_id"], "client_secret": u["client_secret"],
+                  "scope": f"{SCOPE} other", "audiences": [DAEMON_CLIENT, "other-service"],
+                  "sub": u["sub"], "username": u["username"], "identity_set": u["identity_set"]}
+                 for u in self.users.values()]}
         put(self.s2, f"{OAUTH_DIR}/server.crt", pair.cert_pem().decode(), "0644")
         put(self.s2, f"{OAUTH_DIR}/server.key", pair.key_pem().decode())
         put(self.s2, f"{OAUTH_DIR}/conf.json", json.dumps(conf))
@@ -114,11 +120,11 @@ class OAuth:
         self.s2.run(["rm", "-rf", OAUTH_DIR])
 
     def issue(self, scope: str = SCOPE, audience: Optional[str] = DAEMON_CLIENT,
-              expires_in: Optional[int] = None) -> str:
+              expires_in: Optional[int] = None, who: str = "alice") -> str:
+        user = self.users[who]
         out = self.driver.ask(op="issue", url=OAUTH, ca=OAUTH_CA, scope=scope,
                               audience=audience, expires_in=expires_in,
-                              client_id=self.alice["client_id"],
-                              client_secret=self.alice["client_secret"])
+                              client_id=user["client_id"], client_secret=user["client_secret"])
         assert out.get("status") == 200 and out["token"], out
         return out["token"]
 

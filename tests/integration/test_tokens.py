@@ -277,9 +277,14 @@ def daemon(bed, oauth):
     """server1's scistreamd with token introspection and a rule for alice's robot."""
     s1 = bed["server1"]
     keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in config().items())
+    rules = "".join(
+        f'\n[[user_rules]]\nname = "{name}"\nidentities = ["{ident}"]\n'
+        f'inbound_targets = ["192.168.150.1 {APP_PORT}"]\nmax_endpoints = 4\n'
+        for name, ident in (("alice", f"token:{oauth.alice['sub']}"),
+                            ("bob", f"username:{oauth.users['bob']['username']}"),
+                            ("group", f"group:{oauth.group}")))
     put(s1, DAEMON_DROPIN, "# written by test_tokens.py; removed when its tests end\n" + keys +
-        f'\n[[user_rules]]\nname = "alice"\nidentities = ["token:{oauth.alice["sub"]}"]\n'
-        f'inbound_targets = ["192.168.150.1 {APP_PORT}"]\nmax_endpoints = 4\n', "0644")
+        rules, "0644")
     _restart(s1)
     try:
         yield s1
@@ -461,3 +466,31 @@ def test_daemon_refuses_to_start_with_a_readable_client_secret_and_tunnels_keep_
     assert request(s2, local[0], "back") == "sec:back"
     assert user_call(remote, "DELETE", f"/{uid}", oauth.issue())["status"] == 200
     s2.ctl("release", uid)
+
+
+def test_daemon_token_identities_own_their_tunnels_and_identity_set_groups_match_rules(
+        daemon, oauth, remote, bed, clean) -> None:
+    """alice (rule by sub), bob (rule by username) and carol (rule by a group of her
+    Globus-like identity_set): each sees, inspects and releases only its own."""
+    from tests.integration.conftest import endpoint_properties
+
+    s1 = bed["server1"]
+    tokens = {who: oauth.issue(who=who) for who in ("alice", "bob", "carol")}
+    uids = {}
+    for who, token in tokens.items():
+        out = create_inbound(remote, token)
+        assert out["status"] == 201, (who, out)
+        uids[who] = out["body"]["uid"]
+        owner = endpoint_properties(s1, uids[who], "inbound")["Owner"]
+        assert owner == f"token:{oauth.users[who]['sub']}"
+    for who, token in tokens.items():
+        listed = user_call(remote, "GET", "", token)
+        assert [t["uid"] for t in listed["body"]["tunnels"]] == [uids[who]], (who, listed)
+        for other, uid in uids.items():
+            if other == who:
+                continue
+            for method in ("GET", "DELETE"):
+                out = user_call(remote, method, f"/{uid}", token)
+                assert (out["status"], out["body"].get("error")) == (404, "NotFound"), out
+    for who, token in tokens.items():
+        assert user_call(remote, "DELETE", f"/{uids[who]}", token)["status"] == 200

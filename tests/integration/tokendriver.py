@@ -10,6 +10,7 @@ Requests ({"op": ...}):
   issue    {"url", "ca", "client_id", "client_secret", "scope", "audience"?, "expires_in"?}
            -> {"status", "token"?, "body"}
   revoke   {"url", "ca", "client_id", "client_secret", "token"} -> {"status"}
+  usertime {"url", "ca", "tokens": [...]} -> {"ms": [...]}: one GET per token, each timed
   stats    {"url", "ca"} -> the server's counters
   counts   {"name"} -> {"introspections", "cache_hits"}
   user     {"method", "url", "ca", "token"?, "body"?} -> {"status", "body"}: one user API
@@ -123,6 +124,16 @@ async def main() -> int:
                 except ValueError:
                     body = resp.text
                 out = {"status": resp.status_code, "body": body}
+            elif op == "usertime":
+                ms = []
+                for token in req["tokens"]:
+                    t0 = time.perf_counter()
+                    resp = requests.get(req["url"], headers={"Authorization": f"Bearer {token}"},
+                                        verify=req["ca"], timeout=60)
+                    ms.append((time.perf_counter() - t0) * 1000)
+                    if resp.status_code != 200:
+                        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                out = {"ms": ms}
             elif op == "stats":
                 out = requests.get(f"{req['url']}/stats", verify=req["ca"], timeout=10).json()
             else:
