@@ -298,9 +298,18 @@ def tunnel(args: argparse.Namespace) -> Output:
     local_ports = _ports(args.local_ports, "--local-ports")
     server_hp = parse_hostport(args.server_s2cs, "--server-s2cs")
     client_hp = parse_hostport(args.client_s2cs, "--client-s2cs")
+    if server_hp.host.is_loopback and not client_hp.host.is_loopback:
+        # The client side claims the key from this address: its own loopback there.
+        raise usage_error(f"--server-s2cs {server_hp} is a loopback address, which the client "
+                          "side's daemon cannot reach the server side at: give an address it "
+                          "can reach", "tunnel")
     # Only the client side's daemon may claim the key: its certificate lists the
-    # address it is reached at (the user API verifies exactly that).
-    allowed = parse_allowed_peer(args.allowed_peer or str(client_hp.host), "--allowed-peer")
+    # address it is reached at (the user API verifies exactly that); a loopback or
+    # wildcard name of it says nothing about its certificate, so no default then.
+    default = "" if (client_hp.host.is_loopback or client_hp.host.is_unspecified) \
+        else str(client_hp.host)
+    allowed = parse_allowed_peer(args.allowed_peer or default, "--allowed-peer") \
+        if (args.allowed_peer or default) else ""
     peer_trust = read_trust_pem(args.peer_trust, "--peer-trust") if args.peer_trust else None
     server = side(args, "--server-s2cs")
     client = side(args, "--client-s2cs")

@@ -332,7 +332,6 @@ def test_tunnel_rolls_back_the_inbound_half(canned: Canned, capsys) -> None:
         ("DELETE", f"/v1/tunnels/{UID}"), ("DELETE", f"/v1/tunnels/{UID}")]
     # the key may only go to the client side's daemon; the client side claims from
     # the server side's address
-    assert canned.seen[0][3]["allowed_peer"] == "127.0.0.1"
     assert canned.seen[1][3] == {"uid": UID, "remote_listeners": ["192.0.2.1:5100"],
                                  "num_conn": 1, "peer": canned.addr}
 
@@ -373,6 +372,22 @@ def test_tunnel_interrupted_in_its_outbound_half_releases_the_inbound_half(
     assert "Traceback" not in err
     assert [(m, p) for m, p, _, _ in canned.seen][-2:] == [
         ("DELETE", f"/v1/tunnels/{UID}"), ("DELETE", f"/v1/tunnels/{UID}")]
+
+
+def test_tunnel_loopback_addresses(canned: Canned, capsys) -> None:
+    base = ["tunnel", "--remote", "--remote_ip", "192.0.2.1", "--receiver_ports", "5300",
+            "--server_cert", str(canned.ca)]
+    # the client side would claim from its own loopback: refused before anything is made
+    code, _, err = _run([*base, "--server-s2cs", "127.0.0.1:5000", "--client-s2cs",
+                         "192.0.2.2:5000"], capsys)
+    assert code == 2 and "loopback" in err and canned.seen == []
+    # a loopback name of the client side says nothing of its certificate: no allowed_peer
+    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/outbound"] = (201, {"listeners": ["192.0.2.2:5100"]})
+    code, _, err = _run([*base, "--server-s2cs", canned.addr, "--client-s2cs", canned.addr],
+                        capsys)
+    assert code == 0, err
+    assert "allowed_peer" not in canned.seen[0][3]
 
 
 def test_tunnel_prints_both_sides(canned: Canned, capsys) -> None:
