@@ -307,6 +307,22 @@ def test_one_command_tunnel_from_server2(clean_users, apps, who):
     assert residue(s1) == [] and residue(s2) == []
 
 
+def test_one_command_tunnel_from_the_server_side(clean_users, apps):
+    """From server1 as root: its own daemon over D-Bus (inbound), server2's through the
+    user API (outbound, robot-a), which claims from server1; data flows; both released."""
+    s1, s2 = clean_users
+    r = ctl(s1, *_tunnel_args(), *ident())
+    assert r.returncode == 0, r.stderr
+    uid, local = _tunnel_output(r.stdout)
+    assert endpoint_properties(s1, uid, "inbound")["Owner"] == "local:uid=0"
+    assert endpoint_properties(s2, uid, "outbound")["Owner"] == f"cert:{A}"
+    echo_through(apps, s1, s2, local[0], "fromserver1")
+    r = ctl(s1, "release", uid, "--server-s2cs", f"{S1}:5000", "--client-s2cs", f"{S2}:5000",
+            *ident())
+    assert r.returncode == 0, r.stderr
+    assert residue(s1) == [] and residue(s2) == []
+
+
 def test_one_command_tunnel_json(clean_users):
     s1, s2 = clean_users
     r = ctl(s2, "--json", *_tunnel_args("--num_conn", "2"), "--remote", *ident(), user=USER)
