@@ -13,11 +13,16 @@ Three views, interleaved run by run (release of both ends after each, timed too)
   typed on its own gateway (inbound-request on server1, outbound-request on
   server2, over D-Bus), the sum of their wall times; release on each.
 
+- ``token_warm`` / ``token_cold``: ``scistreamctl tunnel`` as root from server2
+  (server2 over D-Bus) with server1 reached with a bearer token issued by the
+  test bed's OAuth server (tests/oauthbed.py; server1 introspects it): the same
+  token every run (cache warm), or a token issued just before each run (the
+  inbound request's check is a real introspection; issuing is not timed).
+
 On a loaded machine compare the views of one run with each other (they are
 interleaved), not with other runs.
 
-The identity is a client certificate (user_client_ca); token identities (and so
-a warm or cold token cache) are not measured here.
+The identity is a client certificate (user_client_ca), except in the token views.
 """
 
 from __future__ import annotations
@@ -129,6 +134,55 @@ def _guide(s1: Host, s2: Host) -> Dict[str, float]:
     return {"tunnel": inbound["ms"] + outbound["ms"], "release": sum(times)}
 
 
+def _token_setup(bed: Testbed) -> Any:
+    """The OAuth server on server2, server1's daemon checking tokens, a rule for alice."""
+    from tests.oauthbed import Driver, OAuth, config
+
+    s1 = bed["server1"]
+    driver = Driver(s1)
+    oauth = OAuth(bed, driver)
+    oauth.start()
+    keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in config().items())
+    alice = (f'\n[[user_rules]]\nname = "alice"\nidentities = ["token:{oauth.alice["sub"]}"]\n'
+             'inbound_targets = ["192.168.150.1 5300"]\nmax_endpoints = 64\n')
+    H.write_file(s1, DROPIN, keys + RULES + alice)  # one file: user_rules are not merged
+    s1.run(["systemctl", "restart", "scistreamd"], timeout=120)
+    H.ensure_up(s1)
+    return driver, oauth
+
+
+def _token_tunnel(s2: Host, token: str) -> Dict[str, float]:
+    H.write_file(s2, f"{DIR}/token", token, "0600")
+    ident = ["--token-file", f"{DIR}/token", "--server_cert", PEER_CA]
+    r = H.timeit(s2, ["scistreamctl", "tunnel", *BOTH, "--remote_ip", S1_IP,
+                      "--receiver_ports", "5300", *ident])
+    if r["rc"] != 0:
+        raise H.BenchError(f"tunnel (token) exited {r['rc']}: {r['stderr']}")
+    uid = r["stdout"].splitlines()[1].split()[0]
+    rel = H.timeit(s2, ["scistreamctl", "release", uid, *BOTH, *ident])
+    if rel["rc"] != 0:
+        raise H.BenchError(f"release (token) exited {rel['rc']}: {rel['stderr']}")
+    return {"tunnel": r["ms"], "release": rel["ms"]}
+
+
+def run_tokens(bed: Testbed, runs: int, warmup: int,
+               samples: Dict[str, List[float]]) -> None:
+    s2 = bed["server2"]
+    driver, oauth = _token_setup(bed)
+    try:
+        warm = oauth.issue()
+        for i in range(warmup + runs):
+            for kind in (("token_warm", "token_cold") if i % 2 == 0
+                         else ("token_cold", "token_warm")):
+                got = _token_tunnel(s2, warm if kind == "token_warm" else oauth.issue())
+                if i >= warmup:
+                    for op, ms in got.items():
+                        samples.setdefault(f"{kind}_{op}", []).append(ms)
+    finally:
+        driver.close()
+        oauth.remove()
+
+
 def run(bed: Testbed, runs: int = 20, warmup: int = 2,
         log: Callable[[str], None] = print) -> Dict[str, Any]:
     s1, s2 = bed["server1"], bed["server2"]
@@ -150,11 +204,14 @@ def run(bed: Testbed, runs: int = 20, warmup: int = 2,
         lib = json.loads(out.stdout)
         samples["library_tunnel"] = lib["tunnel"][warmup:]
         samples["library_release"] = lib["release"][warmup:]
+        log("  tunnel command with a token (warm, cold) ...")
+        run_tokens(bed, runs, warmup, samples)
     finally:
         _teardown(s1, s2)
     return {"tunnel_command_ms": {k: summary(v, digits=1) for k, v in sorted(samples.items())},
             "tunnel_command_config": {
                 "runs": runs, "warmup_discarded": warmup,
                 "from": "server2, naming server1 (inbound) and server2 (outbound)",
-                "identity": "client certificate (user_client_ca); no token",
+                "identity": "client certificate (user_client_ca); token_*: a bearer token "
+                            "(OAuth server of tests/oauthbed.py) for server1",
                 "goal": "p50 <= 300 ms (issue 14; upstream's two s2uc calls ~1.8 s)"}}
