@@ -3,8 +3,8 @@ in one run on the test bed.
 
     python3 -m bench.run [--reps 5] [--seconds 5] [--cp-runs 20] [--lat-rounds 5000]
                          [--scale 100,250,500,1000]
-                         [--only dataplane,latency,controlplane,scale,relaymodes,tokens,observe]
-                         [--observe-n 1000] [--observe-window 30]
+                         [--only dataplane,latency,controlplane,scale,relaymodes,tokens,observe,
+                                 tunnel] [--observe-n 1000] [--observe-window 30]
                          [--quick] [--reuse] [--keep] [--results DIR]
 
 Boots its own two-host test bed (named ``tb-bench`` unless
@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("dataplane", "latency", "controlplane", "scale", "relaymodes", "tokens",
-            "observe")
+            "observe", "tunnel")
 DEFAULT_TESTBED = "tb-bench"
 
 
@@ -216,6 +216,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                            a.observe_window, log=log))
             except Exception as e:
                 errors["observe"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        if "tunnel" in a.sections:
+            from . import tunnelcmd
+
+            log(f"bench: one-command tunnel ({a.cp_runs} runs, remote and mixed) ...")
+            try:
+                results.update(tunnelcmd.run(bed, a.cp_runs, log=log))
+            except Exception as e:
+                errors["tunnel"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
     finally:
         if not a.keep:

@@ -25,10 +25,9 @@ import socket
 import ssl
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, Union
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from . import __version__
@@ -48,6 +47,8 @@ from .peerwire import (
     loads,
     state_path,
 )
+from .tlshttp import TrustOnlyAdapter as _PeerAdapter
+from .tlshttp import causes as _causes
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +58,6 @@ _UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.E
                                  errno.ETIMEDOUT, errno.EHOSTDOWN, errno.ENETDOWN,
                                  errno.EADDRNOTAVAIL})
 _TIMEOUTS = (requests.Timeout, socket.timeout, TimeoutError)
-
-
-class _PeerAdapter(HTTPAdapter):
-    """requests adapter whose only trust is our SSLContext."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self._context = context
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
-                         **pool_kwargs: Any) -> None:
-        pool_kwargs["ssl_context"] = self._context
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
-
-    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
-        # requests would load its CA bundle into our context here, trusting every
-        # public CA for the peer; we trust exactly what the caller gave.
-        conn.cert_reqs = "CERT_REQUIRED"
-        conn.ca_certs = None
-        conn.ca_cert_dir = None
 
 
 class PeerClient:
@@ -264,25 +245,6 @@ class PeerClient:
 
 
 # -- transport failures ---------------------------------------------------------------
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """exc and everything it wraps (requests/urllib3 nest errors in args/reason)."""
-    seen: Set[int] = set()
-    stack: List[Optional[BaseException]] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        stack.append(e.__cause__)
-        if not e.__suppress_context__:  # urllib3 suppresses its py2-compat TypeError
-            stack.append(e.__context__)
-        stack.extend(a for a in e.args if isinstance(a, BaseException))
-        reason = getattr(e, "reason", None)
-        if isinstance(reason, BaseException):
-            stack.append(reason)
 
 
 def _innermost_text(causes: List[BaseException]) -> str:

@@ -8,17 +8,19 @@ model, so the CLI may use :func:`check_trust_pem` for ``--server_cert``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import re
 import socket
 import ssl
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError, InvalidArgument
 from .model import IPAddress, PeerIdentity
+
+if TYPE_CHECKING:  # asyncio only where ServerTls runs (the daemon): CLI start-up
+    import asyncio
 
 #: Largest trust PEM accepted (CLI --server_cert, D-Bus option trust_pem).
 MAX_TRUST_PEM = 1024 * 1024
@@ -192,6 +194,8 @@ class ServerTls:
             await self._writer.drain()
 
     async def _fill(self) -> None:
+        import asyncio  # loaded by the daemon already; not at import (the CLI)
+
         try:
             data = await asyncio.wait_for(self._reader.read(65536), self._read_timeout)
         except asyncio.TimeoutError:

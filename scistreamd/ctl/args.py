@@ -20,6 +20,8 @@ EXIT_CODES_HELP = exit_codes_help() + """
 environment:
   SCISTREAM_BUS_ADDRESS  D-Bus address to use instead of the system bus (or the
                          session bus with --user), e.g. unix:path=/run/x/bus
+  SCISTREAM_TOKEN        access token for remote mode (--s2cs naming another
+                         host's daemon) when --token-file is not given
 """
 
 class _Formatter(argparse.HelpFormatter):
@@ -63,6 +65,42 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     )
 
 
+_S2CS_HELP = (
+    "the scistreamd to send this to: another host's daemon is reached through its user "
+    "API over TLS (with your token or client certificate); this host's own (an address of "
+    "this host and its peer port), or none given, over D-Bus"
+)
+
+
+def _add_remote_options(p: argparse.ArgumentParser, *, s2cs: bool = True,
+                        server_cert_help: str = "") -> None:
+    """Remote mode: which daemon, and how to trust it and be known to it."""
+    group = p.add_argument_group(
+        "remote mode", "a token comes from --token-file, else $SCISTREAM_TOKEN, else "
+        "$XDG_CONFIG_HOME/scistream/token (~/.config/scistream/token); a token file must be "
+        "yours and of mode 0600")
+    if s2cs:
+        group.add_argument("--s2cs", metavar="HOST:PORT", help=_S2CS_HELP)
+    group.add_argument(
+        "--server-cert",
+        "--server_cert",
+        dest="server_cert",
+        metavar="PEM",
+        help=server_cert_help or "remote mode: the CA (or certificate) to verify the daemon "
+        "named by --s2cs with (default: the system CA store); ignored over D-Bus",
+    )
+    group.add_argument("--token-file", "--token_file", dest="token_file", metavar="PATH",
+                       help="file holding your access token (mode 0600)")
+    group.add_argument("--client-cert", "--client_cert", dest="client_cert", metavar="PEM",
+                       help="client certificate to identify yourself with (a robot's "
+                       "identity), instead of or besides a token")
+    group.add_argument("--client-key", "--client_key", dest="client_key", metavar="PEM",
+                       help="the key of --client-cert (default: in the --client-cert file)")
+    group.add_argument("--remote", action="store_true",
+                       help="use the user API even when the daemon named is this host's own "
+                       "(e.g. with a token, without local permission)")
+
+
 def _args_inbound_request(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--remote-ip",
@@ -90,12 +128,6 @@ def _args_inbound_request(p: argparse.ArgumentParser) -> None:
         help="number of listeners (mappings) to create (default 1)",
     )
     p.add_argument(
-        "--s2cs",
-        metavar="HOST:PORT",
-        help="only printed in the output (upstream's control server address); "
-        "default: this daemon's ListenAddress:PeerPort",
-    )
-    p.add_argument(
         "--allowed-peer",
         "--allowed_peer",
         dest="allowed_peer",
@@ -104,14 +136,7 @@ def _args_inbound_request(p: argparse.ArgumentParser) -> None:
         "name (subjectAltName) may claim the tunnel's key; default: any peer whose "
         "certificate this daemon trusts",
     )
-    p.add_argument(
-        "--server-cert",
-        "--server_cert",
-        dest="server_cert",
-        metavar="PATH",
-        help="accepted for compatibility with s2uc and ignored: the local daemon "
-        "is reached over D-Bus, not TLS",
-    )
+    _add_remote_options(p)
 
 
 #: Any local user can read command lines (/proc/PID/cmdline): "-" keeps a uid off them.
@@ -144,19 +169,17 @@ def _args_outbound_request(p: argparse.ArgumentParser) -> None:
         help="number of listeners (mappings) to create (default: the number of "
         "--receiver_ports, else the number of LISTENERs)",
     )
+    _add_remote_options(
+        p, server_cert_help="remote mode: the CA (or certificate) to verify the daemon "
+        "named by --s2cs with (default: the system CA store); local: like --peer-trust")
     p.add_argument(
-        "--s2cs",
-        metavar="HOST:PORT",
-        help="only printed in the output; default: this daemon's ListenAddress:PeerPort",
-    )
-    p.add_argument(
-        "--server-cert",
-        "--server_cert",
-        dest="server_cert",
-        metavar="PATH",
-        help="PEM file (CA bundle or the peer's certificate) to verify the peer "
-        "daemon with; read with your permissions and sent to the daemon "
-        "(default: the daemon's configured trust)",
+        "--peer-trust",
+        "--peer_trust",
+        dest="peer_trust",
+        metavar="PEM",
+        help="PEM file (CA bundle or the peer's certificate) the daemon verifies the peer "
+        "daemon with when it claims the key; read with your permissions and sent to the "
+        "daemon (default: the daemon's configured trust)",
     )
     p.add_argument(
         "--peer",
@@ -187,6 +210,9 @@ def _uid_arg(p: argparse.ArgumentParser, *names: str, help: str, **kw: Any) -> N
 def complete_uids(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> List[str]:
     """argcomplete: the uids of this host's endpoints (ListEndpoints) that start with
     ``prefix``; nothing, quietly, when the daemon cannot be asked (down, not permitted)."""
+    if any(getattr(parsed_args, name, None) for name in ("s2cs", "server_s2cs", "client_s2cs",
+                                                          "remote")):
+        return []  # another daemon's uids: not asked for over the network on every TAB
     from .bus import endpoint_uids
 
     user = bool(getattr(parsed_args, "user", False))
@@ -206,9 +232,46 @@ def _complete(parser: argparse.ArgumentParser) -> None:
     argcomplete.autocomplete(parser, always_complete_options="long")
 
 
+def _add_both_daemons(p: argparse.ArgumentParser, required: bool) -> None:
+    for side, what in (("server", "inbound side (where the server application is)"),
+                       ("client", "outbound side (where the client application is)")):
+        p.add_argument(f"--{side}-s2cs", f"--{side}_s2cs", dest=f"{side}_s2cs",
+                       metavar="HOST:PORT", required=required,
+                       help=f"the scistreamd of the {what}")
+
+
+def _args_tunnel(p: argparse.ArgumentParser) -> None:
+    _add_both_daemons(p, required=True)
+    p.add_argument("--remote-ip", "--remote_ip", dest="remote_ip", required=True,
+                   metavar="IP", help="address the server application listens on")
+    p.add_argument("--receiver-ports", "--receiver_ports", dest="receiver_ports",
+                   action="append", required=True, metavar="PORTS",
+                   help="port(s) the server application listens on; repeatable")
+    p.add_argument("--num-conn", "--num_conn", dest="num_conn", default="1", metavar="N",
+                   help="number of listeners (mappings) on each side (default 1)")
+    p.add_argument("--local-ports", "--local_ports", dest="local_ports", action="append",
+                   metavar="PORTS", help="port(s) the client application will connect to on "
+                   "the client side (default: allocated there)")
+    p.add_argument("--allowed-peer", "--allowed_peer", dest="allowed_peer", metavar="IP|DNS",
+                   help="only the gateway whose certificate lists this may claim the key "
+                   "(default: the address of --client-s2cs)")
+    p.add_argument("--peer-trust", "--peer_trust", dest="peer_trust", metavar="PEM",
+                   help="PEM file the client-side daemon verifies the server-side daemon "
+                   "with (default: its configured trust)")
+    _add_remote_options(p, s2cs=False, server_cert_help="the CA(s) (or certificates) to "
+                        "verify both daemons with (default: the system CA store)")
+
+
 def _args_release(p: argparse.ArgumentParser) -> None:
     _uid_arg(p, "uid", nargs="?", metavar="UID", help="tunnel uid")
-    p.add_argument("--all", action="store_true", help="release every endpoint on this host")
+    p.add_argument("--all", action="store_true", help="release every endpoint on this host "
+                   "(remote: every one of yours there)")
+    _add_both_daemons(p, required=False)
+    _add_remote_options(p)
+
+
+def _args_list(p: argparse.ArgumentParser) -> None:
+    _add_remote_options(p)
 
 
 def _args_rearm(p: argparse.ArgumentParser) -> None:
@@ -217,6 +280,7 @@ def _args_rearm(p: argparse.ArgumentParser) -> None:
 
 def _args_status(p: argparse.ArgumentParser) -> None:
     _uid_arg(p, "uid", metavar="UID", help="tunnel uid")
+    _add_remote_options(p)
 
 
 def _args_logs(p: argparse.ArgumentParser) -> None:
@@ -265,7 +329,18 @@ _VERB_SPECS: Dict[str, Tuple[str, str, Any]] = {
         "The old key stops working at once.",
         _args_rearm,
     ),
-    "list": ("list the endpoints on this host", "List the endpoints on this host.", None),
+    "tunnel": (
+        "create both ends of a tunnel: inbound on one daemon, outbound on another",
+        "Create the inbound endpoint on the daemon named by --server-s2cs and the outbound "
+        "endpoint for it on the daemon named by --client-s2cs (which claims the key from "
+        "the first, as outbound-request does); prints the uid and the client-side "
+        "listeners. If the outbound half fails, the inbound half is released: nothing is "
+        "left on either side. 'release UID --server-s2cs A --client-s2cs B' releases both.",
+        _args_tunnel,
+    ),
+    "list": ("list the endpoints on this host (or yours on --s2cs)",
+             "List the endpoints on this host, or with --s2cs your endpoints on that daemon.",
+             _args_list),
     "status": (
         "show every property of a tunnel's endpoint(s)",
         "Show every endpoint of tunnel UID on this host with all its properties.",
@@ -295,7 +370,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that verb's sub-parser (faster start-up)."""
     parser = _Parser(
         prog=PROG,
-        description="Create, list, inspect and release scistreamd tunnels over D-Bus.",
+        description="Create, list, inspect and release scistreamd tunnels: on this host over "
+        "D-Bus, on another host's daemon (--s2cs) through its user API.",
         epilog=EXIT_CODES_HELP,
         formatter_class=_Formatter,
         allow_abbrev=False,

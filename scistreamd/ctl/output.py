@@ -8,13 +8,20 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence
 
 
-def format_request(uid: str, s2cs: str, role: str, listeners: Sequence[str]) -> str:
-    """The three lines s2uc printed; scripts and notes parse them."""
-    return (
-        "uid; s2cs; access_token; role\n"
-        f"{uid} {s2cs} INVALID_TOKEN {role}\n"
-        f"Listeners: {list(listeners)!r}\n"
-    )
+def format_request(uid: str, s2cs: str, role: str, listeners: Sequence[str],
+                   access_token: str = "INVALID_TOKEN") -> str:
+    """The three lines s2uc printed; scripts and notes parse them. ``access_token``:
+    INVALID_TOKEN without a token, else its redacted form (never the token)."""
+    return format_request_rows(uid, [(s2cs, access_token, role)], listeners)
+
+
+def format_request_rows(uid: str, rows: Sequence[Sequence[str]],
+                        listeners: Sequence[str]) -> str:
+    """The same with a row (s2cs, access_token, role) per side (``tunnel``: PROD, CONS)."""
+    lines = ["uid; s2cs; access_token; role"]
+    lines += [f"{uid} {s2cs} {token} {role}" for s2cs, token, role in rows]
+    lines.append(f"Listeners: {list(listeners)!r}")
+    return "\n".join(lines) + "\n"
 
 
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:

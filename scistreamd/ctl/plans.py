@@ -45,9 +45,9 @@ def _count(value: str, what: str) -> int:
         ) from None
 
 
-def read_trust_pem(path: str) -> str:
-    """Read the --server_cert file (with the caller's permissions) as PEM text."""
-    what = f"--server_cert {path}"
+def read_trust_pem(path: str, option: str = "--server_cert") -> str:
+    """Read the --server_cert (--peer-trust) file (with the caller's permissions) as PEM text."""
+    what = f"{option} {path}"
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_TRUST_PEM + 1)
@@ -110,7 +110,13 @@ class OutboundPlan:
             self.num_conn = len(self.ports) or len(self.listeners)
         self.s2cs = _hostport_text(args.s2cs, "--s2cs") if args.s2cs else None
         self.peer = _hostport_text(args.peer, "--peer") if args.peer else None
-        self.trust_pem = read_trust_pem(args.server_cert) if args.server_cert else None
+        #: For the daemon to verify the peer with: --peer-trust, else (D-Bus only, as
+        #: before remote mode existed) --server_cert.
+        self.peer_trust_pem = (read_trust_pem(args.peer_trust, "--peer-trust")
+                               if getattr(args, "peer_trust", None) else None)
+        self.trust_pem = self.peer_trust_pem
+        if self.trust_pem is None and args.server_cert:
+            self.trust_pem = read_trust_pem(args.server_cert)
 
 
 

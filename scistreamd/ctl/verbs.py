@@ -80,6 +80,12 @@ def _request_with_s2cs(
 
 def cmd_inbound(args: argparse.Namespace) -> Output:
     plan = InboundPlan(args)
+    if plan.s2cs or args.remote:
+        from . import remote
+
+        target = remote.remote_side(args)
+        if target is not None:
+            return remote.inbound(target, plan)
     options: Dict[str, Any] = {}
     if plan.allowed_peer:
         options["allowed_peer"] = ("s", plan.allowed_peer)
@@ -120,6 +126,12 @@ def _target_health(client: Client, path: str) -> Dict[str, Any]:
 
 def cmd_outbound(args: argparse.Namespace) -> Output:
     plan = OutboundPlan(args)
+    if plan.s2cs or args.remote:
+        from . import remote
+
+        target = remote.remote_side(args)
+        if target is not None:
+            return remote.outbound(target, plan)
     options: Dict[str, Any] = {}
     if plan.peer:
         options["peer"] = ("s", plan.peer)
@@ -153,9 +165,27 @@ def _call_on_uid(args: argparse.Namespace, member: str) -> str:
     return run_bus(args, call)
 
 
+def _remote(args: argparse.Namespace) -> Any:
+    """The remote side --s2cs names (imports remote mode only when asked for), or None."""
+    if not (getattr(args, "s2cs", None) or getattr(args, "remote", False)):
+        return None
+    from . import remote
+
+    return remote.remote_side(args)
+
+
 def cmd_release(args: argparse.Namespace) -> Output:
     if args.all and args.uid:
         raise usage_error("give either UID or --all, not both", "release")
+    if args.server_s2cs or args.client_s2cs:
+        from . import remote
+
+        return remote.release_both(args)
+    target = _remote(args)
+    if target is not None:
+        from . import remote
+
+        return remote.release(target, args)
     if args.all:
         count = run_bus(args, lambda client: int(client.call("ReleaseAll")[0]))
         noun = "endpoint" if count == 1 else "endpoints"
@@ -172,6 +202,11 @@ def cmd_rearm(args: argparse.Namespace) -> Output:
 
 
 def cmd_list(args: argparse.Namespace) -> Output:
+    target = _remote(args)
+    if target is not None:
+        from . import remote
+
+        return remote.list_(target)
     from ..endpoint_json import endpoint_json
 
     def work(client: Client) -> Tuple[List[Any], List[Dict[str, Any]]]:
@@ -219,6 +254,11 @@ def _of_uid(ref: str, objects: List[Dict[str, Any]]) -> Tuple[str, List[Dict[str
 
 
 def cmd_status(args: argparse.Namespace) -> Output:
+    target = _remote(args)
+    if target is not None:
+        from . import remote
+
+        return remote.status(target, args)
     ref = read_uid_ref(args.uid)
     uid, endpoints = _of_uid(ref, run_bus(args, endpoint_objects))
     if not endpoints:
@@ -352,9 +392,16 @@ def cmd_watch(args: argparse.Namespace) -> Output:
     return "", None
 
 
+def cmd_tunnel(args: argparse.Namespace) -> Output:
+    from . import remote
+
+    return remote.tunnel(args)
+
+
 VERBS = {
     "inbound-request": cmd_inbound,
     "outbound-request": cmd_outbound,
+    "tunnel": cmd_tunnel,
     "release": cmd_release,
     "rearm": cmd_rearm,
     "list": cmd_list,

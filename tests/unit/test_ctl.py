@@ -68,6 +68,14 @@ GUIDE_OUTBOUND = shlex.split(
     "192.168.150.1:5100"
 )
 
+# The guide's commands as run on the gateway itself: --s2cs names this host's own
+# daemon (an address of this host and the test peer's PeerPort 5000), so they go
+# over D-Bus. (192.168.150.x is another host here: remote mode, tests/unit/
+# test_ctl_remote.py.)
+GUIDE_INBOUND_HERE = [a.replace("192.168.150.1:5000", "127.0.0.1:5000") for a in GUIDE_INBOUND]
+GUIDE_OUTBOUND_HERE = [a.replace("192.168.150.2:5000", "127.0.0.2:5000")
+                       for a in GUIDE_OUTBOUND]
+
 
 # ---------------------------------------------------------------------------
 # A private dbus-daemon and the test peer
@@ -785,11 +793,11 @@ def test_relay_units_are_read_from_the_daemons_journal_lines() -> None:
 
 
 def test_inbound_request_guide_command(peer: Peer, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run(GUIDE_INBOUND, capsys)
+    code, out, err = run(GUIDE_INBOUND_HERE, capsys)
     assert (code, err) == (0, "")
     assert out == (
         "uid; s2cs; access_token; role\n"
-        f"{UID} 192.168.150.1:5000 INVALID_TOKEN PROD\n"
+        f"{UID} 127.0.0.1:5000 INVALID_TOKEN PROD\n"
         "Listeners: ['192.168.150.1:5100']\n"
     )
     assert peer.state.calls == [("InboundRequest", ("192.168.150.1", [5300], 1, {}))]
@@ -867,12 +875,12 @@ def test_outbound_request_guide_command(
 ) -> None:
     cert = tmp_path / "server.crt"
     cert.write_text(PEM)
-    argv = [a.replace("/scistream/server.crt", str(cert)) for a in GUIDE_OUTBOUND]
+    argv = [a.replace("/scistream/server.crt", str(cert)) for a in GUIDE_OUTBOUND_HERE]
     code, out, err = run(argv, capsys)
     assert (code, err) == (0, "")
     assert out == (
         "uid; s2cs; access_token; role\n"
-        f"{UID} 192.168.150.2:5000 INVALID_TOKEN CONS\n"
+        f"{UID} 127.0.0.2:5000 INVALID_TOKEN CONS\n"
         "Listeners: ['192.168.150.2:5100']\n"
     )
     assert peer.state.calls == [
@@ -1140,7 +1148,8 @@ def test_bus_closing_during_authentication_is_exit_10_not_a_hang(tmp_path: Path)
 
 def test_nonexistent_bus_is_exit_10_one_line_no_traceback() -> None:
     res = run_sub(
-        ["inbound-request", *GUIDE_INBOUND[1:]], {ctl.BUS_ADDRESS_ENV: "unix:path=/nonexistent"}
+        ["inbound-request", *GUIDE_INBOUND_HERE[1:]],
+        {ctl.BUS_ADDRESS_ENV: "unix:path=/nonexistent"},
     )
     assert res.returncode == 10
     assert res.stdout == ""
@@ -1174,11 +1183,11 @@ def test_invalid_bus_address_is_exit_10() -> None:
 
 
 def test_guide_inbound_as_process(peer: Peer) -> None:
-    res = run_sub(GUIDE_INBOUND)
+    res = run_sub(GUIDE_INBOUND_HERE)
     assert (res.returncode, res.stderr) == (0, "")
     assert res.stdout.splitlines() == [
         "uid; s2cs; access_token; role",
-        f"{UID} 192.168.150.1:5000 INVALID_TOKEN PROD",
+        f"{UID} 127.0.0.1:5000 INVALID_TOKEN PROD",
         "Listeners: ['192.168.150.1:5100']",
     ]
 

@@ -136,7 +136,9 @@ def test_completion_of_verbs_and_options(tmp_path: Path) -> None:
     assert set(complete("scistreamctl ", tmp_path, env)) >= set(ctl.VERBS) | {"--json"}
     assert complete("scistreamctl re", tmp_path, env) == ["release", "rearm"]
     got = complete("scistreamctl inbound-request --rem", tmp_path, env)
-    assert set(got) == {"--remote-ip", "--remote_ip"}
+    assert set(got) == {"--remote-ip", "--remote_ip", "--remote"}
+    got = complete("scistreamctl tunnel --client", tmp_path, env)
+    assert {"--client-s2cs", "--client-cert", "--client-key"} <= set(got)
     assert complete("scistreamctl logs --fol", tmp_path, env) == ["--follow"]
 
 
@@ -147,6 +149,8 @@ def test_completion_of_uids_from_the_daemon(peer: Peer, tmp_path: Path) -> None:
     got = complete("scistreamctl release ", tmp_path, env)
     assert {UID, UID2, UID3} <= set(got)
     assert set(complete("scistreamctl rearm bd9f", tmp_path, env)) == {UID, UID3}
+    # a uid on another daemon (--s2cs): not this host's, not asked for remotely
+    assert complete("scistreamctl status --s2cs 192.0.2.1:5000 bd9f1", tmp_path, env) == []
     # outbound-request's UID is the other gateway's: not completed from here
     assert UID not in complete("scistreamctl outbound-request ", tmp_path, env)
 

@@ -1,0 +1,300 @@
+"""The user API's client: a person's or a workflow's calls to a (remote) scistreamd.
+
+The user API lives on the peer port beside the daemon-to-daemon claim API
+(JSON over HTTPS)::
+
+    POST   /v1/tunnels/inbound   {"remote_ip", "receiver_ports", "num_conn", "allowed_peer"?}
+                                 -> 201 {"uid", "listeners", "endpoint"}
+    POST   /v1/tunnels/outbound  {"uid", "remote_listeners", "local_ports"?, "num_conn",
+                                  "peer"?, "trust_pem"?} -> 201 {"listeners", "endpoint"}
+    GET    /v1/tunnels           -> 200 {"tunnels": [endpoint, ...]}   (the caller's own)
+    GET    /v1/tunnels/<uid>     -> 200 {"tunnels": [...]}
+    DELETE /v1/tunnels/<uid>     -> 200 {"released": n}
+
+Every call carries ``Authorization: Bearer <token>`` when there is a token,
+and the client certificate when one is given. The daemon is verified like a
+peer (peertls.client_context: the given CA/cert or the system store, and an
+IP subjectAltName for the address it is reached at).
+
+Failures are the daemon's named errors, as D-Bus gives them: the error name
+in the answer alone picks the class (scistreamd/errors.py), so scistreamctl
+exits with the same code either way. Not reaching the daemon at all is
+:class:`DaemonUnreachable` (the CLI's exit 10, as for a daemon that is not
+running locally). ``requests`` is imported with this module: only remote
+mode pays for it.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Type
+
+import requests
+
+from . import __version__, errors
+from .errors import AccessDenied, InvalidArgument, ScistreamError
+from .model import HostPort, parse_hostport, parse_uid
+from .peertls import CLIENT_CERT_ALERTS, client_context, ssl_reason
+from .peerwire import clean, loads
+from .tlshttp import TrustOnlyAdapter, causes
+
+TUNNELS_PATH = "/v1/tunnels"
+#: Largest answer read: a list of every tunnel of a busy identity fits.
+MAX_ANSWER = 8 * 1024 * 1024
+
+
+class DaemonUnreachable(ScistreamError):
+    """No answer from the daemon named (refused, no route, timeout, busy)."""
+
+    name = "DaemonUnreachable"
+    exit_code = 10  # scistreamctl's "not running / unreachable"
+
+
+class UntrustedServer(ScistreamError):
+    """The daemon's certificate is not trusted (or not for the address used)."""
+
+    name = "UntrustedServer"
+
+
+def _error_classes() -> Dict[str, Type[ScistreamError]]:
+    """Error name -> class: every named error of scistreamd/errors.py (also those added
+    later, e.g. AuthUnavailable), the ones a daemon sends."""
+    out: Dict[str, Type[ScistreamError]] = {}
+    stack: List[Type[ScistreamError]] = [ScistreamError]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.__module__ == errors.__name__ and not cls.internal:
+            out.setdefault(cls.name, cls)
+    return out
+
+
+def error_from_answer(daemon: HostPort, status: int, doc: Any, what: str) -> ScistreamError:
+    """The exception a non-2xx answer to ``what`` means; its class follows the error name."""
+    name = doc.get("error") if isinstance(doc, dict) else None
+    message = doc.get("message") if isinstance(doc, dict) else None
+    name = clean(name, 40) if isinstance(name, str) else ""
+    message = clean(message, 480) if isinstance(message, str) else ""
+    cls = _error_classes().get(name)
+    if name == "Busy":
+        return DaemonUnreachable(f"scistreamd at {daemon} is busy ({message or 'HTTP 503'}): "
+                                 "try again shortly")
+    if name == "UnknownPath":
+        return ScistreamError(f"scistreamd at {daemon} has no user API ({what} answered HTTP "
+                              f"{status} UnknownPath): it is an older version; upgrade it, or "
+                              "run the command on that host without --s2cs")
+    if cls is not None and cls is not ScistreamError:
+        return cls(f"scistreamd at {daemon}: {message or name}")
+    said = f" {name}" if name else ""
+    return ScistreamError(f"scistreamd at {daemon} answered {what} with HTTP {status}{said}"
+                          f"{': ' + message if message else ''}; see its journal "
+                          "(journalctl -u scistreamd)")
+
+
+class UserClient:
+    """Calls on one daemon's user API; build one per daemon."""
+
+    def __init__(self, daemon: HostPort | str, *, token: Optional[str] = None,
+                 trust_pem: Optional[str] = None, trust_file: Optional[Path] = None,
+                 client_cert: Optional[Path] = None, client_key: Optional[Path] = None,
+                 timeout: float = 30.0) -> None:
+        self.daemon = parse_hostport(daemon, "scistreamd address (--s2cs)")
+        self._token = token
+        self.timeout = float(timeout)
+        self._context, self._trust = client_context(self.daemon.host, trust_file, trust_pem,
+                                                    client_cert, client_key)
+        self._session: Optional[requests.Session] = None
+
+    def __repr__(self) -> str:  # never the token
+        return f"UserClient({self.daemon}, token={'yes' if self._token else 'no'})"
+
+    # -- the calls ---------------------------------------------------------------
+
+    def create_inbound(self, remote_ip: str, receiver_ports: Sequence[int], num_conn: int,
+                       allowed_peer: str = "") -> Dict[str, Any]:
+        """{"uid", "listeners": [str], "endpoint": {...}} (validated uid and listeners)."""
+        body: Dict[str, Any] = {"remote_ip": remote_ip, "receiver_ports": list(receiver_ports),
+                                "num_conn": num_conn}
+        if allowed_peer:
+            body["allowed_peer"] = allowed_peer
+        doc = self._call("POST", f"{TUNNELS_PATH}/inbound", body, "the inbound request")
+        uid = self._field(doc, "uid", "the inbound request", parse_uid)
+        return {"uid": uid, "listeners": self._listeners(doc, "the inbound request"),
+                "endpoint": self._endpoint(doc)}
+
+    def create_outbound(self, uid: str, remote_listeners: Sequence[str], num_conn: int,
+                        local_ports: Sequence[int] = (), peer: Optional[str] = None,
+                        trust_pem: Optional[str] = None) -> Dict[str, Any]:
+        """{"listeners": [str], "endpoint": {...}}."""
+        body: Dict[str, Any] = {"uid": parse_uid(uid), "remote_listeners": list(remote_listeners),
+                                "num_conn": num_conn}
+        if local_ports:
+            body["local_ports"] = list(local_ports)
+        if peer:
+            body["peer"] = peer
+        if trust_pem is not None:
+            body["trust_pem"] = trust_pem
+        doc = self._call("POST", f"{TUNNELS_PATH}/outbound", body, "the outbound request")
+        return {"listeners": self._listeners(doc, "the outbound request"),
+                "endpoint": self._endpoint(doc)}
+
+    def list(self) -> List[Dict[str, Any]]:
+        """The caller's own endpoints there (endpoint JSON, uid/role/state checked)."""
+        return self._tunnels(self._call("GET", TUNNELS_PATH, None, "the list request"))
+
+    def status(self, uid: str) -> List[Dict[str, Any]]:
+        want = parse_uid(uid)
+        return self._tunnels(self._call("GET", f"{TUNNELS_PATH}/{want}", None,
+                                        f"the status request of {want}"))
+
+    def release(self, uid: str) -> int:
+        """How many endpoints of ``uid`` were released there."""
+        want = parse_uid(uid)
+        doc = self._call("DELETE", f"{TUNNELS_PATH}/{want}", None, f"the release of {want}")
+        n = doc.get("released") if isinstance(doc, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise self._garbage(f"the release of {want}", "no count 'released'")
+        return n
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # -- answers -------------------------------------------------------------------
+
+    def _garbage(self, what: str, why: str) -> ScistreamError:
+        return ScistreamError(f"scistreamd at {self.daemon} answered {what} with something "
+                              f"else than the user API's answer ({why}); is it a scistreamd "
+                              "of a compatible version?")
+
+    def _field(self, doc: Any, key: str, what: str, parse: Any) -> Any:
+        try:
+            return parse(doc[key])
+        except (KeyError, TypeError, InvalidArgument):
+            raise self._garbage(what, f"no valid {key!r}") from None
+
+    def _listeners(self, doc: Any, what: str) -> List[str]:
+        raw = doc.get("listeners") if isinstance(doc, dict) else None
+        if not isinstance(raw, list) or not raw:
+            raise self._garbage(what, "no 'listeners'")
+        try:
+            return [str(parse_hostport(x, "listener")) for x in raw]
+        except InvalidArgument:
+            raise self._garbage(what, "a listener is not 'ip:port'") from None
+
+    @staticmethod
+    def _endpoint(doc: Any) -> Dict[str, Any]:
+        ep = doc.get("endpoint") if isinstance(doc, dict) else None
+        return ep if isinstance(ep, dict) else {}
+
+    def _tunnels(self, doc: Any) -> List[Dict[str, Any]]:
+        raw = doc.get("tunnels") if isinstance(doc, dict) else None
+        if not isinstance(raw, list):
+            raise self._garbage("the list request", "no 'tunnels' list")
+        out = []
+        for ep in raw:
+            if not isinstance(ep, dict):
+                raise self._garbage("the list request", "a tunnel is not an object")
+            try:
+                ep["uid"] = parse_uid(ep.get("uid"))
+            except InvalidArgument:
+                raise self._garbage("the list request", "a tunnel without a valid uid") \
+                    from None
+            for key in ("role", "state"):
+                if not isinstance(ep.get(key), str):
+                    raise self._garbage("the list request", f"a tunnel without {key!r}")
+            listeners = ep.get("listeners", [])
+            if not isinstance(listeners, list) or not all(isinstance(x, str)
+                                                          for x in listeners):
+                raise self._garbage("the list request", "listeners not a list of strings")
+            out.append(ep)
+        return out
+
+    # -- one exchange ----------------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: Optional[Dict[str, Any]], what: str) -> Any:
+        headers = {"Accept": "application/json", "User-Agent": f"scistreamctl/{__version__}",
+                   "Accept-Encoding": "identity"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if self._session is None:
+            self._session = requests.Session()
+            self._session.trust_env = False  # no proxy or .netrc sees the token
+            self._session.mount("https://", TrustOnlyAdapter(self._context))
+        host = self.daemon.host
+        netloc = f"[{host}]:{self.daemon.port}" if host.version == 6 else str(self.daemon)
+        try:
+            resp = self._session.request(method, f"https://{netloc}{path}", json=body,
+                                         headers=headers, timeout=(self.timeout, self.timeout),
+                                         stream=True, allow_redirects=False)
+            try:
+                status = resp.status_code
+                raw = self._read(resp)
+            finally:
+                resp.close()
+        except requests.RequestException as e:
+            raise self._transport_error(e) from None
+        try:
+            doc = loads(raw)
+        except InvalidArgument:
+            raise ScistreamError(f"scistreamd at {self.daemon} answered {what} with HTTP "
+                                 f"{status} and no JSON ({clean(raw[:60])!r}); is "
+                                 f"{self.daemon} a scistreamd peer port?") from None
+        if not 200 <= status < 300:
+            raise error_from_answer(self.daemon, status, doc, what)
+        return doc
+
+    def _read(self, resp: requests.Response) -> bytes:
+        deadline = time.monotonic() + 3 * self.timeout
+        chunks: List[bytes] = []
+        size = 0
+        for chunk in resp.iter_content(65536):
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise ScistreamError(f"scistreamd at {self.daemon} answered more than "
+                                     f"{MAX_ANSWER} bytes; is it a scistreamd peer port?")
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise DaemonUnreachable(f"scistreamd at {self.daemon} is too slow: no whole "
+                                        f"answer within {3 * self.timeout:g} s")
+        return b"".join(chunks)
+
+    def _transport_error(self, exc: BaseException) -> ScistreamError:
+        d = self.daemon
+        found = list(causes(exc))
+        for c in found:
+            if isinstance(c, ssl.SSLCertVerificationError):
+                detail = clean(getattr(c, "verify_message", "") or c.reason or c)
+                if getattr(c, "verify_code", 0) in (62, 64):  # host/IP mismatch
+                    return UntrustedServer(
+                        f"the certificate of scistreamd at {d} is not valid for {d.host}: "
+                        f"{detail}; name the daemon by an address its certificate lists")
+                return UntrustedServer(
+                    f"the certificate of scistreamd at {d} is not trusted by {self._trust}: "
+                    f"{detail}; give its CA (or its certificate) with --server_cert")
+        for c in found:
+            if isinstance(c, ssl.SSLError) and getattr(c, "reason", None) in CLIENT_CERT_ALERTS:
+                return AccessDenied(
+                    f"scistreamd at {d} refused the TLS handshake ({c.reason}): it did not "
+                    "accept the client certificate (or wants one); give a certificate from a "
+                    "CA it accepts for users with --client-cert/--client-key, or a token")
+        for c in found:
+            if isinstance(c, (requests.Timeout, TimeoutError)):
+                return DaemonUnreachable(f"scistreamd at {d} did not answer within "
+                                         f"{self.timeout:g} s: check the host, or give a "
+                                         "larger --timeout")
+            if isinstance(c, OSError) and c.strerror and not isinstance(c, ssl.SSLError):
+                return DaemonUnreachable(
+                    f"scistreamd at {d} is not reachable ({c.strerror}): check the address "
+                    f"and port given with --s2cs, that scistreamd runs there and that TCP "
+                    f"port {d.port} is open to you")
+        for c in found:
+            if isinstance(c, ssl.SSLError) and not isinstance(
+                    c, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                return ScistreamError(f"TLS with scistreamd at {d} failed: {ssl_reason(c)}; "
+                                      "is it a scistreamd peer port?")
+        return DaemonUnreachable(f"scistreamd at {d} closed the connection without an "
+                                 "answer: see its journal (journalctl -u scistreamd)")
