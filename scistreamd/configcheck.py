@@ -71,16 +71,21 @@ def check_files(cfg: Config) -> List[str]:
                       'install the CA of peer daemons\' client certificates there, or set "" '
                       "to use peer_trust_file"))
     for key, path, what in trust:
-        problem = _readable(cfg, key, path, what)
-        if problem:
-            problems.append(problem)
-            continue
-        try:
-            ssl.create_default_context(cafile=str(path))
-        except (ssl.SSLError, OSError, ValueError) as e:
-            problems.append(f"{_who(cfg, key)}: {path} does not load as PEM certificates "
-                            f"({ssl_reason(e)}): give the peer's PEM certificate or CA")
+        problems += _ca_file(cfg, key, path, what, "give the peer's PEM certificate or CA")
     return problems
+
+
+def _ca_file(cfg: Config, key: str, path: Path, what: str, fix: str) -> List[str]:
+    """[] if ``path`` is readable and loads as PEM certificates, else the problem."""
+    problem = _readable(cfg, key, path, what)
+    if problem:
+        return [problem]
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as e:
+        return [f"{_who(cfg, key)}: {path} does not load as PEM certificates "
+                f"({ssl_reason(e)}): {fix}"]
+    return []
 
 
 def check_stunnel(cfg: Config, run: Runner = subprocess.run) -> List[str]:
@@ -170,17 +175,9 @@ def check_user_api(cfg: Config) -> List[str]:
             problems.append(str(e))
     for key in ("token_ca_file", "user_client_ca"):
         path = getattr(cfg, key)
-        if path is None:
-            continue
-        problem = _readable(cfg, key, path, f"install the CA file there, or unset {key}")
-        if problem:
-            problems.append(problem)
-            continue
-        try:
-            ssl.create_default_context(cafile=str(path))
-        except (ssl.SSLError, OSError, ValueError) as e:
-            problems.append(f"{_who(cfg, key)}: {path} does not load as PEM certificates "
-                            f"({ssl_reason(e)}): give a PEM CA certificate")
+        if path is not None:
+            problems += _ca_file(cfg, key, path, f"install the CA file there, or unset {key}",
+                                 "give a PEM CA certificate")
     return problems
 
 

@@ -34,11 +34,12 @@ from . import (
 from .authz import Authorizer, action_of_member
 from .buspath import endpoint_object_path
 from .dbus_compat import PeerAnswers
+from .endpoint_json import counter_values
+from .endpoint_json import usec as _usec
 from .errors import ScistreamError
-from .interface import COUNTER_PROPERTIES, ENDPOINT, MANAGER, Interface, signed, typed
+from .interface import ENDPOINT, MANAGER, Interface, signed, typed
 from .manager import Manager
 from .model import Endpoint, Role
-from .traffic import Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -104,18 +105,8 @@ def _path(ep: Endpoint) -> str:
     return endpoint_object_path(ep.uid, ep.role)
 
 
-def _usec(t: float) -> int:
-    return int(t * 1_000_000) if t > 0 else 0
-
-
 #: At most one PropertiesChanged of counters per endpoint in this many seconds.
 COUNTER_SIGNAL_INTERVAL = 1.0
-
-
-def counter_values(t: Traffic) -> Dict[str, Any]:
-    """The counter properties' values (rates as whole bytes per second)."""
-    return {prop: (int(getattr(t, f)) if isinstance(getattr(t, f), float) else getattr(t, f))
-            for prop, f in COUNTER_PROPERTIES}
 
 
 class EndpointObject(ServiceInterface):

@@ -14,7 +14,13 @@ Pure and cheap to import.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+
+from .interface import COUNTER_PROPERTIES
+
+if TYPE_CHECKING:  # the CLI imports this module: no model, no traffic at run time
+    from .model import Endpoint
+    from .traffic import Traffic
 
 #: D-Bus-only keys callers may have added (scistreamctl adds the object Path).
 _INTERNAL = frozenset({"Path"})
@@ -67,3 +73,30 @@ def endpoint_json(props: Mapping[str, Any]) -> Dict[str, Any]:
             value = iso_time_us(value)
         out[snake_case(name)] = value
     return out
+
+
+def usec(t: float) -> int:
+    """Seconds since the epoch as the API's µs (0 = never)."""
+    return int(t * 1_000_000) if t > 0 else 0
+
+
+def counter_values(t: Traffic) -> Dict[str, Any]:
+    """The counter properties' values (rates as whole bytes per second)."""
+    return {prop: (int(getattr(t, f)) if isinstance(getattr(t, f), float) else getattr(t, f))
+            for prop, f in COUNTER_PROPERTIES}
+
+
+def endpoint_properties(ep: Endpoint, traffic: Optional[Traffic] = None) -> Dict[str, Any]:
+    """Every property of an endpoint's D-Bus object, by D-Bus name, as dbus_api exports
+    them (the user API answers with the same; a unit test holds the two together)."""
+    props: Dict[str, Any] = {
+        "Uid": ep.uid, "Role": ep.role.value, "State": ep.state.value,
+        "StateDetail": ep.detail, "Listeners": [str(h) for h in ep.listeners],
+        "Targets": [str(h) for h in ep.targets], "NumConn": ep.num_conn,
+        "Unit": ep.unit, "CreatedAt": usec(ep.created_at), "NRestarts": ep.n_restarts,
+        "ClaimedBy": ep.claimed_by, "ClaimedAt": usec(ep.claimed_at),
+        "Peer": str(ep.peer) if ep.peer else "", "AllowedPeer": ep.allowed_peer,
+        "Owner": ep.owner, "KeyGeneration": ep.key_generation}
+    if traffic is not None:
+        props.update(counter_values(traffic))
+    return props

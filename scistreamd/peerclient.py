@@ -23,7 +23,6 @@ import logging
 import re
 import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, Union
 
@@ -47,6 +46,7 @@ from .peerwire import (
     loads,
     state_path,
 )
+from .tlshttp import BodyTooLarge, BodyTooSlow, read_bounded
 from .tlshttp import TrustOnlyAdapter as _PeerAdapter
 from .tlshttp import causes as _causes
 
@@ -222,26 +222,16 @@ class PeerClient:
         return doc
 
     def _read_body(self, resp: requests.Response, peer: HostPort) -> bytes:
-        def garbage(size: str) -> PeerRejected:
-            return PeerRejected(f"peer scistreamd at {peer} answered garbage: {size} (at most "
-                                f"{MAX_RESPONSE} expected); is {peer} a scistreamd peer port?")
-
-        declared = (resp.headers.get("Content-Length") or "").strip()
-        if _DIGITS.fullmatch(declared) and int(declared) > MAX_RESPONSE:
-            raise garbage(f"a {declared}-byte body")
-        deadline = time.monotonic() + 3 * self.timeout
-        chunks: List[bytes] = []
-        size = 0
-        for chunk in resp.iter_content(16384):
-            size += len(chunk)
-            if size > MAX_RESPONSE:
-                raise garbage(f"more than {MAX_RESPONSE} bytes")
-            chunks.append(chunk)
-            if time.monotonic() > deadline:
-                raise PeerUnreachable(f"peer scistreamd at {peer} is too slow: no complete "
-                                      f"answer within {3 * self.timeout:g} s; check the peer "
-                                      "host and network")
-        return b"".join(chunks)
+        try:
+            return read_bounded(resp, MAX_RESPONSE, 3 * self.timeout)
+        except BodyTooLarge as e:
+            raise PeerRejected(f"peer scistreamd at {peer} answered garbage: {e} (at most "
+                               f"{MAX_RESPONSE} expected); is {peer} a scistreamd peer "
+                               "port?") from None
+        except BodyTooSlow:
+            raise PeerUnreachable(f"peer scistreamd at {peer} is too slow: no complete "
+                                  f"answer within {3 * self.timeout:g} s; check the peer "
+                                  "host and network") from None
 
 
 # -- transport failures ---------------------------------------------------------------

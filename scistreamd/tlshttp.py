@@ -9,9 +9,12 @@ daemon's asyncio machinery with it.
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any, Iterator, List, Optional, Set
 
 from requests.adapters import HTTPAdapter
+
+from .errors import ScistreamError
 
 
 class TrustOnlyAdapter(HTTPAdapter):
@@ -51,3 +54,31 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         reason = getattr(e, "reason", None)
         if isinstance(reason, BaseException):
             stack.append(reason)
+
+
+class BodyTooLarge(ScistreamError):
+    """An answer over the caller's limit (the caller names it in its own error)."""
+
+
+class BodyTooSlow(ScistreamError):
+    """No whole answer within the caller's deadline."""
+
+
+def read_bounded(resp: Any, limit: int, seconds: float, chunk: int = 16384) -> bytes:
+    """The body of a streamed ``requests`` response: at most ``limit`` bytes, whole
+    within ``seconds`` (a peer that trickles its answer must not hold a thread).
+    Raises BodyTooLarge or BodyTooSlow; the caller turns them into its named error."""
+    declared = (resp.headers.get("Content-Length") or "").strip()
+    if declared.isdigit() and len(declared) < 20 and int(declared) > limit:
+        raise BodyTooLarge(f"a {declared}-byte body")
+    deadline = time.monotonic() + seconds
+    chunks: List[bytes] = []
+    size = 0
+    for piece in resp.iter_content(chunk):
+        size += len(piece)
+        if size > limit:
+            raise BodyTooLarge(f"more than {limit} bytes")
+        chunks.append(piece)
+        if time.monotonic() > deadline:
+            raise BodyTooSlow(f"no complete answer within {seconds:g} s")
+    return b"".join(chunks)

@@ -27,7 +27,7 @@ import logging
 import uuid
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
-from .endpoint_json import endpoint_json
+from .endpoint_json import endpoint_json, endpoint_properties
 from .errors import AccessDenied, InvalidArgument, NotFound, ScistreamError
 from .identity import Identity
 from .manager import Manager
@@ -56,16 +56,6 @@ MSG_USER_REFUSED = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a76")
 #: journald MESSAGE_ID of a user API request that changed something.
 MSG_USER_REQUEST = uuid.UUID("5a1f0c7e6b6d4f3e9a4b2d1c0e9f8a77")
 _WWW_AUTH = (("WWW-Authenticate", 'Bearer realm="scistream"'),)
-#: D-Bus property name of each contract-1 Traffic field (when the manager has traffic()).
-_TRAFFIC_PROPS = {"bytes_in": "BytesIn", "bytes_out": "BytesOut",
-                  "connections_active": "ConnectionsActive",
-                  "connections_total": "ConnectionsTotal", "main_pid": "MainPID",
-                  "memory_current": "MemoryCurrent", "target_reachable": "TargetReachable",
-                  "target_failures": "TargetFailures",
-                  "last_target_failure": "LastTargetFailure",
-                  "last_target_failure_at": "LastTargetFailureAt"}
-
-
 class TokenVerifier(Protocol):
     """tokens.TokenVerifier: a bearer token to an identity, or AccessDenied /
     AuthUnavailable (never a traceback, never the token in a message)."""
@@ -88,21 +78,6 @@ class NoCredentials(AccessDenied):
 
     http_status = 401
     http_headers = _WWW_AUTH
-
-
-def _usec(t: float) -> int:
-    return int(t * 1_000_000) if t > 0 else 0
-
-
-def endpoint_properties(ep: Endpoint) -> Dict[str, Any]:
-    """An endpoint's D-Bus properties (names and values as dbus_api exports them)."""
-    return {"Uid": ep.uid, "Role": ep.role.value, "State": ep.state.value,
-            "StateDetail": ep.detail, "Listeners": [str(h) for h in ep.listeners],
-            "Targets": [str(h) for h in ep.targets], "NumConn": ep.num_conn,
-            "Unit": ep.unit, "CreatedAt": _usec(ep.created_at), "NRestarts": ep.n_restarts,
-            "ClaimedBy": ep.claimed_by, "ClaimedAt": _usec(ep.claimed_at),
-            "Peer": str(ep.peer) if ep.peer else "", "AllowedPeer": ep.allowed_peer,
-            "Owner": ep.owner}
 
 
 class UserApi:
@@ -239,13 +214,4 @@ class UserApi:
         return eps
 
     def _json(self, ep: Endpoint) -> Dict[str, Any]:
-        props = endpoint_properties(ep)
-        traffic = getattr(self._m, "traffic", None)  # contract 1 (engineer counters)
-        if callable(traffic):
-            try:
-                t = traffic(ep)
-                props.update({prop: getattr(t, f) for f, prop in _TRAFFIC_PROPS.items()
-                              if hasattr(t, f)})
-            except Exception:
-                logger.debug("traffic of %s unavailable", ep.uid, exc_info=True)
-        return endpoint_json(props)
+        return endpoint_json(endpoint_properties(ep, self._m.traffic(ep)))

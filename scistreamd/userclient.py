@@ -27,7 +27,6 @@ mode pays for it.
 from __future__ import annotations
 
 import ssl
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type
 
@@ -38,7 +37,7 @@ from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .model import HostPort, parse_hostport, parse_uid
 from .peertls import CLIENT_CERT_ALERTS, client_context, ssl_reason
 from .peerwire import clean, loads
-from .tlshttp import TrustOnlyAdapter, causes
+from .tlshttp import BodyTooLarge, BodyTooSlow, TrustOnlyAdapter, causes, read_bounded
 
 TUNNELS_PATH = "/v1/tunnels"
 #: Largest answer read: a list of every tunnel of a busy identity fits.
@@ -248,19 +247,14 @@ class UserClient:
         return doc
 
     def _read(self, resp: requests.Response) -> bytes:
-        deadline = time.monotonic() + 3 * self.timeout
-        chunks: List[bytes] = []
-        size = 0
-        for chunk in resp.iter_content(65536):
-            size += len(chunk)
-            if size > MAX_ANSWER:
-                raise ScistreamError(f"scistreamd at {self.daemon} answered more than "
-                                     f"{MAX_ANSWER} bytes; is it a scistreamd peer port?")
-            chunks.append(chunk)
-            if time.monotonic() > deadline:
-                raise DaemonUnreachable(f"scistreamd at {self.daemon} is too slow: no whole "
-                                        f"answer within {3 * self.timeout:g} s")
-        return b"".join(chunks)
+        try:
+            return read_bounded(resp, MAX_ANSWER, 3 * self.timeout, chunk=65536)
+        except BodyTooLarge:
+            raise ScistreamError(f"scistreamd at {self.daemon} answered more than "
+                                 f"{MAX_ANSWER} bytes; is it a scistreamd peer port?") from None
+        except BodyTooSlow:
+            raise DaemonUnreachable(f"scistreamd at {self.daemon} is too slow: no whole "
+                                    f"answer within {3 * self.timeout:g} s") from None
 
     def _transport_error(self, exc: BaseException) -> ScistreamError:
         d = self.daemon

@@ -19,6 +19,7 @@ from scistreamd.configcheck import (
     check_files,
     check_host,
     check_stunnel,
+    check_user_api,
     reachable_addresses,
 )
 from scistreamd.daemon import StatusKeeper, status_text
@@ -142,6 +143,27 @@ def test_a_good_configuration_has_no_problem(pki: Path) -> None:
 def test_each_missing_file_is_named(pki: Path, key: str, value: str, says: str) -> None:
     problems = check_files(cfg(pki, **{key: value}))
     assert len(problems) == 1 and says in problems[0], problems
+
+
+def test_user_api_files_are_checked(pki: Path) -> None:
+    assert check_user_api(cfg(pki)) == []  # no user API configured: nothing to check
+    (pki / "junk").write_text("not a certificate\n")
+    problems = check_user_api(cfg(pki, user_client_ca=str(pki / "junk"),
+                                  token_ca_file="/nonexistent/oauth-ca.crt"))
+    assert len(problems) == 2, problems
+    assert "token_ca_file (<config>): /nonexistent/oauth-ca.crt does not exist" in problems[0]
+    assert "user_client_ca (<config>)" in problems[1] and "does not load as PEM" in problems[1]
+    assert check_user_api(cfg(pki, user_client_ca=str(pki / "peer-ca.crt"))) == []
+    secret = pki / "secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    tokens = {"token_introspection_url": "https://auth.example.org/introspect",
+              "token_client_id": "gw1", "token_client_secret_file": str(secret)}
+    problems = check_user_api(cfg(pki, **tokens))
+    assert len(problems) == 1 and "chmod 0600" in problems[0], problems
+    assert "s3cret" not in problems[0]
+    secret.chmod(0o600)
+    assert check_user_api(cfg(pki, **tokens)) == []
 
 
 def test_files_that_do_not_load_are_named(pki: Path) -> None:

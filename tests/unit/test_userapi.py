@@ -31,6 +31,7 @@ from scistreamd.peerwire import (
     route,
     user_route,
 )
+from scistreamd.traffic import Traffic
 from scistreamd.userapi import UserApi
 from scistreamd.usercert import UserCertMatcher, cert_subject
 from scistreamd.userrules import (
@@ -307,6 +308,9 @@ class FakeManager:
     def list(self) -> List[Endpoint]:
         return list(self.endpoints.values())
 
+    def traffic(self, ep: Endpoint) -> Traffic:
+        return Traffic(bytes_in=1234)
+
     async def inbound_request(self, ip: Any, ports: Any, n: Any, opts: Any, *,
                               owner: str) -> Endpoint:
         self.calls.append(f"inbound {ip} {ports} {owner}")
@@ -403,3 +407,24 @@ def test_user_api_refuses_without_credentials() -> None:
     no_tokens = UserApi(FakeManager(), ())  # type: ignore[arg-type]
     with pytest.raises(AccessDenied, match="accepts no bearer tokens"):
         _ask(no_tokens, "GET", "/v1/tunnels", token="alice-token")
+
+
+def test_the_user_api_shows_every_property_the_d_bus_object_has() -> None:
+    """One list of an endpoint's properties for both faces: the D-Bus object's getters
+    and endpoint_properties (the user API's answers) agree on names and values."""
+    from types import SimpleNamespace
+
+    from scistreamd.dbus_api import EndpointObject
+    from scistreamd.endpoint_json import endpoint_properties
+    from scistreamd.interface import ENDPOINT
+
+    ep = _endpoint("cert:robot-a.example.org", "0badc0de-04d7-41f0-b44c-946dae415862")
+    ep.key_generation = 3
+    ep.claimed_by = "192.168.150.2:40000 cert IP:192.168.150.2"
+    traffic = Traffic(bytes_in=10, bytes_out=20, connections_active=1, rate_in=2.5)
+    obj = EndpointObject(SimpleNamespace(manager=SimpleNamespace(traffic=lambda _ep: traffic)),
+                         ep)
+    props = endpoint_properties(ep, traffic)
+    assert set(props) == set(ENDPOINT.properties)
+    assert props == {name: getattr(obj, name) for name in ENDPOINT.properties}
+    assert props["RateIn"] == 2 and props["KeyGeneration"] == 3
