@@ -61,8 +61,8 @@ from .peerwire import (
     loads,
     response,
     route,
-    user_route,
 )
+from .userwire import user_route
 
 if TYPE_CHECKING:  # they import the manager and cryptography: only their types here
     from .userapi import UserRequests

@@ -21,14 +21,9 @@ connected (manager.claim), gives a new key and the next number. A claimant
 records the number it got; when the state check later says another one, its
 key is dead. Absent (a peer of an earlier version): 0, "unknown".
 
-The user API (userapi.py; every call with ``Authorization: Bearer <token>`` or a
-client certificate from ``user_client_ca``)::
-
-    POST   /v1/tunnels/inbound   InboundBody  -> 201 {"uid", "listeners", "endpoint"}
-    POST   /v1/tunnels/outbound  OutboundBody -> 201 {"listeners", "endpoint"}
-    GET    /v1/tunnels           -> 200 {"tunnels": [endpoint, ...]}  (the caller's own)
-    GET    /v1/tunnels/<uid>     -> 200 {"tunnels": [...]}
-    DELETE /v1/tunnels/<uid>     -> 200 {"released": n}
+The user API under /v1/tunnels (userapi.py; every call with ``Authorization:
+Bearer <token>`` or a client certificate from ``user_client_ca``) has its wire
+format in userwire.py; its errors use the same documents and table.
 
 A failure is ``{"error": "<Name>", "message": "..."}``. The name crosses the
 wire unchanged and alone decides the exception class on the other side
@@ -59,14 +54,9 @@ from .errors import (
 from .model import (
     MAX_LIST_LEN,
     HostPort,
-    IPAddress,
-    parse_allowed_peer,
     parse_hostport,
     parse_hostport_list,
-    parse_ip,
     parse_key_generation,
-    parse_num_conn,
-    parse_port_list,
     parse_uid,
 )
 from .relay import parse_ciphersuites, parse_psk
@@ -140,20 +130,10 @@ def claim_path(uid: str) -> str:
     return f"{API_PREFIX}/endpoints/{uid}/claim"
 
 
-def tunnels_path(what: str = "") -> str:
-    """The user API: /v1/tunnels, /v1/tunnels/inbound, /v1/tunnels/outbound, /v1/tunnels/<uid>."""
-    return f"{API_PREFIX}/tunnels" + (f"/{what}" if what else "")
-
-
-#: route name -> the only method it answers ("user": the user API decides, user_route)
+#: route name -> the only method it answers ("user": the user API decides, userwire.user_route)
 METHODS = {"health": "GET", "state": "GET", "claim": "POST"}
 PATHS_HELP = ("this scistreamd peer port serves GET /v1/health, GET /v1/endpoints/<uid>, "
               "POST /v1/endpoints/<uid>/claim and the user API under /v1/tunnels")
-#: user route -> the methods it answers
-USER_METHODS = {"list": ("GET",), "inbound": ("POST",), "outbound": ("POST",),
-                "tunnel": ("GET", "DELETE")}
-
-
 def route(target: str) -> Tuple[str, str]:
     """(route, raw uid) of a request target; ("", "") for an unknown path."""
     parts = target.split("?", 1)[0].split("/")
@@ -166,42 +146,6 @@ def route(target: str) -> Tuple[str, str]:
     if parts[1:3] == ["v1", "tunnels"] and len(parts) <= 4:
         return "user", ""
     return "", ""
-
-
-def user_route(method: str, target: str) -> Tuple[str, str]:
-    """(user route, raw uid) of a request under /v1/tunnels; Refusal for a wrong
-    path or method."""
-    parts = target.split("?", 1)[0].split("/")
-    if parts == ["", "v1", "tunnels"]:
-        name, raw = "list", ""
-    elif len(parts) == 4 and parts[1:3] == ["v1", "tunnels"] and parts[3]:
-        name, raw = (parts[3], "") if parts[3] in ("inbound", "outbound") else \
-            ("tunnel", parts[3])
-    else:
-        raise Refusal("UnknownPath", f"no such API path: {PATHS_HELP}")
-    allowed = USER_METHODS[name]
-    if method not in allowed:
-        raise Refusal("MethodNotAllowed", f"method not allowed here; use {' or '.join(allowed)}",
-                      (("Allow", ", ".join(allowed)),))
-    return name, raw
-
-
-def parse_bearer(values: List[str]) -> str:
-    """The token of the request's Authorization headers ("" if none);
-    InvalidArgument for several or another scheme. The token is never echoed."""
-    if not values:
-        return ""
-    if len(values) > 1:
-        raise InvalidArgument("send one Authorization header, not several")
-    scheme, _, token = values[0].strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer":
-        raise InvalidArgument("the Authorization header must be 'Bearer <token>' (other "
-                              "schemes are not accepted)")
-    if not token or len(token) > 4096 or any(not (33 <= ord(c) <= 126) for c in token):
-        raise InvalidArgument("the bearer token is empty, too long or has characters a token "
-                              "cannot have: send 'Authorization: Bearer <token>'")
-    return token
 
 
 class Refusal(ScistreamError):
@@ -443,109 +387,3 @@ def error_for(peer: HostPort, status: int, err: ErrorDoc, what: str) -> Scistrea
         f"peer scistreamd at {peer} answered {what}{' (' + err.message + ')' if said else ''}; "
         f"is {peer} a scistreamd peer port of a compatible version? See its journal "
         "(journalctl -u scistreamd)")
-
-
-# -- the user API's request bodies ------------------------------------------------
-
-
-def _fields(doc: Any, what: str, required: Tuple[str, ...],
-            optional: Tuple[str, ...]) -> Dict[str, Any]:
-    if not isinstance(doc, dict):
-        raise InvalidArgument(f"the {what} request body must be a JSON object")
-    unknown = sorted(str(k) for k in doc if k not in required + optional)
-    if unknown:
-        raise InvalidArgument(f"unknown {what} request fields: {clean(', '.join(unknown))} "
-                              f"(known: {', '.join(required + optional)})")
-    missing = [k for k in required if k not in doc]
-    if missing:
-        raise InvalidArgument(f"the {what} request lacks {', '.join(missing)}")
-    return doc
-
-
-def _json_int(doc: Dict[str, Any], key: str) -> Any:
-    value = doc[key]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{key} must be a JSON integer")
-    return value
-
-
-def _json_ports(doc: Dict[str, Any], key: str, min_len: int) -> Tuple[int, ...]:
-    value = doc.get(key, [])
-    if not isinstance(value, list) or any(
-            not isinstance(v, int) or isinstance(v, bool) for v in value):
-        raise InvalidArgument(f"{key} must be a JSON array of port numbers")
-    return parse_port_list(value, key, min_len=min_len)
-
-
-@dataclass(frozen=True)
-class InboundBody:
-    """POST /v1/tunnels/inbound: the D-Bus InboundRequest's arguments."""
-
-    remote_ip: IPAddress
-    receiver_ports: Tuple[int, ...]
-    num_conn: int
-    allowed_peer: str = ""
-
-    def to_json(self) -> Dict[str, Any]:
-        doc = {"remote_ip": str(self.remote_ip), "receiver_ports": list(self.receiver_ports),
-               "num_conn": self.num_conn}
-        return {**doc, **({"allowed_peer": self.allowed_peer} if self.allowed_peer else {})}
-
-    @classmethod
-    def from_json(cls, doc: Any) -> InboundBody:
-        d = _fields(doc, "inbound", ("remote_ip", "receiver_ports", "num_conn"),
-                    ("allowed_peer",))
-        if not isinstance(d["remote_ip"], str):
-            raise InvalidArgument("remote_ip must be a JSON string")
-        return cls(parse_ip(d["remote_ip"], "remote_ip"), _json_ports(d, "receiver_ports", 1),
-                   parse_num_conn(_json_int(d, "num_conn"), MAX_LIST_LEN),
-                   parse_allowed_peer(d.get("allowed_peer", ""), "allowed_peer"))
-
-
-@dataclass(frozen=True)
-class OutboundBody:
-    """POST /v1/tunnels/outbound: the D-Bus OutboundRequest's arguments."""
-
-    uid: str
-    remote_listeners: Tuple[HostPort, ...]
-    num_conn: int
-    local_ports: Tuple[int, ...] = ()
-    peer: HostPort | None = None
-    trust_pem: str = field(default="", repr=False)
-
-    def to_json(self) -> Dict[str, Any]:
-        doc: Dict[str, Any] = {"uid": self.uid,
-                               "remote_listeners": [str(h) for h in self.remote_listeners],
-                               "num_conn": self.num_conn}
-        if self.local_ports:
-            doc["local_ports"] = list(self.local_ports)
-        if self.peer is not None:
-            doc["peer"] = str(self.peer)
-        if self.trust_pem:
-            doc["trust_pem"] = self.trust_pem
-        return doc
-
-    def options(self) -> Dict[str, Any]:
-        """The D-Bus options dict of the same request."""
-        opts: Dict[str, Any] = {}
-        if self.peer is not None:
-            opts["peer"] = str(self.peer)
-        if self.trust_pem:
-            opts["trust_pem"] = self.trust_pem
-        return opts
-
-    @classmethod
-    def from_json(cls, doc: Any) -> OutboundBody:
-        d = _fields(doc, "outbound", ("uid", "remote_listeners", "num_conn"),
-                    ("local_ports", "peer", "trust_pem"))
-        if not isinstance(d["remote_listeners"], list):
-            raise InvalidArgument("remote_listeners must be a JSON array of 'ip:port' strings")
-        peer = d.get("peer")
-        trust = d.get("trust_pem", "")
-        if not isinstance(trust, str):
-            raise InvalidArgument("trust_pem must be a JSON string of PEM text")
-        return cls(parse_uid(d["uid"]),
-                   parse_hostport_list(d["remote_listeners"], "remote_listeners"),
-                   parse_num_conn(_json_int(d, "num_conn"), MAX_LIST_LEN),
-                   _json_ports(d, "local_ports", 0),
-                   None if peer is None else parse_hostport(peer, "peer"), trust)

@@ -33,12 +33,8 @@ from .identity import Identity
 from .manager import Manager
 from .model import Endpoint, parse_uid
 from .peerwire import (
-    InboundBody,
-    OutboundBody,
     RequestHead,
     loads,
-    parse_bearer,
-    user_route,
 )
 from .userrules import (
     UserRule,
@@ -48,6 +44,7 @@ from .userrules import (
     outbound_refusal,
     rule_for,
 )
+from .userwire import InboundBody, OutboundBody, parse_bearer, user_route
 
 logger = logging.getLogger(__name__)
 

@@ -23,13 +23,9 @@ from scistreamd.errors import (
 from scistreamd.identity import LEGACY_OWNER, Identity, local_identity, parse_owner
 from scistreamd.model import Endpoint, HostPort, Role, State
 from scistreamd.peerwire import (
-    InboundBody,
-    OutboundBody,
     Refusal,
     RequestHead,
-    parse_bearer,
     route,
-    user_route,
 )
 from scistreamd.traffic import Traffic
 from scistreamd.userapi import UserApi
@@ -41,6 +37,7 @@ from scistreamd.userrules import (
     parse_user_rules,
     rule_for,
 )
+from scistreamd.userwire import InboundBody, OutboundBody, parse_bearer, user_route
 
 IP = ipaddress.ip_address
 UID = "bd9f1a7e-04d7-41f0-b44c-946dae415862"
