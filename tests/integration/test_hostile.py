@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from scistreamd import ENDPOINT_IFACE, ENDPOINT_PATH_PREFIX, MANAGER_IFACE, MANAGER_PATH
 from scistreamd.config import Config
-from scistreamd.interface import MANAGER
+from scistreamd.interface import ENDPOINT, MANAGER
 from tests.integration.conftest import (
     DaemonWatch,
     DBusBatch,
@@ -69,11 +69,11 @@ UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 IP_CHARS = re.compile(r"[0-9A-Fa-f.:]+")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
-ENDPOINT_PROPS = {"Uid": str, "Role": str, "State": str, "StateDetail": str, "Listeners": list,
-                  "Targets": list, "NumConn": int, "Unit": str, "CreatedAt": int,
-                  "NRestarts": int, "ClaimedBy": str, "ClaimedAt": int, "Peer": str,
-                  "AllowedPeer": str, "Owner": str, "KeyGeneration": int}
-MANAGER_PROPS = {"Version": str, "PeerPort": int, "ListenAddress": str, "PortRange": list}
+#: The Python type each D-Bus signature of the API comes back as (through hosttool's JSON).
+_PY_TYPE = {"s": str, "u": int, "t": int, "q": int, "as": list, "(qq)": list}
+#: Every property of the API, as interface.py describes it (the one description).
+ENDPOINT_PROPS = {p.name: _PY_TYPE[p.sig] for p in ENDPOINT.properties.values()}
+MANAGER_PROPS = {p.name: _PY_TYPE[p.sig] for p in MANAGER.properties.values()}
 
 #: Sizes. Examples x batch = calls per test; a batch shares one residue check.
 #: SCISTREAM_FUZZ_EXAMPLES overrides the count (fewer while developing, more for a soak).

@@ -149,7 +149,9 @@ COPIED_UNITS = ("exit.target", "poweroff.target", "halt.target",
                 "systemd-exit.service", "systemd-poweroff.service", "systemd-halt.service")
 
 DAEMON_DROPIN = """[Service]
-# Run the working tree's code, not an installed package.
+# Run the working tree's code, not an installed package (the test bed makes
+# the hosts' certificates itself).
+ExecStartPre=
 ExecStart=
 ExecStart=/usr/bin/python3 -m scistreamd.daemon
 ExecReload=
