@@ -32,13 +32,13 @@ import logging
 import socket
 import ssl
 import time
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Dict, Optional, Protocol, Tuple, Union
 
 from . import __version__, reqstats
 from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .identity import Identity
+from .listensock import ConnectionCaps, bind_listener
 from .model import HostPort, IPAddress, PeerIdentity, parse_uid
 from .peertls import (
     ServerTls,
@@ -77,7 +77,6 @@ MAX_HEAD = 16 * 1024
 # the answer (a 413, a TLS alert) before the client has read it.
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1024 * 1024
-_REFUSAL_LOG_INTERVAL = 10.0
 _INTERNAL = "internal error; see the journal of scistreamd"
 
 
@@ -159,15 +158,11 @@ class PeerServer:
         self._timeout = float(timeout)
         self._handshake_timeout = handshake_timeout or min(self._timeout, 3.0)
         self._max_body = max_body
-        self._max_connections = max_connections
-        self._max_per_source = max_per_source
+        self._caps = ConnectionCaps(max_connections, max_per_source)
         self._ctx: Optional[ssl.SSLContext] = None
         self._sock: Optional[socket.socket] = None
         #: connection task -> its socket (closed by stop() even if the task never ran)
         self._tasks: Dict[asyncio.Task, socket.socket] = {}
-        self._per_source: Counter = Counter()
-        self._refused = 0
-        self._refused_logged_at = -_REFUSAL_LOG_INTERVAL
 
     # -- life cycle -------------------------------------------------------------
 
@@ -189,7 +184,7 @@ class PeerServer:
             return
         self._ctx = server_context(self._cert, self._key, self._client_ca,
                                    self._user_certs.ca_file if self._user_certs else None)
-        self._sock = self._bind()
+        self._sock = bind_listener(self._host, self._port)
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
         if self._require:
             mode = "client certificates required" + (
@@ -228,7 +223,7 @@ class PeerServer:
         for conn in tasks.values():
             conn.close()
         self._tasks.clear()
-        self._per_source.clear()
+        self._caps.clear()
         logger.info("peer port stopped")
 
     async def __aenter__(self) -> PeerServer:
@@ -237,35 +232,6 @@ class PeerServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    def _bind(self) -> socket.socket:
-        family = socket.AF_INET6 if self._host.version == 6 else socket.AF_INET
-        where = f"[{self._host}]:{self._port}" if family == socket.AF_INET6 else \
-            f"{self._host}:{self._port}"
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            # Rebinding right after a restart must not fail on TIME_WAIT leftovers;
-            # on Linux this still refuses a port another socket listens on.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:  # "::" takes IPv4 peers too, whatever the sysctl
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((str(self._host), self._port))
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError as e:
-            sock.close()
-            hint = {
-                errno.EADDRINUSE: "another program listens there (see: ss -ltnp 'sport = :"
-                                  f"{self._port}'); stop it or choose another peer_port",
-                errno.EADDRNOTAVAIL: "that address is not configured on this host; fix "
-                                     "listen_address",
-                errno.EACCES: "ports below 1024 need CAP_NET_BIND_SERVICE; choose peer_port "
-                              ">= 1024",
-            }.get(e.errno or 0, "check listen_address and peer_port")
-            raise ScistreamError(f"cannot listen on the peer port {where}: "
-                                 f"{e.strerror or e}; {hint}") from None
-        return sock
 
     # -- one connection -----------------------------------------------------------
 
@@ -289,13 +255,10 @@ class PeerServer:
                 continue  # that client gave up between SYN and accept
             who = format_client(addr)
             source = who.rpartition(":")[0]
-            if (len(self._tasks) >= self._max_connections
-                    or self._per_source[source] >= self._max_per_source):
-                self._refuse(who, source)
+            if not self._caps.admit(source, who):
                 conn.close()
                 continue
             conn.setblocking(False)
-            self._per_source[source] += 1
             self._tasks[asyncio.ensure_future(self._serve(conn, who, source))] = conn
 
     def _resume(self, sock: socket.socket) -> None:
@@ -319,21 +282,7 @@ class PeerServer:
                 writer.transport.abort()
             conn.close()
             self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            self._per_source[source] -= 1
-            if self._per_source[source] <= 0:
-                del self._per_source[source]
-
-    def _refuse(self, who: str, source: str) -> None:
-        self._refused += 1
-        now = time.monotonic()
-        # A flood must not flood the journal too: one line per interval.
-        if now - self._refused_logged_at >= _REFUSAL_LOG_INTERVAL:
-            logger.warning(
-                "peer port: refused %d connection(s), the last from %s (%d open, "
-                "max_connections %d; %d from that address, at most %d per address)",
-                self._refused, who, len(self._tasks), self._max_connections,
-                self._per_source[source], self._max_per_source)
-            self._refused, self._refused_logged_at = 0, now
+            self._caps.done(source)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           who: str) -> None:
