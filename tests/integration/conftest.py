@@ -348,6 +348,14 @@ def daemon_status(host) -> dict:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def restart_daemon(host) -> None:
+    """Restart scistreamd on ``host`` (Type=notify: ready on return) and insist it runs,
+    showing its journal if not."""
+    host.run(["systemctl", "restart", "scistreamd"], timeout=120)
+    state = host.run(["systemctl", "is-active", "scistreamd"], check=False).stdout.strip()
+    assert state == "active", host.journal("-u", "scistreamd", "-n", "30")
+
+
 def journal_cursor(host) -> str:
     host.run(["journalctl", "--sync"], check=False)
     out = host.run(["journalctl", "-n", "0", "--show-cursor", "--no-pager"], check=False).stdout

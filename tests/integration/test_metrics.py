@@ -14,7 +14,13 @@ import json
 
 import pytest
 
-from tests.integration.conftest import HOSTTOOL, parse_request_output, tool, wait_until
+from tests.integration.conftest import (
+    HOSTTOOL,
+    parse_request_output,
+    restart_daemon,
+    tool,
+    wait_until,
+)
 
 DROPIN = "/etc/scistream/conf.d/70-test-metrics.toml"
 METRICS = "127.0.0.1:9731"
@@ -65,12 +71,6 @@ def promql(host, query: str) -> list:
     return [(r["metric"], float(r["value"][1])) for r in doc["data"]["result"]]
 
 
-def _restart(host) -> None:
-    host.run(["systemctl", "restart", "scistreamd"], timeout=120)
-    state = host.run(["systemctl", "is-active", "scistreamd"], check=False).stdout.strip()
-    assert state == "active", host.journal("-u", "scistreamd", "-n", "30")
-
-
 @pytest.fixture
 def metrics(s1, clean, apps):
     """server1 serving /metrics on loopback, and a Prometheus scraping it."""
@@ -78,7 +78,7 @@ def metrics(s1, clean, apps):
         "# written by test_metrics.py; removed when the test ends\n"
         f'metrics_listen = "{METRICS}"\n'))
     try:
-        _restart(s1)
+        restart_daemon(s1)
         s1.run(["rm", "-rf", PROM_DATA])
         s1.run(["tee", PROM_CONFIG], input=SCRAPE_CONFIG)
         apps.start(s1, "test-prometheus", "prometheus", f"--config.file={PROM_CONFIG}",
@@ -89,7 +89,7 @@ def metrics(s1, clean, apps):
     finally:
         s1.ctl("release", "--all")
         s1.run(["rm", "-f", DROPIN])
-        _restart(s1)
+        restart_daemon(s1)
         s1.run(["rm", "-rf", PROM_DATA, PROM_CONFIG], check=False)
 
 

@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     journal_since,
     parse_request_output,
     residue,
+    restart_daemon,
     run_as,
     tool,
 )
@@ -69,12 +70,6 @@ def _write(host, path: str, data: bytes, mode: str = "0644", owner: str = "root"
                           f" && chown {owner} {path}"], input=data.decode())
 
 
-def _restart(host) -> None:
-    host.run(["systemctl", "restart", "scistreamd"], timeout=120)
-    state = host.run(["systemctl", "is-active", "scistreamd"], check=False).stdout.strip()
-    assert state == "active", host.journal("-u", "scistreamd", "-n", "30")
-
-
 @pytest.fixture(scope="module")
 def users(bed):
     """Both gateways with user_client_ca and user_rules; identities on both hosts."""
@@ -85,7 +80,7 @@ def users(bed):
         _write(host, USER_CA, user_ca.cert_pem())
         _write(host, DROPIN, RULES.encode())
         host.ctl("release", "--all")
-        _restart(host)
+        restart_daemon(host)
         host.run(["mkdir", "-p", DIR])
         host.run(["chmod", "0755", DIR])
         for name in (A, C, D):
@@ -100,7 +95,7 @@ def users(bed):
             host.run(["systemctl", "start", "scistreamd"], check=False)
             host.ctl("release", "--all")
             host.run(["rm", "-rf", DROPIN, USER_CA, DIR])
-            _restart(host)
+            restart_daemon(host)
 
 
 @pytest.fixture
@@ -421,12 +416,12 @@ def tokened(users, bed):
                      "max_endpoints = 4\n")
     # one drop-in: user_rules in a later file would replace these
     _write(s1, DROPIN, (keys + rules).encode())
-    _restart(s1)
+    restart_daemon(s1)
     try:
         yield oauth
     finally:
         _write(s1, DROPIN, RULES.encode())
-        _restart(s1)
+        restart_daemon(s1)
         oauth.remove()
         driver.close()
 

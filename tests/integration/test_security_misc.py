@@ -27,6 +27,7 @@ from tests.integration.conftest import (
     journal_since,
     parse_request_output,
     residue,
+    restart_daemon,
     tool,
     wait_listening,
 )
@@ -234,12 +235,6 @@ LO_RULE = "127.0.0.1 5300"
 TEN_RULE = "10.0.0.0/8 5000-5100"
 
 
-def _restart(host) -> None:
-    host.run(["systemctl", "restart", "scistreamd"], timeout=120)
-    state = host.run(["systemctl", "is-active", "scistreamd"], check=False).stdout.strip()
-    assert state == "active", host.journal("-u", "scistreamd", "-n", "30")
-
-
 @pytest.fixture
 def target_rules(s1, clean):
     """server1 with allowed_targets from a conf.d drop-in; the drop-in removed afterwards."""
@@ -247,12 +242,12 @@ def target_rules(s1, clean):
         "# written by test_security_misc.py; removed when the test ends\n"
         f'allowed_targets = ["192.168.150.0/24", "{LO_RULE}", "{TEN_RULE}"]\n'))
     try:
-        _restart(s1)
+        restart_daemon(s1)
         yield s1
     finally:
         s1.ctl("release", "--all")
         s1.run(["rm", "-f", DROPIN])
-        _restart(s1)
+        restart_daemon(s1)
 
 
 def refused(host, ip: str, port: int) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import pytest
 
 from scistreamd.tokens import MSG_AUTH_UNAVAILABLE, MSG_TOKEN_DENIED
+from tests.integration.conftest import restart_daemon
 from tests.oauthbed import (
     OAUTH,
     OAUTH_PORT,
@@ -258,12 +259,6 @@ DAEMON_DROPIN = "/etc/scistream/conf.d/60-test-tokens.toml"
 APP_PORT = 5300
 
 
-def _restart(host) -> None:
-    host.run(["systemctl", "restart", "scistreamd.service"], timeout=120)
-    state = host.run(["systemctl", "is-active", "scistreamd"], check=False).stdout.strip()
-    assert state == "active", host.journal("-u", "scistreamd", "-n", "30")
-
-
 @pytest.fixture(scope="module")
 def remote(bed):
     """The remote user's side: a driver on server2 that calls server1's user API."""
@@ -285,13 +280,13 @@ def daemon(bed, oauth):
                             ("group", f"group:{oauth.group}")))
     put(s1, DAEMON_DROPIN, "# written by test_tokens.py; removed when its tests end\n" + keys +
         rules, "0644")
-    _restart(s1)
+    restart_daemon(s1)
     try:
         yield s1
     finally:
         s1.ctl("release", "--all")
         s1.run(["rm", "-f", DAEMON_DROPIN])
-        _restart(s1)
+        restart_daemon(s1)
 
 
 def user_call(remote: Driver, method: str, path: str = "", token: Optional[str] = None,
@@ -462,7 +457,7 @@ def test_daemon_refuses_to_start_with_a_readable_client_secret_and_tunnels_keep_
     finally:
         s1.run(["chmod", "0600", "/etc/scistream/token-client-secret"])
         s1.run(["systemctl", "reset-failed", "scistreamd.service"], check=False)
-        _restart(s1)
+        restart_daemon(s1)
     assert request(s2, local[0], "back") == "sec:back"
     assert user_call(remote, "DELETE", f"/{uid}", oauth.issue())["status"] == 200
     s2.ctl("release", uid)

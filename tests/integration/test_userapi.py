@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     journal_cursor,
     parse_request_output,
     residue,
+    restart_daemon,
     run_as,
     tool,
     wait_listening,
@@ -85,12 +86,6 @@ def _write(host, path: str, data: bytes, mode: str = "0644") -> None:
              input=data.decode())
 
 
-def _restart(host) -> None:
-    host.run(["systemctl", "restart", "scistreamd"], timeout=120)
-    state = host.run(["systemctl", "is-active", "scistreamd"], check=False).stdout.strip()
-    assert state == "active", host.journal("-u", "scistreamd", "-n", "30")
-
-
 @pytest.fixture(scope="module")
 def users(bed):
     """Both gateways with user_client_ca and user_rules; client certificates on server2."""
@@ -101,7 +96,7 @@ def users(bed):
         _write(host, USER_CA, user_ca.cert_pem())
         _write(host, DROPIN, RULES.encode())
         host.ctl("release", "--all")
-        _restart(host)
+        restart_daemon(host)
     for name, issuer in ((A, user_ca), (B, user_ca), (C, user_ca), ("stranger", other_ca)):
         pair = certs.make_host_cert(name, [], [name] if "." in name else [], issuer=issuer)
         _write(s2, f"{CLIENT_DIR}/{name}.crt", pair.cert_pem())
@@ -112,7 +107,7 @@ def users(bed):
         for host in (s1, s2):
             host.ctl("release", "--all")
             host.run(["rm", "-f", DROPIN, USER_CA])
-            _restart(host)
+            restart_daemon(host)
         s2.run(["rm", "-rf", CLIENT_DIR])
 
 
@@ -334,5 +329,5 @@ def test_dbus_created_endpoints_show_a_local_owner(users, clean):
     assert api(s2, s1.ip, "GET", "/v1/tunnels", cert=A)["body"] == {"tunnels": []}
     refused(api(s2, s1.ip, "DELETE", f"/v1/tunnels/{uid}", cert=A), 404, "NotFound")
     # The owner survives a daemon restart (persisted in state).
-    _restart(s1)
+    restart_daemon(s1)
     assert endpoint_properties(s1, uid2, "inbound")["Owner"] == f"local:uid={member_uid}"
