@@ -100,12 +100,12 @@ class CountersMixin:
         was = c.reachable
         if not c.on_event(ev, invocation, at_us):
             return
-        if self._replaying:
-            pass
-        elif ev.kind == CONNECT_FAILED and (was != REACHABLE_NO or c.failures == 1):
+        # Lines a restarted daemon replays are counted, not logged again.
+        if not self._replaying and ev.kind == CONNECT_FAILED and (
+                was != REACHABLE_NO or c.failures == 1):
             _log(logging.WARNING, MSG_TARGET_FAILED, ep, "%s endpoint %s: %s",
                  ep.role.value, ep.uid, c.last_failure)
-        elif ev.kind == CONNECTED and was == REACHABLE_NO:
+        elif not self._replaying and ev.kind == CONNECTED and was == REACHABLE_NO:
             _log(logging.INFO, MSG_TARGET_REACHED, ep, "%s endpoint %s reaches its target %s "
                  "again", ep.role.value, ep.uid, ev.address)
         if ev.kind not in (CONNECTED, CONNECT_FAILED):
