@@ -233,9 +233,8 @@ class Systemd:
                           load_state=load_state)
 
     async def main_pids(self, names: Sequence[str]) -> Dict[str, int]:
-        """MainPID of many services, asked concurrently (at most MAX_INFLIGHT at a time)."""
-        values = await asyncio.gather(*(self._service_property(n, "MainPID", 0) for n in names))
-        return dict(zip(names, values))
+        """MainPID of many services (0 where gone)."""
+        return await self._of_many(names, "MainPID")
 
     async def accounting(self, service: str, socket: str = "") -> Tuple[int, int, int]:
         """(bytes in, bytes out, memory) of a relay: IP accounting of its service and
@@ -257,7 +256,11 @@ class Systemd:
         return str(await self._service_property(name, "Result", "", SOCKET_IFACE))
 
     async def n_restarts(self, names: Sequence[str]) -> Dict[str, int]:
-        """NRestarts of many services, asked concurrently (at most MAX_INFLIGHT at a time)."""
-        values = await asyncio.gather(*(self._service_property(n, "NRestarts", 0)
-                                        for n in names))
+        """NRestarts of many services (0 where gone)."""
+        return await self._of_many(names, "NRestarts")
+
+    async def _of_many(self, names: Sequence[str], prop: str) -> Dict[str, int]:
+        """One integer property of many services, asked concurrently (at most
+        MAX_INFLIGHT at a time); 0 where the unit is gone."""
+        values = await asyncio.gather(*(self._service_property(n, prop, 0) for n in names))
         return dict(zip(names, values))
