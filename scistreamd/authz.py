@@ -18,10 +18,14 @@ Where the check happens, in dbus-next 0.2's dispatch path:
 - what dbus-next answers itself, synchronously (Properties.Get/GetAll,
   ObjectManager.GetManagedObjects, Introspect, Peer on any path), has no
   asynchronous hook: a message handler must answer now or claim the message.
-  For an unknown caller the message is held until the credentials/polkit
-  lookup is done and then dispatched again through ``bus._process_message``,
-  the one private call left: dbus-next 0.2 has no public way to resume a
-  message a handler has claimed. It only runs once per caller and action.
+  For an unknown caller the handler claims it, waits for the lookup, and then
+  answers it with public calls only: on "yes" it asks the same question of
+  this very connection through the bus (a call from the daemon to itself,
+  which dbus-next answers as it would have), and sends that answer, or error,
+  back to the caller; on "no" it refuses. dbus-next 0.2 has no public way to
+  resume a claimed message, and re-implementing its Properties/ObjectManager/
+  Introspect answers would be a second copy of them. It costs one bus round
+  trip, once per caller and action.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import grp
 import logging
 import os
 import pwd
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
-from dbus_next import Message, MessageType, Variant
+from dbus_next import Message, MessageFlag, MessageType, Variant
 from dbus_next.aio import MessageBus
+from dbus_next.constants import ErrorType
+from dbus_next.introspection import Node
 
 from . import ENDPOINT_PATH_PREFIX, MANAGER_IFACE, MANAGER_PATH
 from .errors import AccessDenied
@@ -98,6 +104,10 @@ class Authorizer:
         self._pending: Dict[Key, asyncio.Future[bool]] = {}
         #: unique bus name -> its uid (seen by _check; for Owner)
         self._uids: Dict[str, int] = {}
+        #: calls held until their verdict (kept referenced until answered)
+        self._held: Set[asyncio.Task[None]] = set()
+        #: the manager's introspection XML without child nodes, once built
+        self._stripped_manager: Optional[str] = None
         try:
             self._gid: Optional[int] = grp.getgrnam(GROUP).gr_gid
         except KeyError:
@@ -132,27 +142,63 @@ class Authorizer:
 
     def handle(self, msg: Message) -> object:
         """Bus message handler: None lets dispatch go on, a Message/True stops it."""
-        if msg.message_type == MessageType.METHOD_CALL:
-            _CALLER.set(msg.sender)
-        action = self.action_of(msg)
-        if action is None:
+        if msg.message_type != MessageType.METHOD_CALL:
             return None
+        _CALLER.set(msg.sender)
+        action = self.action_of(msg)
+        if action is None or msg.sender == self._bus.unique_name:
+            return None  # public, or our own call of _ask_ourselves
         key = (msg.sender, action)
         verdict = self._verdicts.get(key)
         if verdict is True:
             return None
-        if verdict is False:
+        if verdict is False and (not self._strips(msg) or self._stripped_manager is not None):
             return self._refusal(msg)
-        if self._checks_inside(msg):
+        if verdict is None and self._checks_inside(msg):
             return None  # the method awaits require() in its own task
-        # Answered by dbus-next itself: hold it until the verdict is known.
-        self._lookup(key).add_done_callback(lambda _f: self._redispatch(msg))
+        # Answered by dbus-next itself: held until the verdict is known.
+        task = asyncio.ensure_future(self._answer_held(msg, key))
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
         return True
 
-    def _redispatch(self, msg: Message) -> None:
-        # The one private call (see the module docstring); the verdict is
-        # cached now, so handle() decides this time.
-        self._bus._process_message(msg)
+    @staticmethod
+    def _strips(msg: Message) -> bool:
+        """The manager's introspection: refused as its node without children."""
+        return (msg.interface, msg.member) == INTROSPECT and msg.path == MANAGER_PATH
+
+    async def _answer_held(self, msg: Message, key: Key) -> None:
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = await asyncio.shield(self._lookup(key))
+        try:
+            if verdict:
+                answer = await self._ask_ourselves(msg)
+            elif self._strips(msg):
+                if self._stripped_manager is None:
+                    xml = (await self._ask_ourselves(msg)).body[0]
+                    node = Node.parse(xml)
+                    node.nodes = []
+                    self._stripped_manager = node.tostring()
+                answer = self._refusal(msg)
+            else:
+                answer = self._refusal(msg)
+        except Exception:  # the bus went away, or a malformed reply: never silence
+            logger.exception("answering %s.%s of %s failed", msg.interface, msg.member,
+                             msg.sender)
+            answer = Message.new_error(msg, ErrorType.FAILED.value,
+                                       "scistreamd could not answer this call; see its journal")
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            await self._bus.send(answer)
+
+    async def _ask_ourselves(self, msg: Message) -> Message:
+        """dbus-next's own answer to ``msg``, asked through the bus, addressed to its caller."""
+        reply = await self._bus.call(Message(
+            destination=self._bus.unique_name, path=msg.path, interface=msg.interface,
+            member=msg.member, signature=msg.signature, body=msg.body))
+        return Message(message_type=reply.message_type, destination=msg.sender,
+                       reply_serial=msg.serial, error_name=reply.error_name,
+                       signature=reply.signature, body=reply.body)
 
     async def caller_owner(self) -> str:
         """The Owner string of the current method's caller: "local:uid=N"."""
@@ -204,12 +250,8 @@ class Authorizer:
     def _refusal(self, msg: Message) -> Message:
         """AccessDenied; for the manager's introspection, its node without children:
         whether any endpoint exists (child "endpoint") is not theirs to know."""
-        # dbus-next 0.2 builds the node privately; without it, plain AccessDenied.
-        introspect = getattr(self._bus, "_introspect_export_path", None)
-        if (msg.interface, msg.member) == INTROSPECT and msg.path == MANAGER_PATH and introspect:
-            node = introspect(MANAGER_PATH)
-            node.nodes = []
-            return Message.new_method_return(msg, "s", [node.tostring()])
+        if self._strips(msg) and self._stripped_manager is not None:
+            return Message.new_method_return(msg, "s", [self._stripped_manager])
         return Message.new_error(msg, AccessDenied.dbus_name(), denied_text())
 
     async def _bus_call(self, dest: str, path: str, iface: str, member: str, sig: str,

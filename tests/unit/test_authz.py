@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Dict, List
 
 import pytest
-from dbus_next import Message, MessageType, Variant
+from dbus_next import Message, MessageFlag, MessageType, Variant
 
 from scistreamd import ENDPOINT_IFACE, ENDPOINT_PATH_PREFIX, MANAGER_IFACE, MANAGER_PATH
 from scistreamd.authz import ACTION_INSPECT, ACTION_MANAGE, Authorizer
@@ -54,45 +54,121 @@ def reply(body: list) -> SimpleNamespace:
     return SimpleNamespace(message_type=MessageType.METHOD_RETURN, body=body)
 
 
+MANAGER_XML = ('<node><interface name="org.scistream.Tunnel1.Manager"/>'
+               '<node name="endpoint"/></node>')
+
+
 class FakeBus:
-    """The daemon's bus connection as the authorizer uses it: credentials by sender."""
+    """The daemon's bus connection as the authorizer uses it: credentials by sender,
+    and dbus-next's own answers to the calls the daemon asks itself."""
+
+    unique_name = ":1.1"
 
     def __init__(self, uids: Dict[str, int]) -> None:
         self.uids = uids
         self.lookups: List[str] = []
-        self.redispatched: List[Message] = []
+        self.asked: List[Message] = []  # calls the daemon made to itself
+        self.sent: List[Message] = []
 
-    async def call(self, msg: Message) -> SimpleNamespace:
+    async def call(self, msg: Message) -> Message:
         await asyncio.sleep(0)
+        if msg.destination == self.unique_name:
+            self.asked.append(msg)
+            msg.serial = 99  # as the bus connection numbers it on sending
+            if msg.member == "Introspect":
+                return Message.new_method_return(msg, "s", [MANAGER_XML])
+            if msg.member == "Get":
+                return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownProperty",
+                                         "no such property")
+            return Message.new_method_return(msg, "a{sv}", [{"Uid": Variant("s", "x")}])
         if msg.member == "GetConnectionCredentials":
             self.lookups.append(msg.body[0])
             body = [{"UnixUserID": Variant("u", self.uids[msg.body[0]]),
                      "UnixGroupIDs": Variant("au", [])}]
-            return reply(body)
+            return reply(body)  # type: ignore[return-value]
         if msg.member == "NameHasOwner":
-            return reply([False])
+            return reply([False])  # type: ignore[return-value]
         if msg.member == "ListActivatableNames":
-            return reply([[]])
+            return reply([[]])  # type: ignore[return-value]
         raise AssertionError(f"unexpected call {msg.member}")
 
-    def _process_message(self, msg: Message) -> None:
-        self.redispatched.append(msg)
+    async def send(self, msg: Message) -> None:
+        self.sent.append(msg)
 
 
 def ours(msg: Message) -> bool:
     return msg.interface in (MANAGER_IFACE, ENDPOINT_IFACE)
 
 
-def test_unknown_caller_of_a_dbus_next_answer_is_held_then_dispatched_once() -> None:
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_unknown_caller_of_a_dbus_next_answer_is_held_then_answered_by_asking_ourselves(
+) -> None:
     async def go() -> None:
         bus = FakeBus({":1.7": 0})
         auth = Authorizer(bus, ours)  # type: ignore[arg-type]
-        get = call(EP_PATH, PROPS, "GetAll", "s", [ENDPOINT_IFACE])
-        assert auth.handle(get) is True and auth.handle(get) is True  # both held
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert bus.redispatched == [get, get] and bus.lookups == [":1.7"]
-        assert auth.handle(get) is None  # the verdict is cached now
+        get_all = call(EP_PATH, PROPS, "GetAll", "s", [ENDPOINT_IFACE])
+        get = call(EP_PATH, PROPS, "Get", "ss", [ENDPOINT_IFACE, "Nope"])
+        get.serial = 2
+        assert auth.handle(get_all) is True and auth.handle(get) is True  # both held
+        await settle()
+        assert bus.lookups == [":1.7"]  # one lookup for both
+        # the same question, asked of the daemon's own connection
+        assert [(m.path, m.interface, m.member, m.signature, m.body) for m in bus.asked] == [
+            (EP_PATH, PROPS, "GetAll", "s", [ENDPOINT_IFACE]),
+            (EP_PATH, PROPS, "Get", "ss", [ENDPOINT_IFACE, "Nope"])]
+        # ... and its answer, or its error, goes to the caller, unchanged
+        ok, err = sorted(bus.sent, key=lambda m: m.reply_serial)
+        assert (ok.message_type, ok.destination, ok.reply_serial, ok.signature) == (
+            MessageType.METHOD_RETURN, ":1.7", 1, "a{sv}")
+        assert ok.body[0]["Uid"].value == "x"
+        assert (err.message_type, err.destination, err.reply_serial, err.error_name,
+                err.body) == (MessageType.ERROR, ":1.7", 2,
+                              "org.freedesktop.DBus.Error.UnknownProperty",
+                              ["no such property"])
+        assert auth.handle(get_all) is None  # the verdict is cached now
+        own = call(EP_PATH, PROPS, "GetAll", "s", [ENDPOINT_IFACE], sender=bus.unique_name)
+        assert auth.handle(own) is None and bus.lookups == [":1.7"]  # our own question
+
+    asyncio.run(go())
+
+
+def test_unknown_unprivileged_caller_of_a_dbus_next_answer_is_refused() -> None:
+    async def go() -> None:
+        bus = FakeBus({":1.8": 1000})
+        auth = Authorizer(bus, ours)  # type: ignore[arg-type]
+        get_all = call(EP_PATH, PROPS, "GetAll", "s", [ENDPOINT_IFACE], sender=":1.8")
+        quiet = call("/", "org.freedesktop.DBus.ObjectManager", "GetManagedObjects",
+                     sender=":1.8")
+        quiet.flags = MessageFlag.NO_REPLY_EXPECTED
+        assert auth.handle(get_all) is True and auth.handle(quiet) is True
+        await settle()
+        assert bus.asked == []  # nothing was answered for them
+        assert [(m.error_name, m.destination) for m in bus.sent] == [
+            (AccessDenied.dbus_name(), ":1.8")]  # and nothing sent where no reply is wanted
+        again = auth.handle(get_all)  # cached "no": refused at once
+        assert isinstance(again, Message) and again.error_name == AccessDenied.dbus_name()
+
+    asyncio.run(go())
+
+
+def test_the_manager_node_is_shown_without_children_to_the_unprivileged() -> None:
+    async def go() -> None:
+        bus = FakeBus({":1.8": 1000})
+        auth = Authorizer(bus, ours)  # type: ignore[arg-type]
+        intro = call(MANAGER_PATH, INTROSPECTABLE, "Introspect", sender=":1.8")
+        assert auth.handle(intro) is True
+        await settle()
+        (answer,) = bus.sent
+        assert answer.message_type == MessageType.METHOD_RETURN
+        assert "org.scistream.Tunnel1.Manager" in answer.body[0]
+        assert "endpoint" not in answer.body[0]
+        again = auth.handle(intro)  # built once, then answered at once
+        assert isinstance(again, Message) and again.body == answer.body
+        assert len(bus.asked) == 1
 
     asyncio.run(go())
 
