@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import re
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address, ip_network
 from pathlib import Path
@@ -21,21 +20,12 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import toml
 
-from .errors import ConfigError, InvalidArgument, ScistreamError
-from .model import (
-    HostPort,
-    IPAddress,
-    IPNetwork,
-    parse_hostport,
-    parse_ip,
-    parse_network,
-    parse_port,
-)
-from .ports import FIRST_UNPRIVILEGED_PORT
+from . import configvalues as cv
+from .errors import ConfigError, InvalidArgument
+from .model import HostPort, IPAddress, IPNetwork
 from .relay import (
     DEFAULT_CIPHERSUITES,
     parse_ciphersuites,
-    parse_safe_path,
     parse_stunnel_log_level,
 )
 from .targets import DEFAULT_TARGET_RULES, TargetRule, parse_target_rules
@@ -51,12 +41,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: and their Linux policy numbers (sched.h) for CPUSchedulingPolicy=.
 RELAY_SCHEDULING = {"other": 0, "batch": 3}
 
-_MEMORY = re.compile(r"([0-9]{1,15})([KMGT]?)")
-_MEMORY_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-# A relay (stunnel + OpenSSL) needs a few MiB; a smaller cap is a unit mistake ("256" for 256M).
-_MIN_MEMORY = 8 * 1024**2
-_PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
-_MAX_SECONDS = 300.0
 #: What one relayed connection may cost a relay (stunnel: a thread, its stack,
 #: two 18 KiB buffers, OpenSSL's records): 117 KiB were measured idle; the margin
 #: covers connections that are moving data. And what the relay needs besides.
@@ -64,7 +48,6 @@ RELAY_CONNECTION_MEMORY = 192 * 1024
 RELAY_BASE_MEMORY = 4 * 1024**2  # 2.4 MiB measured for an idle relay
 #: Threads of a relay besides one per connection (main, cron, and a margin).
 RELAY_BASE_TASKS = 4
-MAX_CLIENT_NETWORKS = 256
 #: stunnel needs 16 descriptors: (16 - 6) / 2 clients.
 MIN_RELAY_CONNECTIONS = 5
 
@@ -187,266 +170,48 @@ class Config:
         return f"{self.port_range[0]}-{self.port_range[1]}"
 
 
-class _Bad(ScistreamError):
-    """A value problem, turned into ConfigError by the caller who knows file and key."""
-
-
-def _type_name(value: object) -> str:
-    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a float"}
-    names.update({list: "an array", dict: "a table"})
-    return names.get(type(value), type(value).__name__)
-
-
-def _int(value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Bad(f"expected an integer in {low}..{high}, got {_type_name(value)}")
-    if not low <= value <= high:
-        raise _Bad(f"{value} is out of range: use {low}..{high}")
-    return value
-
-
-def _port(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Bad(f"expected a port number (integer 1..65535), got {_type_name(value)}")
-    return parse_port(value, "port")
-
-
-def _port_range(value: object) -> Tuple[int, int]:
-    if isinstance(value, str):
-        m = _PORT_RANGE.fullmatch(value)
-        if not m:
-            raise _Bad(f'{value!r:.60} is not a range: write "LOW-HIGH", e.g. "5100-5200"')
-        low, high = int(m.group(1)), int(m.group(2))
-    elif isinstance(value, list) and len(value) == 2:
-        low, high = (_port(v) for v in value)
-    else:
-        raise _Bad(f'expected "LOW-HIGH" or [LOW, HIGH], got {_type_name(value)}')
-    low, high = parse_port(low, "low port"), parse_port(high, "high port")
-    if low > high:
-        raise _Bad(f"{low}-{high} is empty: write the lower port first")
-    if low < FIRST_UNPRIVILEGED_PORT:
-        raise _Bad(
-            f"{low}-{high} includes privileged ports and relays run without privileges: "
-            f"start the range at {FIRST_UNPRIVILEGED_PORT} or above"
-        )
-    return (low, high)
-
-
-def _ip(value: object) -> IPAddress:
-    if not isinstance(value, str):
-        raise _Bad(f"expected an IP address string, got {_type_name(value)}")
-    return parse_ip(value, "address")
-
-
-def _listen_ip(value: object) -> IPAddress:
-    """A unicast address, or the wildcard of either family (all of this host's)."""
-    if not isinstance(value, str):
-        raise _Bad(f"expected an IP address string, got {_type_name(value)}")
-    ip = parse_ip(value, "address", unicast=False)
-    if ip.is_multicast:
-        raise _Bad(f"{ip} is a multicast address: give this host's address, or \"0.0.0.0\" "
-                   "(\"::\" for IPv6 too) for all of them")
-    return ip
-
-
-def _relay_ip(value: object) -> IPAddress | None:
-    if value == "":
-        return None
-    return _ip(value)  # one unicast address: relays need a concrete one
-
-
-def _path(value: object) -> Path:
-    if not isinstance(value, str):
-        raise _Bad(f"expected an absolute path string, got {_type_name(value)}")
-    # Paths end up in unit properties and relay command lines: keep them plain.
-    return Path(parse_safe_path(value, "path"))
-
-
-def _optional_path(value: object) -> Path | None:
-    if value == "":
-        return None
-    return _path(value)
-
-
-def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"expected seconds (a number), got {_type_name(value)}")
-    # A range comparison rejects NaN and inf too, and does not overflow on huge ints.
-    if not 0 < value <= _MAX_SECONDS:
-        raise _Bad(f"{value} is out of range: use more than 0 and at most {_MAX_SECONDS:g} seconds")
-    return float(value)
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _Bad(f"expected true or false, got {_type_name(value)}")
-    return value
-
-
-def _memory(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _Bad(f'expected bytes or a size like "256M", got {_type_name(value)}')
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _MEMORY.fullmatch(value)
-        if not m:
-            raise _Bad(f"{value!r:.60} is not a size: write bytes or a number with K, M, G or T")
-        size = int(m.group(1)) * _MEMORY_UNITS[m.group(2)]
-    if size < 0:
-        raise _Bad(f'{size} is negative: use 0 for no limit, or a size like "256M"')
-    if 0 < size < _MIN_MEMORY:
-        raise _Bad(f'{size} bytes is too little for a relay: use at least "8M", or 0 for no limit')
-    return size
-
-
-def _networks(value: object) -> Tuple[IPNetwork, ...]:
-    if not isinstance(value, list):
-        raise _Bad(f'expected an array of CIDR strings, e.g. ["127.0.0.0/8", "10.1.0.0/16"], '
-                   f"got {_type_name(value)}")
-    if len(value) > MAX_CLIENT_NETWORKS:
-        raise _Bad(f"{len(value)} networks: use at most {MAX_CLIENT_NETWORKS} (summarise them)")
-    nets = []
-    for item in value:
-        if not isinstance(item, str):
-            raise _Bad(f"expected CIDR strings, got {_type_name(item)} in the array")
-        nets.append(parse_network(item, "network"))
-    return tuple(dict.fromkeys(nets))  # duplicates dropped, order kept
-
-
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,256}")
-# Printable ASCII without ':' (HTTP Basic separates id and secret with it).
-_CLIENT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,256}")
-
-
-def _https_url(value: object) -> str:
-    """"" or an https URL without credentials or fragment (it gets the client secret)."""
-    from urllib.parse import urlsplit
-
-    if not isinstance(value, str):
-        raise _Bad(f"expected an https URL string, got {_type_name(value)}")
-    if value == "":
-        return ""
-    if len(value) > 2048 or not value.isprintable() or any(c.isspace() for c in value):
-        raise _Bad("not a URL (spaces, control characters, or longer than 2048): "
-                   'write e.g. "https://auth.example.org/oauth2/token/introspect"')
-    try:
-        url = urlsplit(value)
-        url.port  # noqa: B018 (raises ValueError on a bad port)
-    except ValueError as err:
-        raise _Bad(f"{value!r:.80} is not a URL ({err})") from None
-    if url.scheme != "https" or not url.hostname:
-        raise _Bad(f"{value!r:.80} is not an https URL: the daemon sends its client secret "
-                   "there, so only https is accepted")
-    if url.username is not None or url.password is not None or url.fragment:
-        raise _Bad(f"{value!r:.80} carries credentials or a fragment: give the bare URL "
-                   "(the secret goes in token_client_secret_file)")
-    return value
-
-
-def _client_id(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Bad(f"expected a string, got {_type_name(value)}")
-    if value and not _CLIENT_ID.fullmatch(value):
-        raise _Bad("expected printable ASCII without spaces or ':', at most 256 characters")
-    return value
-
-
-def _scope_list(value: object) -> Tuple[str, ...]:
-    if isinstance(value, str):
-        items: List[object] = list(value.split())
-    elif isinstance(value, list):
-        items = list(value)
-    else:
-        raise _Bad(f'expected a scope string or an array of scopes, got {_type_name(value)}')
-    if len(items) > 32:
-        raise _Bad(f"{len(items)} scopes: require at most 32")
-    for item in items:
-        if not isinstance(item, str) or not _SCOPE_TOKEN.fullmatch(item):
-            raise _Bad(f"{item!r:.60} is not an OAuth scope (RFC 6749: printable ASCII "
-                       "without spaces, quotes or backslashes)")
-    return tuple(dict.fromkeys(items))  # type: ignore[arg-type]
-
-
-def _audience(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Bad(f"expected a string, got {_type_name(value)}")
-    if len(value) > 512 or not value.isprintable():
-        raise _Bad("expected printable text of at most 512 characters")
-    return value
-
-
-def _seconds_upto(high: float) -> Callable[[object], float]:
-    def parse(value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Bad(f"expected seconds (a number), got {_type_name(value)}")
-        if not 0 <= value <= high:
-            raise _Bad(f"{value} is out of range: use 0..{high:g} seconds")
-        return float(value)
-
-    return parse
-
-
-def _optional_hostport(value: object) -> HostPort | None:
-    if value == "":
-        return None
-    if not isinstance(value, str):
-        raise _Bad(f'expected "IP:PORT" (e.g. "127.0.0.1:9731") or "" for off, '
-                   f"got {_type_name(value)}")
-    return parse_hostport(value, "address")
-
-
-def _choice(names: Tuple[str, ...], what: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        if isinstance(value, str) and value in names:
-            return value
-        raise _Bad(f"{value!r:.60} is not a {what}: use one of {', '.join(names)}")
-
-    return parse
-
-
 _PARSERS: Dict[str, Callable[[object], Any]] = {
-    "listen_address": _listen_ip,
-    "relay_address": _relay_ip,
-    "peer_port": _port,
-    "port_range": _port_range,
-    "peer_cert": _path,
-    "peer_key": _path,
-    "peer_trust_file": _path,
-    "peer_client_ca": _optional_path,
-    "peer_require_client_cert": _bool,
-    "peer_timeout": _seconds,
-    "peer_check_interval": lambda v: 0.0 if v == 0 and not isinstance(v, bool) else _seconds(v),
-    "peer_enabled": _bool,
-    "stunnel": _path,
-    "relay_memory_max": _memory,
-    "relay_tasks_max": lambda v: _int(v, 1, 1_000_000),
-    "relay_max_connections": lambda v: _int(v, MIN_RELAY_CONNECTIONS, 1_000_000),
-    "relay_socket_activation": _bool,
-    "outbound_client_networks": _networks,
-    "relay_nice": lambda v: _int(v, -20, 19),
-    "relay_cpu_scheduling": _choice(tuple(RELAY_SCHEDULING), "scheduling policy"),
-    "relay_start_timeout": _seconds,
+    "listen_address": cv.listen_ip,
+    "relay_address": cv.relay_ip,
+    "peer_port": cv.port,
+    "port_range": cv.port_range,
+    "peer_cert": cv.path,
+    "peer_key": cv.path,
+    "peer_trust_file": cv.path,
+    "peer_client_ca": cv.optional_path,
+    "peer_require_client_cert": cv.boolean,
+    "peer_timeout": cv.seconds,
+    "peer_check_interval": lambda v: 0.0 if v == 0 and not isinstance(v, bool) else cv.seconds(v),
+    "peer_enabled": cv.boolean,
+    "stunnel": cv.path,
+    "relay_memory_max": cv.memory,
+    "relay_tasks_max": lambda v: cv.integer(v, 1, 1_000_000),
+    "relay_max_connections": lambda v: cv.integer(v, MIN_RELAY_CONNECTIONS, 1_000_000),
+    "relay_socket_activation": cv.boolean,
+    "outbound_client_networks": cv.networks,
+    "relay_nice": lambda v: cv.integer(v, -20, 19),
+    "relay_cpu_scheduling": cv.choice(tuple(RELAY_SCHEDULING), "scheduling policy"),
+    "relay_start_timeout": cv.seconds,
     "relay_ciphersuites": parse_ciphersuites,
     "relay_log_level": parse_stunnel_log_level,
-    "state_dir": _path,
-    "key_dir": _path,
-    "max_endpoints": lambda v: _int(v, 1, 100_000),
+    "state_dir": cv.path,
+    "key_dir": cv.path,
+    "max_endpoints": lambda v: cv.integer(v, 1, 100_000),
     "allowed_targets": parse_target_rules,
-    "user_client_ca": _optional_path,
+    "user_client_ca": cv.optional_path,
     "user_rules": parse_user_rules,
-    "log_level": _choice(LOG_LEVELS, "level"),
-    "token_introspection_url": _https_url,
-    "token_client_id": _client_id,
-    "token_client_secret_file": _path,
-    "token_required_scope": _scope_list,
-    "token_audience": _audience,
-    "token_cache_max_seconds": _seconds_upto(3600),
-    "token_negative_cache_seconds": _seconds_upto(30),
-    "token_ca_file": _optional_path,
-    "token_timeout": _seconds,
-    "metrics_listen": _optional_hostport,
-    "metrics_uid_label": _bool,
+    "log_level": cv.choice(LOG_LEVELS, "level"),
+    "token_introspection_url": cv.https_url,
+    "token_client_id": cv.client_id,
+    "token_client_secret_file": cv.path,
+    "token_required_scope": cv.scope_list,
+    "token_audience": cv.audience,
+    "token_cache_max_seconds": cv.seconds_upto(3600),
+    "token_negative_cache_seconds": cv.seconds_upto(30),
+    "token_ca_file": cv.optional_path,
+    "token_timeout": cv.seconds,
+    "metrics_listen": cv.optional_hostport,
+    "metrics_uid_label": cv.boolean,
 }
 assert set(_PARSERS) == {f.name for f in fields(Config)} - {"sources"}
 
@@ -496,7 +261,7 @@ def _parse_value(source: str, key: str, value: object) -> object:
         )
     try:
         return _PARSERS[key](value)
-    except (_Bad, InvalidArgument) as err:
+    except (cv.BadValue, InvalidArgument) as err:
         raise ConfigError(source, key, str(err)) from None
 
 
