@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+import sys
 
 from .. import __version__
 from .errors import EXIT_USAGE, PROG, CtlError, exit_codes_help, usage_error
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # annotations only: importing typing costs every CLI start ~3 ms
+    from typing import Any, Dict, List, Sequence, Tuple
 
 DEFAULT_TIMEOUT = 30.0
 #: The epilog of the main --help (a verb's --help shows only the verb).
@@ -24,12 +28,40 @@ environment:
                          host's daemon) when --token-file is not given
 """
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns (3.11's rules), without importing shutil:
+    argparse makes a formatter on every run (add_subparsers), and shutil (with bz2,
+    lzma, fnmatch) costs every scistreamctl start ~2 ms."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 class _Formatter(argparse.HelpFormatter):
     """Wraps one-paragraph texts; keeps texts with their own line breaks (the epilog) as is."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None, **kw: Any) -> None:
+        # argparse's default width, computed as argparse does (terminal columns - 2).
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width, **kw)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n" in text:
             return "".join(indent + line for line in text.splitlines(keepends=True))
+        # A text that fits on one line (--version) is what textwrap would make of it;
+        # textwrap costs ~1 ms to import.
+        one_line = self._whitespace_matcher.sub(" ", text).strip()  # as argparse does
+        if one_line and len(indent) + len(one_line) <= width:
+            return indent + one_line
         return super()._fill_text(text, width, indent)
 
 
@@ -194,8 +226,6 @@ def _args_outbound_request(p: argparse.ArgumentParser) -> None:
         metavar="LISTENER",
         help="inbound listener(s) ip:port printed by inbound-request",
     )
-
-
 
 
 def _uid_arg(p: argparse.ArgumentParser, *names: str, help: str, **kw: Any) -> None:
