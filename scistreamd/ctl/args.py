@@ -433,7 +433,10 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_VerbParser)
+    # prog: the verbs' usage prefix, what argparse would format from the main usage
+    # (the main parser has no positional before VERB), without making a formatter.
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_VerbParser,
+                                prog=PROG)
     sub.required = True
     for name, (help_, description, add_args) in _VERB_SPECS.items():
         sub.add_parser(
