@@ -12,10 +12,7 @@ Pure: imports nothing from D-Bus or systemd.
 
 from __future__ import annotations
 
-import logging
 import re
-import secrets
-import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -23,8 +20,6 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 from .errors import InvalidArgument
 from .identity import LEGACY_OWNER, parse_owner
-
-logger = logging.getLogger(__name__)
 
 IPAddress = Union[IPv4Address, IPv6Address]
 IPNetwork = Union[IPv4Network, IPv6Network]
@@ -210,6 +205,8 @@ def parse_uid(value: object) -> str:
 
 def new_uid() -> str:
     """A fresh random tunnel uid (UUID4; unguessable, since a uid is a capability)."""
+    import uuid  # the daemon's alone: scistreamctl imports this module to validate (~2 ms)
+
     return str(uuid.uuid4())
 
 
@@ -219,6 +216,8 @@ def new_relay_id() -> str:
     Random, never derived from the uid: unit names, cgroup paths and unit
     properties are readable by every local user, and a uid is a capability.
     """
+    import secrets  # as uuid above (~5 ms with hashlib)
+
     return secrets.token_hex(8)
 
 
