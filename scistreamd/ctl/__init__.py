@@ -40,9 +40,10 @@ bus (the jeepney client), remote (remote mode, tunnel), credentials (tokens),
 errors (the exit-code table), cli (main()).
 
 Start-up time matters (scripts call this in loops): only argparse and the
-standard library are imported at the top; ``scistreamd.model`` is imported when
-arguments are validated, jeepney only when a bus call is made, requests only in
-remote mode, argcomplete only when the shell asks for completions.
+standard library are imported at the top; ``scistreamd.values`` (the daemon's
+parsers, without model's dataclasses) is imported when arguments are validated,
+jeepney only when a bus call is made, requests only in remote mode, argcomplete
+only when the shell asks for completions.
 
 Failures print one line on stderr, ``scistreamctl: <problem>. <fix>``, and exit
 with a code that names the kind of failure:

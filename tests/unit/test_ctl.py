@@ -1272,8 +1272,10 @@ _NOT_FOR_BUS_VERBS = frozenset({
     "scistreamd.userclient", "scistreamd.ctl.remote", "scistreamd.ctl.credentials",
     "scistreamd.ctl.watch", "rich",
 })
-#: list validates nothing: not even the model (dataclasses, inspect, ipaddress: ~12 ms).
-_NOT_FOR_LIST = _NOT_FOR_BUS_VERBS | {"scistreamd.model", "dataclasses", "ipaddress", "inspect"}
+#: Validation uses scistreamd.values, not the model (dataclasses, inspect: ~12 ms).
+_NOT_FOR_VALIDATION = _NOT_FOR_BUS_VERBS | {"scistreamd.model", "dataclasses", "inspect"}
+#: list validates nothing.
+_NOT_FOR_LIST = _NOT_FOR_VALIDATION | {"scistreamd.values", "ipaddress"}
 
 
 def _modules_added(argv: List[str]) -> Tuple[int, Set[str]]:
@@ -1303,9 +1305,12 @@ def test_start_up_imports_only_what_the_verb_needs(peer: Peer) -> None:
     peer.state.reset()
     rc, added = _modules_added(["inbound-request", "--remote_ip", "192.0.2.1",
                                 "--receiver_ports", "5300"])
-    assert rc == 0 and "scistreamd.model" in added
+    assert rc == 0 and "scistreamd.values" in added
     assert [member for member, _ in peer.state.calls] == ["InboundRequest"]
-    assert added & _NOT_FOR_BUS_VERBS == set()
+    assert added & _NOT_FOR_VALIDATION == set()
+    rc, added = _modules_added(["release", UID])
+    assert rc == 0 and "scistreamd.values" in added
+    assert added & _NOT_FOR_VALIDATION == set()
 
 
 if __name__ == "__main__":  # pragma: no cover
