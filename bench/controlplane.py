@@ -85,7 +85,7 @@ def cli_breakdown(host: Host, runs: int = 10) -> Dict[str, Any]:
     version_src = [H.timeit(host, ["scistreamctl", "--version"], env=())["ms"]
                    for _ in range(runs)]
     bus_import = [H.timeit(host, ["env", *CLI_ENV, "/usr/bin/python3", "-c",
-                                  "import scistreamd.ctl, scistreamd.model, "
+                                  "import scistreamd.ctl, scistreamd.values, "
                                   "jeepney, jeepney.auth"])["ms"]
                   for _ in range(runs)]
     list_cli = [_cli_ok(host, ["scistreamctl", "list"])["ms"] for _ in range(runs)]

@@ -7,7 +7,9 @@ The revision's ``scistreamd/`` is exported to build/ctltiming-before/ (the bed
 sees the working tree at /run/testbed/src); the daemon is the working tree's
 for both. Inside server1, each round runs ``--version``, ``list`` and
 ``inbound-request`` (then an untimed ``release --all``) with each CLI, in
-alternating order, with byte-code caches warmed. Prints p50/p90/min in ms as JSON.
+alternating order, with byte-code caches warmed, and a bare ``python3 -c pass``
+per round (the CLI goal's yardstick). Prints p50/p90/min in ms, the ratios of
+the p50s to the bare start's and the load average as JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "build/ctltiming-before"
@@ -43,7 +45,7 @@ def _ctl(which: str, *args: str) -> float:
     return ms
 
 
-def in_host(runs: int, ip: str) -> Dict[str, Dict[str, Dict[str, float]]]:
+def in_host(runs: int, ip: str) -> Dict[str, Any]:
     """The measurement itself (runs inside a bed host)."""
     for which in SRC:  # each tree is the one meant, and its caches are warm
         probe = subprocess.run([sys.executable, "-c", "import scistreamd.ctl as c; "
@@ -61,11 +63,23 @@ def in_host(runs: int, ip: str) -> Dict[str, Dict[str, Dict[str, float]]]:
                                                     "--receiver_ports", "5300"])):
                 times.setdefault(name, {}).setdefault(which, []).append(_ctl(which, *args))
             _ctl(which, "release", "--all")
-    return {name: {which: {"p50": round(statistics.median(v), 1),
-                           "p90": round(sorted(v)[max(0, int(len(v) * 0.9) - 1)], 1),
-                           "min": round(min(v), 1), "n": len(v)}
-                   for which, v in per.items()}
-            for name, per in times.items()}
+        # The goal's yardstick, in the same rounds: a bare interpreter start.
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, cwd="/")
+        times.setdefault("python3 -c pass", {}).setdefault("bare", []).append(
+            (time.perf_counter() - start) * 1000)
+    out: Dict[str, Any] = {
+        name: {which: {"p50": round(statistics.median(v), 1),
+                       "p90": round(sorted(v)[max(0, int(len(v) * 0.9) - 1)], 1),
+                       "min": round(min(v), 1), "n": len(v)}
+               for which, v in per.items()}
+        for name, per in times.items()}
+    bare = out["python3 -c pass"]["bare"]["p50"]
+    out["ratio_to_bare_p50"] = {name: {which: round(st["p50"] / bare, 2)
+                                       for which, st in out[name].items()}
+                                for name in times if name != "python3 -c pass"}
+    out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    return out
 
 
 def main() -> int:

@@ -14,11 +14,13 @@ Pure and cheap to import.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
 from .interface import COUNTER_PROPERTIES
 
-if TYPE_CHECKING:  # the CLI imports this module: no model, no traffic at run time
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # the CLI imports this module: no typing, model, traffic at run time
+    from typing import Any, Dict, Mapping, Optional
+
     from .model import Endpoint
     from .traffic import Traffic
 

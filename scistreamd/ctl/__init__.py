@@ -40,19 +40,25 @@ bus (the jeepney client), remote (remote mode, tunnel), credentials (tokens),
 errors (the exit-code table), cli (main()).
 
 Start-up time matters (scripts call this in loops): only argparse and the
-standard library are imported at the top; ``scistreamd.model`` is imported when
-arguments are validated, jeepney only when a bus call is made, requests only in
-remote mode, argcomplete only when the shell asks for completions.
+standard library are imported at the top; ``scistreamd.values`` (the daemon's
+parsers, without model's dataclasses) is imported when arguments are validated,
+jeepney only when a bus call is made, requests only in remote mode, argcomplete
+only when the shell asks for completions.
 
 Failures print one line on stderr, ``scistreamctl: <problem>. <fix>``, and exit
 with a code that names the kind of failure:
 
 """
 
+from __future__ import annotations
+
 import importlib
-from typing import Any
 
 from .errors import exit_codes_rst
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # annotations only: importing typing costs every CLI start ~3 ms
+    from typing import Any
 
 #: Public names -> the module that defines them. Loaded on first use (PEP 562):
 #: ``python3 -m scistreamd.ctl --version`` must not pay for the bus client.

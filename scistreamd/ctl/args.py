@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+import sys
 
 from .. import __version__
 from .errors import EXIT_USAGE, PROG, CtlError, exit_codes_help, usage_error
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # annotations only: importing typing costs every CLI start ~3 ms
+    from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 DEFAULT_TIMEOUT = 30.0
 #: The epilog of the main --help (a verb's --help shows only the verb).
@@ -24,12 +28,40 @@ environment:
                          host's daemon) when --token-file is not given
 """
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns (3.11's rules), without importing shutil:
+    argparse makes a formatter on every run (add_subparsers), and shutil (with bz2,
+    lzma, fnmatch) costs every scistreamctl start ~2 ms."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 class _Formatter(argparse.HelpFormatter):
     """Wraps one-paragraph texts; keeps texts with their own line breaks (the epilog) as is."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None, **kw: Any) -> None:
+        # argparse's default width, computed as argparse does (terminal columns - 2).
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width, **kw)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n" in text:
             return "".join(indent + line for line in text.splitlines(keepends=True))
+        # A text that fits on one line (--version) is what textwrap would make of it;
+        # textwrap costs ~1 ms to import.
+        one_line = self._whitespace_matcher.sub(" ", text).strip()  # as argparse does
+        if one_line and len(indent) + len(one_line) <= width:
+            return indent + one_line
         return super()._fill_text(text, width, indent)
 
 
@@ -194,8 +226,6 @@ def _args_outbound_request(p: argparse.ArgumentParser) -> None:
         metavar="LISTENER",
         help="inbound listener(s) ip:port printed by inbound-request",
     )
-
-
 
 
 def _uid_arg(p: argparse.ArgumentParser, *names: str, help: str, **kw: Any) -> None:
@@ -366,8 +396,33 @@ _VERB_SPECS: Dict[str, Tuple[str, str, Any]] = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; with ``only``, just that verb's sub-parser (faster start-up)."""
+class _VerbParser(_Parser):
+    """A verb's sub-parser, built on first use (lazy=True): a run uses one verb's parser,
+    and each costs ~0.2 ms of argparse and gettext work to build. Until then only the
+    verb's name and one-line help exist (all the main --help and "invalid choice" show)."""
+
+    def __init__(self, *, add_args: Callable[[argparse.ArgumentParser], None],
+                 lazy: bool = False, **kwargs: Any) -> None:
+        self._unbuilt = (add_args, kwargs)
+        if not lazy:
+            self._build()
+
+    def _build(self) -> None:
+        add_args, kwargs = self.__dict__.pop("_unbuilt")
+        super().__init__(**kwargs)
+        _add_global_options(self, suppress=True)
+        add_args(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what the unbuilt parser lacks (anything argparse reads).
+        if name.startswith("__") or "_unbuilt" not in self.__dict__:
+            raise AttributeError(name)
+        self._build()
+        return getattr(self, name)
+
+
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; ``lazy``: each verb's sub-parser built when used (start-up)."""
     parser = _Parser(
         prog=PROG,
         description="Create, list, inspect and release scistreamd tunnels: on this host over "
@@ -378,36 +433,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    # prog: the verbs' usage prefix, what argparse would format from the main usage
+    # (the main parser has no positional before VERB), without making a formatter.
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_VerbParser,
+                                prog=PROG)
     sub.required = True
     for name, (help_, description, add_args) in _VERB_SPECS.items():
-        if only is not None and name != only:
-            continue
-        p = sub.add_parser(
+        sub.add_parser(
             name,
             help=help_,
             description=description,
             epilog=f"exit codes: see '{PROG} --help'",
             formatter_class=_Formatter,
             allow_abbrev=False,
+            add_args=add_args,
+            lazy=lazy,
         )
-        _add_global_options(p, suppress=True)
-        if add_args is not None:
-            add_args(p)
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the command line; raises CtlError(exit 2) on usage errors."""
-    # Building all six sub-parsers costs ~3 ms of argparse/gettext work; build only
-    # the one named (the first verb word). The main --help and "invalid choice"
-    # errors list every verb, so those get them all.
-    only = next((a for a in argv if a in _VERB_SPECS), None)
-    if "-h" in argv or "--help" in argv:
-        only = None
     if "_ARGCOMPLETE" in os.environ:
         _complete(build_parser())  # exits when the shell asked for completions
-    args = build_parser(only).parse_args(list(argv))
+    args = build_parser(lazy=True).parse_args(list(argv))
     args.timeout = _parse_timeout(args.timeout)
     if getattr(args, "verb", "") == "watch":
         args.interval = _parse_interval(args.interval)

@@ -19,11 +19,14 @@ import argparse
 import os
 import socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .. import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from ..interface import INTERFACES
 from .errors import EXIT_FAILED, EXIT_UNREACHABLE, CtlError, error_from_dbus, timed_out, unreachable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # annotations only: importing typing costs every CLI start ~3 ms
+    from typing import Any, Callable, Dict, List, Optional, Sequence
 
 #: Environment variable naming the bus address to use instead of the system/session bus.
 BUS_ADDRESS_ENV = "SCISTREAM_BUS_ADDRESS"
@@ -143,7 +146,10 @@ class Connection:
             except EOFError:
                 raise EOFError("the bus closed the connection during authentication") from None
         self._bound(self.sock.sendall, BEGIN)
-        self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+        # Hello's reply (our unique name, which the CLI never uses) is not waited for:
+        # the bus handles a connection's messages in order, so the first call goes out
+        # at once and replies() skips Hello's answer; one round trip less (as sd-bus).
+        self.send("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                   "Hello", "", ())
 
     def send(self, destination: str, path: str, interface: str, member: str, sig: str,

@@ -1,26 +1,29 @@
 """Client-side validation of scistreamctl's arguments: friendly messages before
-any bus call (the daemon validates everything again). ``scistreamd.model`` is
-imported here lazily: parsing alone (--help, usage errors) does not need it.
+any bus call (the daemon validates everything again), with the daemon's own
+parsers: ``scistreamd.values`` (not model: no dataclasses), imported here lazily:
+parsing alone (--help, usage errors) does not need it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Sequence
 
 from ..errors import InvalidArgument
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # annotations only: importing typing costs every CLI start ~3 ms
+    from typing import List, Sequence
 
 #: Largest --server_cert file sent to the daemon (the daemon enforces the same bound).
 MAX_TRUST_PEM = 1024 * 1024
 UID_FROM_STDIN = "-"
 
 
-
 def _items(values: Sequence[str] | None) -> List[str]:
     # Each value may itself be a list ("5300,5301", "['a:1', 'b:2']"); repeated
     # options add up.
-    from ..model import split_list
+    from ..values import split_list
 
     out: List[str] = []
     for value in values or ():
@@ -29,13 +32,13 @@ def _items(values: Sequence[str] | None) -> List[str]:
 
 
 def _hostport_text(value: str, what: str) -> str:
-    from ..model import parse_hostport
+    from ..values import parse_hostport
 
     return str(parse_hostport(value, what))
 
 
 def _count(value: str, what: str) -> int:
-    from ..model import MAX_LIST_LEN, parse_num_conn
+    from ..values import MAX_LIST_LEN, parse_num_conn
 
     try:
         return parse_num_conn(value, MAX_LIST_LEN)
@@ -74,7 +77,7 @@ class InboundPlan:
     """A validated inbound-request."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from ..model import parse_allowed_peer, parse_ip, parse_port_list
+        from ..values import parse_allowed_peer, parse_ip, parse_port_list
 
         self.remote_ip = str(parse_ip(args.remote_ip, "--remote_ip"))
         self.ports = list(parse_port_list(_items(args.receiver_ports), "--receiver_ports"))
@@ -90,7 +93,7 @@ class OutboundPlan:
     """A validated outbound-request."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from ..model import parse_hostport_list, parse_ip, parse_port_list
+        from ..values import parse_hostport_list, parse_ip, parse_port_list
 
         if args.remote_ip is not None:
             parse_ip(args.remote_ip, "--remote_ip")
@@ -119,14 +122,13 @@ class OutboundPlan:
             self.trust_pem = read_trust_pem(args.server_cert)
 
 
-
 def read_uid_arg(value: object) -> str:
     """A UID argument; "-" reads it from stdin (one line).
 
     Any local user can read a process's command line (/proc/PID/cmdline)
     while it runs, and a uid is a capability: "-" keeps it off the line.
     """
-    from ..model import parse_uid
+    from ..values import parse_uid
 
     if value == UID_FROM_STDIN:
         value = sys.stdin.readline(200).strip()
@@ -152,7 +154,7 @@ def read_uid_ref(value: object) -> str:
     text = value.lower() if isinstance(value, str) else ""
     if is_uid_prefix(text):
         return text
-    from ..model import parse_uid
+    from ..values import parse_uid
 
     try:
         return parse_uid(value)

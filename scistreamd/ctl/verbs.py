@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .. import ENDPOINT_IFACE, ENDPOINT_PATH_PREFIX, MANAGER_IFACE
 from ..errors import InvalidArgument, NotFound, ScistreamError
@@ -21,7 +20,11 @@ from .output import (
 )
 from .plans import InboundPlan, OutboundPlan, read_uid_ref
 
-Output = Tuple[str, Any]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # annotations only: importing typing costs every CLI start ~3 ms
+    from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+    Output = Tuple[str, Any]  # (text, JSON data) of a verb
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import pytest
 from dbus_next import DBusError, Variant
@@ -1251,6 +1251,66 @@ def test_import_is_lazy() -> None:
         check=True,
     )
     assert res.stdout.strip() == "[]"
+
+
+# What scistreamctl's start-up must not import (each measured with -X importtime,
+# warm byte code, on the path named; a verb that needs one imports it where used).
+#: Never before the verb runs, nor by --version/--help: typing (~3 ms; jeepney
+#: brings it on bus calls), shutil (~2 ms: argparse's terminal width), textwrap
+#: (~1 ms: only for text that needs wrapping), the bus client, the verbs.
+_NOT_FOR_VERSION = frozenset({
+    "typing", "shutil", "textwrap", "socket", "jeepney", "json", "logging", "dataclasses",
+    "ipaddress", "scistreamd.model", "scistreamd.interface", "scistreamd.ctl.bus",
+    "scistreamd.ctl.verbs", "scistreamd.ctl.plans", "scistreamd.ctl.output",
+})
+#: Never by a bus verb: remote mode (requests, TLS), completion, dbus-next/asyncio
+#: (the daemon's), logging (~6 ms), secrets/hashlib and uuid/platform (~8 ms: the
+#: daemon's new uids), watch's live view.
+_NOT_FOR_BUS_VERBS = frozenset({
+    "shutil", "textwrap", "logging", "secrets", "hashlib", "uuid", "platform", "json",
+    "argcomplete", "asyncio", "dbus_next", "requests", "urllib3", "ssl",
+    "scistreamd.userclient", "scistreamd.ctl.remote", "scistreamd.ctl.credentials",
+    "scistreamd.ctl.watch", "rich",
+})
+#: Validation uses scistreamd.values, not the model (dataclasses, inspect: ~12 ms).
+_NOT_FOR_VALIDATION = _NOT_FOR_BUS_VERBS | {"scistreamd.model", "dataclasses", "inspect"}
+#: list validates nothing.
+_NOT_FOR_LIST = _NOT_FOR_VALIDATION | {"scistreamd.values", "ipaddress"}
+
+
+def _modules_added(argv: List[str]) -> Tuple[int, Set[str]]:
+    """main(argv) in a fresh interpreter: its exit code and the modules it imported
+    beyond those of a bare interpreter start (site, .pth files)."""
+    listing = "print(); print(rc, *sorted(sys.modules))"
+    bare = subprocess.run([PYTHON, "-c", f"import sys; rc = 0; {listing}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    code = f"import sys; from scistreamd.ctl.cli import main; rc = main(sys.argv[1:]); {listing}"
+    res = subprocess.run([PYTHON, "-c", code, *argv], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, check=True)
+    rc, *modules = res.stdout.splitlines()[-1].split()
+    return int(rc), set(modules) - set(bare)
+
+
+def test_start_up_imports_only_what_the_verb_needs(peer: Peer) -> None:
+    """Guards the CLI's start-up cost by what it imports (no timing): a module added
+    to these paths has to be justified here."""
+    rc, added = _modules_added(["--version"])
+    assert rc == 0 and "scistreamd.ctl.args" in added  # the test sees what it checks
+    assert added & _NOT_FOR_VERSION == set()
+    rc, added = _modules_added(["--help"])
+    assert rc == 0 and added & _NOT_FOR_VERSION == {"textwrap"}  # help text is wrapped
+    rc, added = _modules_added(["list"])
+    assert rc == 0 and {"jeepney", "scistreamd.ctl.verbs"} <= added
+    assert added & _NOT_FOR_LIST == set()
+    peer.state.reset()
+    rc, added = _modules_added(["inbound-request", "--remote_ip", "192.0.2.1",
+                                "--receiver_ports", "5300"])
+    assert rc == 0 and "scistreamd.values" in added
+    assert [member for member, _ in peer.state.calls] == ["InboundRequest"]
+    assert added & _NOT_FOR_VALIDATION == set()
+    rc, added = _modules_added(["release", UID])
+    assert rc == 0 and "scistreamd.values" in added
+    assert added & _NOT_FOR_VALIDATION == set()
 
 
 if __name__ == "__main__":  # pragma: no cover
