@@ -340,7 +340,7 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
             self._write_keys(ep, psk)
             self.store.save(ep)
             self._track(ep)
-            await self._start_unit(ep)
+            await self._start_unit(ep, fresh=True)
             self._set(ep, state=State.ACTIVE)
             self.counters_due(ep)
         except BaseException as e:

@@ -317,6 +317,59 @@ def test_inbound_start_errors_roll_back(tmp_path: Path, outcome: BaseException,
     run(go)
 
 
+def test_new_endpoint_starts_its_units_without_a_reset_first(tmp_path: Path) -> None:
+    """A fresh relay id has no unit to reset: the start is the first call to systemd."""
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        ep = await inbound(bed)
+        assert bed.systemd.calls == [("start_transient", ep.unit)]
+    run(go)
+
+
+def test_new_endpoint_whose_unit_exists_is_reset_and_started_again(tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        bed.systemd.script.add("start_transient",
+                               systemd_error("org.freedesktop.systemd1.UnitExists"))
+        ep = await inbound(bed)
+        assert bed.systemd.calls[0] == ("start_transient", ep.unit)
+        assert set(bed.systemd.calls[1:3]) == {("reset_failed", ep.unit),
+                                               ("reset_failed", ep.socket_unit)}
+        assert bed.systemd.calls[3:] == [("start_transient", ep.unit)]
+        assert ep.state is State.ACTIVE
+        bed.assert_holds(ep)
+    run(go)
+
+
+def test_new_endpoint_whose_unit_still_exists_after_the_reset_rolls_back(
+        tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        exists = systemd_error("org.freedesktop.systemd1.UnitExists")
+        bed.systemd.script.add("start_transient", exists, exists)
+        with pytest.raises(RelayFailed, match="systemd refused to start"):
+            await inbound(bed)
+        assert len(bed.systemd.names("start_transient")) == 2
+        bed.assert_clean()
+    run(go)
+
+
+def test_recreated_relay_is_reset_before_its_start(tmp_path: Path) -> None:
+    """A relay id that existed before (adoption) may have a failed unit: reset first."""
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        ep = await inbound(bed)
+        bed.systemd.units.clear()  # e.g. after a reboot
+        again = bed.restart()
+        await again.m.adopt()
+        calls = again.systemd.calls
+        starts = [i for i, c in enumerate(calls) if c[0] == "start_transient"]
+        assert starts and {("reset_failed", ep.unit), ("reset_failed", ep.socket_unit)} <= set(
+            calls[:starts[0]])
+        assert again.m.endpoints[ep.key].state is State.ACTIVE
+    run(go)
+
+
 def test_inbound_failed_job_with_a_taken_port_names_it(tmp_path: Path) -> None:
     async def go() -> None:
         bed = Bed(tmp_path)
