@@ -136,6 +136,8 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
         self._hot: Dict[Tuple[str, Role], int] = {}
         self._polled_at: Dict[Tuple[str, Role], float] = {}
         self._poll_wakeup = asyncio.Event()
+        #: Endpoints adopted at start-up whose relay's MainPID is still to be read.
+        self._pids_due: List[Tuple[str, Role]] = []
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers

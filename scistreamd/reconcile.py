@@ -50,6 +50,7 @@ class ReconcileMixin:
     _refreshing: Dict[Tuple[str, Role], asyncio.Task]
     _restarting: Set[Tuple[str, Role]]
     _sockets: Set[Tuple[str, Role]]
+    _pids_due: List[Tuple[str, Role]]
 
     def _on_unit_change(self, path: str) -> None:
         key = self._by_unit_path.get(path)
@@ -86,9 +87,10 @@ class ReconcileMixin:
     def _not_monitored(self, ep: Endpoint) -> bool:
         return ep.state in (State.STARTING, State.RELEASING) or ep.key in self._restarting
 
-    def _apply_status(self, ep: Endpoint, st) -> None:
+    def _apply_status(self, ep: Endpoint, st, pid_known: bool = True) -> None:
+        """``pid_known``: False when ``st.main_pid`` was not read (adoption)."""
         c = self.counters.get(ep.key)
-        if c is not None:
+        if c is not None and pid_known:
             changed = False
             if st.main_pid != c.main_pid:
                 c.main_pid = st.main_pid
@@ -185,13 +187,16 @@ class ReconcileMixin:
                           detail=f"could not recreate the relay at start-up: {e}")
             finally:
                 self._restarting.discard(ep.key)
+        # NRestarts before READY=1: a crash while the daemon was down shows at once.
+        # The relays' MainPID (only the counters show it) is read after READY=1
+        # (run_counters): asking it here too doubled the calls per relay.
         restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
-        pids = await self._main_pids([ep.unit for ep in adopted])
         for ep in adopted:
             self.counters_due(ep)
             active, sub = units[ep.unit]
-            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit],
-                                              pids.get(ep.unit, 0)))
+            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit], 0),
+                               pid_known=False)
+        self._pids_due = [ep.key for ep in adopted]
         for name in units:
             if name not in known_units and name.endswith(".socket"):
                 # Its service (if any) is stopped with it (Requires=) and below.

@@ -139,6 +139,10 @@ class FakeSystemd:
     async def n_restarts(self, names: Sequence[str]) -> Dict[str, int]:
         return {n: 3 for n in names}
 
+    async def main_pids(self, names: Sequence[str]) -> Dict[str, int]:
+        self.calls.extend(("main_pids", n) for n in names)
+        return {n: 4000 + i for i, n in enumerate(names)}
+
 
 class FakePeers:
     """PeerClient: hands out PSK for the listeners asked, unless scripted otherwise."""
@@ -859,6 +863,25 @@ def test_adopt_running_relays_as_they_are(tmp_path: Path) -> None:
         assert bed.systemd.calls == []  # nothing stopped or started
         assert a2.n_restarts == 3 and a2.state is State.ACTIVE
         assert bed.m._sockets == {a.key, b.key}
+    run(go)
+
+
+def test_adopted_relays_main_pids_are_read_after_adoption(tmp_path: Path) -> None:
+    """Adoption asks NRestarts per relay; the MainPID (counters only) is read later,
+    once the daemon is ready (run_counters), and shown then."""
+    async def go() -> None:
+        first = Bed(tmp_path)
+        a = await inbound(first)
+        bed = first.restart()
+        await bed.m.adopt()
+        assert bed.systemd.names("main_pids") == []
+        assert bed.m.counters[a.key].main_pid == 0
+        await bed.m.read_adopted_main_pids()
+        assert bed.systemd.names("main_pids") == [a.unit]
+        assert bed.m.counters[a.key].main_pid == 4000
+        assert (a.uid, ["counters"]) in bed.listener.changes
+        await bed.m.read_adopted_main_pids()  # once only
+        assert bed.systemd.names("main_pids") == [a.unit]
     run(go)
 
 
