@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Dict, List, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Set, Tuple
 
 from .errors import InvalidArgument
 from .events import MSG_FAILURE
@@ -128,29 +128,13 @@ class ReconcileMixin:
             self._set(ep, detail=f"{why}: {last}; see 'scistreamctl logs {ep.uid}', "
                                  "then release it")
 
-    async def adopt(self) -> None:
-        """Reconcile persisted state with the relay units systemd runs (start-up).
-
-        - state + running unit: adopted as is (ports held, object exported);
-        - state ``active`` + no running unit (e.g. after a reboot): the unit is
-          recreated from the persisted root-only key; if that fails the
-          endpoint stays, ``failed``, until released;
-        - state ``starting``/``releasing`` (the daemon died mid-request): the
-          request never completed, so it is rolled back;
-        - a relay unit or key directory without state: an orphan, stopped and
-          removed.
-        """
-        eps, _bad = self.store.load_all()
-        # One ListUnitsByPatterns gives every relay's state; per relay only its
-        # NRestarts is asked (below, concurrently): re-adoption stays fast at N=1000.
-        units = {name: (active, sub) for name, active, sub
-                 in await self.systemd.list_units([RELAY_PATTERN, SOCKET_PATTERN])}
-        known_units = set()
+    async def _adopt_each(self, eps: List[Endpoint], units: Dict[str, Tuple[str, str]],
+                          running: Callable[[str], bool]) -> List[Endpoint]:
+        """adopt()'s work per persisted endpoint; returns those whose relay runs."""
         adopted: List[Endpoint] = []
-        for ep in eps:
-            known_units.update((ep.unit, ep.socket_unit))
-            running = units.get(ep.unit, ("inactive", ""))[0] in ("active", "activating",
-                                                                   "reloading")
+        for i, ep in enumerate(eps):
+            if i % 50 == 49:
+                await asyncio.sleep(0)  # let the NRestarts calls go out (see adopt)
             if ep.state in (State.STARTING, State.RELEASING):
                 logger.warning("rolling back interrupted %s of %s %s", ep.state.value,
                                ep.role.value, ep.uid)
@@ -158,7 +142,7 @@ class ReconcileMixin:
                 continue
             self.ports.adopt(h.port for h in ep.listeners)
             self._track(ep)
-            if running:
+            if running(ep.unit):
                 # A relay of an earlier version has no socket unit: adopted as it
                 # is (it keeps its connections); a re-arm gives it one.
                 if ep.socket_unit in units:
@@ -187,14 +171,50 @@ class ReconcileMixin:
                           detail=f"could not recreate the relay at start-up: {e}")
             finally:
                 self._restarting.discard(ep.key)
+        return adopted
+
+    async def adopt(self) -> None:
+        """Reconcile persisted state with the relay units systemd runs (start-up).
+
+        - state + running unit: adopted as is (ports held, object exported);
+        - state ``active`` + no running unit (e.g. after a reboot): the unit is
+          recreated from the persisted root-only key; if that fails the
+          endpoint stays, ``failed``, until released;
+        - state ``starting``/``releasing`` (the daemon died mid-request): the
+          request never completed, so it is rolled back;
+        - a relay unit or key directory without state: an orphan, stopped and
+          removed.
+        """
+        eps, _bad = self.store.load_all()
+        # One ListUnitsByPatterns gives every relay's state; per relay only its
+        # NRestarts is asked (below, concurrently): re-adoption stays fast at N=1000.
+        units = {name: (active, sub) for name, active, sub
+                 in await self.systemd.list_units([RELAY_PATTERN, SOCKET_PATTERN])}
+        known_units = {u for ep in eps for u in (ep.unit, ep.socket_unit)}
+
+        def running(unit: str) -> bool:
+            return units.get(unit, ("inactive", ""))[0] in ("active", "activating",
+                                                             "reloading")
+
         # NRestarts before READY=1: a crash while the daemon was down shows at once.
-        # The relays' MainPID (only the counters show it) is read after READY=1
-        # (run_counters): asking it here too doubled the calls per relay.
-        restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
+        # Asked for every running relay at the start and answered while the loop
+        # below adopts them (systemd and the bus work meanwhile). The relays'
+        # MainPID (only the counters show it) is read after READY=1 (run_counters):
+        # asking it here too doubled the calls per relay.
+        restarts_of = asyncio.ensure_future(self.systemd.n_restarts(
+            [ep.unit for ep in eps
+             if ep.state not in (State.STARTING, State.RELEASING) and running(ep.unit)]))
+        try:
+            adopted = await self._adopt_each(eps, units, running)
+            restarts = await restarts_of
+        except BaseException:
+            restarts_of.cancel()
+            raise
         for ep in adopted:
             self.counters_due(ep)
             active, sub = units[ep.unit]
-            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit], 0),
+            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "",
+                                              restarts.get(ep.unit, ep.n_restarts), 0),
                                pid_known=False)
         self._pids_due = [ep.key for ep in adopted]
         for name in units:

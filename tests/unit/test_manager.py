@@ -885,6 +885,30 @@ def test_adopted_relays_main_pids_are_read_after_adoption(tmp_path: Path) -> Non
     run(go)
 
 
+def test_adopt_asks_nrestarts_once_for_every_running_relay(tmp_path: Path) -> None:
+    """One many-units read for the running relays (not for one recreated or rolled back)."""
+    async def go() -> None:
+        first = Bed(tmp_path)
+        eps = [await inbound(first) for _ in range(5)]
+        gone = eps[0]
+        del first.systemd.units[gone.unit]  # its relay must be recreated
+        bed = first.restart()
+        asked: List[List[str]] = []
+        real = bed.systemd.n_restarts
+
+        async def n_restarts(names: Sequence[str]) -> Dict[str, int]:
+            asked.append(list(names))
+            return await real(names)
+
+        bed.systemd.n_restarts = n_restarts  # type: ignore[method-assign]
+        await bed.m.adopt()
+        assert len(asked) == 1 and sorted(asked[0]) == sorted(e.unit for e in eps[1:])
+        assert all(bed.m.endpoints[e.key].n_restarts == 3 for e in eps[1:])
+        assert bed.m.endpoints[gone.key].state is State.ACTIVE
+        bed.assert_holds(*[bed.m.endpoints[e.key] for e in eps])
+    run(go)
+
+
 def test_adopt_recreates_a_relay_without_a_unit(tmp_path: Path) -> None:
     async def go() -> None:
         first = Bed(tmp_path)
