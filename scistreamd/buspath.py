@@ -8,6 +8,7 @@ Imports nothing from D-Bus.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Tuple
 
@@ -80,6 +81,8 @@ def parse_endpoint_object_path(path: object) -> Tuple[str, Role]:
     raise InvalidArgument(f"{show(path)} is not a scistream endpoint object path")
 
 
+@functools.lru_cache(maxsize=8192)
 def unit_object_path(name: str) -> str:
-    """The object path systemd gives unit ``name``."""
+    """The object path systemd gives unit ``name`` (cached: every systemd call and
+    unit change signal asks it, a few thousand times when adopting 1000 relays)."""
     return UNIT_PATH_PREFIX + escape_object_path_component(name)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Set, Tuple
 
 from .buspath import unit_object_path
 from .events import log_event as _log
@@ -65,6 +65,7 @@ class CountersMixin:
     _sockets: Set[Tuple[str, Role]]
     systemd: Any
     listener: Any
+    _pids_due: List[Tuple[str, Role]]
     #: True while a restarted daemon replays its relays' past lines: counted, not
     #: logged again.
     _replaying = False
@@ -76,6 +77,22 @@ class CountersMixin:
         except Exception as e:
             logger.debug("reading the relays' MainPID failed: %s", e)
             return {}
+
+    async def read_adopted_main_pids(self) -> None:
+        """The MainPID of the relays adopted at start-up (after READY=1; see adopt)."""
+        keys, self._pids_due = self._pids_due, []
+        eps = [self.endpoints[k] for k in keys if k in self.endpoints]
+        if not eps:
+            return
+        pids = await self._main_pids([ep.unit for ep in eps])
+        for ep in eps:
+            c = self.counters.get(ep.key)
+            # A unit change seen meanwhile may have set it already (the monitor's read).
+            if c is None or ep.unit not in pids or c.main_pid:
+                continue
+            c.main_pid = pids[ep.unit]
+            if c.main_pid:
+                self.listener.endpoint_changed(ep, ["counters"])
 
     def traffic(self, ep: Endpoint) -> Traffic:
         """What the relay of ``ep`` is doing now (its counters; zeros if it has none)."""
@@ -153,6 +170,7 @@ class CountersMixin:
     async def run_counters(self) -> None:
         """Follow the relays' journal lines and poll the counters of active endpoints."""
         follower = None
+        await self.read_adopted_main_pids()
         try:
             from .relaylog import RelayJournal
 

@@ -137,8 +137,12 @@ class StatusKeeper:
         return status_text(len(self._endpoints), failed)
 
     def update(self, force: bool = False) -> None:
+        if not self.live:
+            # Before READY=1 nothing is sent, and counting every endpoint at each
+            # one adopted made a start with N endpoints cost N² steps.
+            return
         text = self.current()
-        if self.live and (force or text != self._last):
+        if force or text != self._last:
             self._last = text
             try:
                 self._notify(f"STATUS={text}")
@@ -328,6 +332,7 @@ async def run(cfg: Config, *, user_bus: bool = False,
         await peer_server.start()
     metrics = await _start_metrics(cfg, manager)
 
+    api.announcing = True  # from now on clients can follow our signals
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         logger.error("%s is already owned by another process: is scistreamd running twice?",

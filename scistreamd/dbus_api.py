@@ -33,7 +33,7 @@ from . import (
 )
 from .authz import Authorizer, action_of_member
 from .buspath import endpoint_object_path
-from .dbus_compat import PeerAnswers
+from .dbus_compat import PeerAnswers, export_quietly
 from .endpoint_json import counter_values
 from .endpoint_json import usec as _usec
 from .errors import ScistreamError
@@ -332,6 +332,9 @@ class TunnelApi:
         self._counters_sent: Dict[str, float] = {}
         self._counter_values: Dict[str, Dict[str, Any]] = {}
         self._counters_due: Set[str] = set()
+        #: False until the daemon asks for its bus name: objects exported before
+        #: (re-adopted endpoints) send no InterfacesAdded, which would reach nobody.
+        self.announcing = False
         self.authorizer = Authorizer(bus, self._dispatches_to_us)
         bus.add_message_handler(self.authorizer.handle)
         if PeerAnswers.needed():
@@ -358,7 +361,10 @@ class TunnelApi:
         obj = self._objects[_path(ep)] = EndpointObject(self, ep)
         # What InterfacesAdded carries: later signals name only what differs from it.
         self._counter_values[_path(ep)] = counter_values(self.manager.traffic(ep))
-        self.bus.export(_path(ep), obj)
+        if self.announcing:
+            self.bus.export(_path(ep), obj)
+        else:
+            export_quietly(self.bus, _path(ep), obj)
 
     def endpoint_changed(self, ep: Endpoint, changed: Iterable[str]) -> None:
         obj = self._objects.get(_path(ep))

@@ -155,3 +155,36 @@ def patch_dbus_next_writer() -> None:
 
     writer.write_callback = write_callback
     writer._eagain_safe = True
+
+
+#: dbus-next releases whose MessageBus.export is known to be "_path_exports
+#: entry + ServiceInterface._add_bus + InterfacesAdded" (export_quietly).
+_EXPORT_KNOWN_VERSIONS = ("0.2.0", "0.2.1", "0.2.2", "0.2.3")
+
+
+def export_quietly(bus: Any, path: str, interface: Any) -> None:
+    """``bus.export(path, interface)`` without its ObjectManager.InterfacesAdded signal.
+
+    For objects exported before the daemon owns its bus name (re-adopted
+    endpoints at start-up): clients follow the name's owner, so those signals
+    reach nobody, yet building each (every property read, the whole object
+    marshalled) was the largest part of a restart with 1000 endpoints.
+    dbus-next has no export without the signal; on an unknown release this is
+    a plain export.
+    """
+    from dbus_next.__version__ import __version__ as version
+    from dbus_next.service import ServiceInterface
+    from dbus_next.validators import assert_object_path_valid
+
+    exports = getattr(bus, "_path_exports", None)
+    add_bus = getattr(ServiceInterface, "_add_bus", None)
+    if (version not in _EXPORT_KNOWN_VERSIONS or not isinstance(exports, dict)
+            or add_bus is None or not isinstance(interface, ServiceInterface)):
+        bus.export(path, interface)
+        return
+    assert_object_path_valid(path)
+    on_path = exports.setdefault(path, [])
+    if any(f.name == interface.name for f in on_path):
+        raise ValueError(f"an interface {interface.name} is already exported at {path}")
+    on_path.append(interface)
+    add_bus(interface, bus)

@@ -136,6 +136,8 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
         self._hot: Dict[Tuple[str, Role], int] = {}
         self._polled_at: Dict[Tuple[str, Role], float] = {}
         self._poll_wakeup = asyncio.Event()
+        #: Endpoints adopted at start-up whose relay's MainPID is still to be read.
+        self._pids_due: List[Tuple[str, Role]] = []
         systemd.on_unit_change(self._on_unit_change)
 
     # ------------------------------------------------------------- helpers
@@ -340,7 +342,7 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
             self._write_keys(ep, psk)
             self.store.save(ep)
             self._track(ep)
-            await self._start_unit(ep)
+            await self._start_unit(ep, fresh=True)
             self._set(ep, state=State.ACTIVE)
             self.counters_due(ep)
         except BaseException as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Dict, List, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Set, Tuple
 
 from .errors import InvalidArgument
 from .events import MSG_FAILURE
@@ -50,6 +50,7 @@ class ReconcileMixin:
     _refreshing: Dict[Tuple[str, Role], asyncio.Task]
     _restarting: Set[Tuple[str, Role]]
     _sockets: Set[Tuple[str, Role]]
+    _pids_due: List[Tuple[str, Role]]
 
     def _on_unit_change(self, path: str) -> None:
         key = self._by_unit_path.get(path)
@@ -86,9 +87,10 @@ class ReconcileMixin:
     def _not_monitored(self, ep: Endpoint) -> bool:
         return ep.state in (State.STARTING, State.RELEASING) or ep.key in self._restarting
 
-    def _apply_status(self, ep: Endpoint, st) -> None:
+    def _apply_status(self, ep: Endpoint, st, pid_known: bool = True) -> None:
+        """``pid_known``: False when ``st.main_pid`` was not read (adoption)."""
         c = self.counters.get(ep.key)
-        if c is not None:
+        if c is not None and pid_known:
             changed = False
             if st.main_pid != c.main_pid:
                 c.main_pid = st.main_pid
@@ -126,29 +128,13 @@ class ReconcileMixin:
             self._set(ep, detail=f"{why}: {last}; see 'scistreamctl logs {ep.uid}', "
                                  "then release it")
 
-    async def adopt(self) -> None:
-        """Reconcile persisted state with the relay units systemd runs (start-up).
-
-        - state + running unit: adopted as is (ports held, object exported);
-        - state ``active`` + no running unit (e.g. after a reboot): the unit is
-          recreated from the persisted root-only key; if that fails the
-          endpoint stays, ``failed``, until released;
-        - state ``starting``/``releasing`` (the daemon died mid-request): the
-          request never completed, so it is rolled back;
-        - a relay unit or key directory without state: an orphan, stopped and
-          removed.
-        """
-        eps, _bad = self.store.load_all()
-        # One ListUnitsByPatterns gives every relay's state; per relay only its
-        # NRestarts is asked (below, concurrently): re-adoption stays fast at N=1000.
-        units = {name: (active, sub) for name, active, sub
-                 in await self.systemd.list_units([RELAY_PATTERN, SOCKET_PATTERN])}
-        known_units = set()
+    async def _adopt_each(self, eps: List[Endpoint], units: Dict[str, Tuple[str, str]],
+                          running: Callable[[str], bool]) -> List[Endpoint]:
+        """adopt()'s work per persisted endpoint; returns those whose relay runs."""
         adopted: List[Endpoint] = []
-        for ep in eps:
-            known_units.update((ep.unit, ep.socket_unit))
-            running = units.get(ep.unit, ("inactive", ""))[0] in ("active", "activating",
-                                                                   "reloading")
+        for i, ep in enumerate(eps):
+            if i % 50 == 49:
+                await asyncio.sleep(0)  # let the NRestarts calls go out (see adopt)
             if ep.state in (State.STARTING, State.RELEASING):
                 logger.warning("rolling back interrupted %s of %s %s", ep.state.value,
                                ep.role.value, ep.uid)
@@ -156,7 +142,7 @@ class ReconcileMixin:
                 continue
             self.ports.adopt(h.port for h in ep.listeners)
             self._track(ep)
-            if running:
+            if running(ep.unit):
                 # A relay of an earlier version has no socket unit: adopted as it
                 # is (it keeps its connections); a re-arm gives it one.
                 if ep.socket_unit in units:
@@ -185,13 +171,52 @@ class ReconcileMixin:
                           detail=f"could not recreate the relay at start-up: {e}")
             finally:
                 self._restarting.discard(ep.key)
-        restarts = await self.systemd.n_restarts([ep.unit for ep in adopted])
-        pids = await self._main_pids([ep.unit for ep in adopted])
+        return adopted
+
+    async def adopt(self) -> None:
+        """Reconcile persisted state with the relay units systemd runs (start-up).
+
+        - state + running unit: adopted as is (ports held, object exported);
+        - state ``active`` + no running unit (e.g. after a reboot): the unit is
+          recreated from the persisted root-only key; if that fails the
+          endpoint stays, ``failed``, until released;
+        - state ``starting``/``releasing`` (the daemon died mid-request): the
+          request never completed, so it is rolled back;
+        - a relay unit or key directory without state: an orphan, stopped and
+          removed.
+        """
+        eps, _bad = self.store.load_all()
+        # One ListUnitsByPatterns gives every relay's state; per relay only its
+        # NRestarts is asked (below, concurrently): re-adoption stays fast at N=1000.
+        units = {name: (active, sub) for name, active, sub
+                 in await self.systemd.list_units([RELAY_PATTERN, SOCKET_PATTERN])}
+        known_units = {u for ep in eps for u in (ep.unit, ep.socket_unit)}
+
+        def running(unit: str) -> bool:
+            return units.get(unit, ("inactive", ""))[0] in ("active", "activating",
+                                                             "reloading")
+
+        # NRestarts before READY=1: a crash while the daemon was down shows at once.
+        # Asked for every running relay at the start and answered while the loop
+        # below adopts them (systemd and the bus work meanwhile). The relays'
+        # MainPID (only the counters show it) is read after READY=1 (run_counters):
+        # asking it here too doubled the calls per relay.
+        restarts_of = asyncio.ensure_future(self.systemd.n_restarts(
+            [ep.unit for ep in eps
+             if ep.state not in (State.STARTING, State.RELEASING) and running(ep.unit)]))
+        try:
+            adopted = await self._adopt_each(eps, units, running)
+            restarts = await restarts_of
+        except BaseException:
+            restarts_of.cancel()
+            raise
         for ep in adopted:
             self.counters_due(ep)
             active, sub = units[ep.unit]
-            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "", restarts[ep.unit],
-                                              pids.get(ep.unit, 0)))
+            self._apply_status(ep, UnitStatus(ep.unit, active, sub, "",
+                                              restarts.get(ep.unit, ep.n_restarts), 0),
+                               pid_known=False)
+        self._pids_due = [ep.key for ep in adopted]
         for name in units:
             if name not in known_units and name.endswith(".socket"):
                 # Its service (if any) is stopped with it (Requires=) and below.

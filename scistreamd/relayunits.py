@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Tuple
 
 from .config import Config
 from .errors import RelayFailed
@@ -32,7 +32,7 @@ from .relay import (
 )
 from .relay_unit import allow_property, relay_socket_properties, relay_unit_properties
 from .store import PSK_FILE, KeyStore, StateStore
-from .systemd import Systemd, SystemdError, unit_object_path
+from .systemd import UNIT_EXISTS, Systemd, SystemdError, unit_object_path
 
 if TYPE_CHECKING:
     pass
@@ -83,7 +83,7 @@ class RelayUnitsMixin:
                                      log_level=self.cfg.relay_log_level)
         return self.keys.write(ep.relay_id, ep.role, render_psk_file(ep.uid, psk), conf)
 
-    async def _start_unit(self, ep: Endpoint) -> None:
+    async def _start_unit(self, ep: Endpoint, fresh: bool = False) -> None:
         """Create and start the relay (and its socket unit); raise RelayFailed if it did not.
 
         With socket activation one call creates both units and starts the
@@ -91,19 +91,33 @@ class RelayUnitsMixin:
         and the job fails at once if a port is taken. When the job is done the
         listeners are bound and the relay runs; connections that arrive before
         stunnel accepts wait in the socket's backlog, so nothing polls for them.
+
+        ``fresh``: the relay id was just made (a new endpoint), so no unit of
+        that name can be left over and the failed-state reset is skipped (two
+        round trips to systemd a request); should one exist after all, systemd
+        answers UnitExists and the start is retried after the reset.
         """
         props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.relay_id, ep.role))
         sock = self.cfg.relay_socket_activation
         aux = [(ep.socket_unit, relay_socket_properties(ep, self.cfg))] if sock else []
-        # A failed unit of the same name (an earlier crash) would block the start.
-        await self.systemd.reset_failed(ep.unit)
+        units = [ep.unit, ep.socket_unit] if sock else [ep.unit]
         if sock:
-            await self.systemd.reset_failed(ep.socket_unit)
             self._sockets.add(ep.key)
+        if not fresh:
+            await self._reset_failed(units)
         t0 = time.monotonic()
         try:
-            result = await self.systemd.start_transient(ep.unit, props, aux=aux,
-                                                        timeout=self.cfg.relay_start_timeout)
+            try:
+                result = await self.systemd.start_transient(ep.unit, props, aux=aux,
+                                                            timeout=self.cfg.relay_start_timeout)
+            except SystemdError as e:
+                if not fresh or e.name != UNIT_EXISTS:
+                    raise
+                logger.warning("%s: a unit of that name was left over (%s): resetting it "
+                               "and starting again", ep.unit, e.message)
+                await self._reset_failed(units)
+                result = await self.systemd.start_transient(ep.unit, props, aux=aux,
+                                                            timeout=self.cfg.relay_start_timeout)
         except SystemdError as e:
             raise RelayFailed(f"systemd refused to start {ep.unit}: {e.message}") from e
         except asyncio.TimeoutError as e:
@@ -119,6 +133,11 @@ class RelayUnitsMixin:
             await self._wait_listening(ep)
         logger.debug("%s: started in %.1f ms, listening %.1f ms later", ep.unit,
                      (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+
+    async def _reset_failed(self, units: Sequence[str]) -> None:
+        """A failed unit of the same name (an earlier crash) would block the start:
+        reset them all at once (one round trip)."""
+        await asyncio.gather(*(self.systemd.reset_failed(u) for u in units))
 
     async def _raise_bind_failure(self, ep: Endpoint, result: str) -> None:
         """Name why the socket unit did not start: usually a listener port someone holds."""

@@ -24,11 +24,13 @@ logger = logging.getLogger(__name__)
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 SOCKET_IFACE = "org.freedesktop.systemd1.Socket"
 PROPS = "org.freedesktop.DBus.Properties"
 
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"
 #: Calls to systemd awaiting their reply at once. dbus-daemon refuses more than
 #: max_replies_per_connection (128 on Debian's system bus) pending replies per
 #: connection with LimitsExceeded; stay well below it, whatever the load.
@@ -82,8 +84,12 @@ class Systemd:
         for rule in (
             f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='JobRemoved'",
             f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='UnitRemoved'",
+            # Only the Unit interface's changes (arg0): every state change of a
+            # unit has one, and that is all the monitor needs (it reads the rest).
+            # The Service/Socket interfaces' own changes come with every start
+            # too; parsing them cost the daemon's loop some 10 ms per request.
             f"type='signal',sender='{SYSTEMD}',interface='{PROPS}',member='PropertiesChanged',"
-            f"path_namespace='{UNIT_PATH_PREFIX.rstrip('/')}'",
+            f"path_namespace='{UNIT_PATH_PREFIX.rstrip('/')}',arg0='{UNIT_IFACE}'",
         ):
             await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
                              "org.freedesktop.DBus", "AddMatch", "s", [rule])

@@ -53,3 +53,85 @@ def test_peer_leaves_other_calls_alone_and_honours_no_reply(tmp_path: Path):
                     member="Get", signature="ss", body=["a", "b"], serial=3)
     assert peer.reply(other) is None
     assert peer.reply(_peer_call("Ping", flags=MessageFlag.NO_REPLY_EXPECTED)) is True
+
+
+def _unconnected_bus(tmp_path: Path):
+    """A dbus-next MessageBus whose socket reaches a listener that never answers
+    (the constructor connects the socket; nothing is sent until connect())."""
+    import socket
+
+    from dbus_next.aio import MessageBus
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "bus"))
+    server.listen(1)
+    return MessageBus(bus_address=f"unix:path={tmp_path / 'bus'}"), server
+
+
+def test_export_quietly_exports_without_a_signal(tmp_path: Path) -> None:
+    import asyncio
+
+    import pytest
+    from dbus_next.service import ServiceInterface
+
+    from scistreamd.dbus_compat import export_quietly
+
+    path = "/org/scistream/Tunnel1/endpoint/x"
+
+    async def go() -> None:  # the aio bus wants a running loop
+        bus, server = _unconnected_bus(tmp_path)
+        try:
+            sent: list = []
+            bus.send = sent.append  # type: ignore[method-assign]
+            export_quietly(bus, path, ServiceInterface("org.scistream.Test"))
+            assert sent == []
+            # dbus-next knows it as exported: a second export of it is refused ...
+            with pytest.raises(ValueError):
+                bus.export(path, ServiceInterface("org.scistream.Test"))
+            with pytest.raises(ValueError):
+                export_quietly(bus, path, ServiceInterface("org.scistream.Test"))
+            # ... and unexport works on it as on any exported object.
+            bus.unexport(path)
+            assert path not in bus._path_exports
+        finally:
+            bus.disconnect()
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_tunnel_api_announces_endpoints_only_once_it_asks_for_its_name() -> None:
+    from scistreamd.dbus_api import TunnelApi
+    from scistreamd.model import Endpoint, HostPort, Role, parse_ip
+    from scistreamd.traffic import Traffic
+
+    class Bus:
+        def __init__(self) -> None:
+            self._path_exports: dict = {}
+            self.exported: list = []
+
+        def add_message_handler(self, handler: object) -> None:
+            pass
+
+        def export(self, path: str, obj: object) -> None:
+            self.exported.append(path)
+
+    class Manager:
+        def traffic(self, ep: object) -> Traffic:
+            return Traffic()
+
+    def ep(uid: str) -> Endpoint:
+        ip = parse_ip("192.168.150.1", "ip")
+        return Endpoint(uid=uid, role=Role.INBOUND, listeners=(HostPort(ip, 5100),),
+                        targets=(HostPort(ip, 5300),), num_conn=1, created_at=1.0)
+
+    bus = Bus()
+    api = TunnelApi(bus)  # type: ignore[arg-type]
+    api.manager = Manager()  # type: ignore[assignment]
+    adopted = ep("5aadb09f-9322-4064-b9fa-fd96ecd2e7ea")
+    api.endpoint_added(adopted)  # before the name: exported, no InterfacesAdded
+    assert bus.exported == [] and len(bus._path_exports) == 1
+    api.announcing = True
+    new = ep("6aadb09f-9322-4064-b9fa-fd96ecd2e7ea")
+    api.endpoint_added(new)
+    assert len(bus.exported) == 1 and bus.exported[0] not in bus._path_exports

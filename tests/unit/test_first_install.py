@@ -259,3 +259,27 @@ def test_status_keeper_follows_every_add_and_remove() -> None:
         keeper.endpoint_removed(ep)
     assert sent[-1] == "STATUS=serving 0 endpoints"
     assert inner.seen == ["added", "added", "changed", "changed", "removed", "removed"]
+
+
+class _CountingDict(dict):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans = 0
+
+    def values(self):  # type: ignore[override]
+        self.scans += 1
+        return super().values()
+
+
+def test_status_keeper_does_not_count_endpoints_before_ready() -> None:
+    """Adopting N endpoints at start-up must not cost N scans of all of them."""
+    eps = _CountingDict()
+    sent: List[str] = []
+    keeper = StatusKeeper(_Inner(), eps, notify=sent.append)
+    for k in range(50):
+        eps[k] = _Ep("active")
+        keeper.endpoint_added(eps[k])
+    assert eps.scans == 0 and sent == []
+    keeper.live = True
+    keeper.update(force=True)
+    assert sent == ["STATUS=serving 50 endpoints"]

@@ -139,6 +139,10 @@ class FakeSystemd:
     async def n_restarts(self, names: Sequence[str]) -> Dict[str, int]:
         return {n: 3 for n in names}
 
+    async def main_pids(self, names: Sequence[str]) -> Dict[str, int]:
+        self.calls.extend(("main_pids", n) for n in names)
+        return {n: 4000 + i for i, n in enumerate(names)}
+
 
 class FakePeers:
     """PeerClient: hands out PSK for the listeners asked, unless scripted otherwise."""
@@ -314,6 +318,59 @@ def test_inbound_start_errors_roll_back(tmp_path: Path, outcome: BaseException,
         # and the ports can be handed out again
         ep = await inbound(bed, n=10)
         bed.assert_holds(ep)
+    run(go)
+
+
+def test_new_endpoint_starts_its_units_without_a_reset_first(tmp_path: Path) -> None:
+    """A fresh relay id has no unit to reset: the start is the first call to systemd."""
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        ep = await inbound(bed)
+        assert bed.systemd.calls == [("start_transient", ep.unit)]
+    run(go)
+
+
+def test_new_endpoint_whose_unit_exists_is_reset_and_started_again(tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        bed.systemd.script.add("start_transient",
+                               systemd_error("org.freedesktop.systemd1.UnitExists"))
+        ep = await inbound(bed)
+        assert bed.systemd.calls[0] == ("start_transient", ep.unit)
+        assert set(bed.systemd.calls[1:3]) == {("reset_failed", ep.unit),
+                                               ("reset_failed", ep.socket_unit)}
+        assert bed.systemd.calls[3:] == [("start_transient", ep.unit)]
+        assert ep.state is State.ACTIVE
+        bed.assert_holds(ep)
+    run(go)
+
+
+def test_new_endpoint_whose_unit_still_exists_after_the_reset_rolls_back(
+        tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        exists = systemd_error("org.freedesktop.systemd1.UnitExists")
+        bed.systemd.script.add("start_transient", exists, exists)
+        with pytest.raises(RelayFailed, match="systemd refused to start"):
+            await inbound(bed)
+        assert len(bed.systemd.names("start_transient")) == 2
+        bed.assert_clean()
+    run(go)
+
+
+def test_recreated_relay_is_reset_before_its_start(tmp_path: Path) -> None:
+    """A relay id that existed before (adoption) may have a failed unit: reset first."""
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        ep = await inbound(bed)
+        bed.systemd.units.clear()  # e.g. after a reboot
+        again = bed.restart()
+        await again.m.adopt()
+        calls = again.systemd.calls
+        starts = [i for i, c in enumerate(calls) if c[0] == "start_transient"]
+        assert starts and {("reset_failed", ep.unit), ("reset_failed", ep.socket_unit)} <= set(
+            calls[:starts[0]])
+        assert again.m.endpoints[ep.key].state is State.ACTIVE
     run(go)
 
 
@@ -806,6 +863,49 @@ def test_adopt_running_relays_as_they_are(tmp_path: Path) -> None:
         assert bed.systemd.calls == []  # nothing stopped or started
         assert a2.n_restarts == 3 and a2.state is State.ACTIVE
         assert bed.m._sockets == {a.key, b.key}
+    run(go)
+
+
+def test_adopted_relays_main_pids_are_read_after_adoption(tmp_path: Path) -> None:
+    """Adoption asks NRestarts per relay; the MainPID (counters only) is read later,
+    once the daemon is ready (run_counters), and shown then."""
+    async def go() -> None:
+        first = Bed(tmp_path)
+        a = await inbound(first)
+        bed = first.restart()
+        await bed.m.adopt()
+        assert bed.systemd.names("main_pids") == []
+        assert bed.m.counters[a.key].main_pid == 0
+        await bed.m.read_adopted_main_pids()
+        assert bed.systemd.names("main_pids") == [a.unit]
+        assert bed.m.counters[a.key].main_pid == 4000
+        assert (a.uid, ["counters"]) in bed.listener.changes
+        await bed.m.read_adopted_main_pids()  # once only
+        assert bed.systemd.names("main_pids") == [a.unit]
+    run(go)
+
+
+def test_adopt_asks_nrestarts_once_for_every_running_relay(tmp_path: Path) -> None:
+    """One many-units read for the running relays (not for one recreated or rolled back)."""
+    async def go() -> None:
+        first = Bed(tmp_path)
+        eps = [await inbound(first) for _ in range(5)]
+        gone = eps[0]
+        del first.systemd.units[gone.unit]  # its relay must be recreated
+        bed = first.restart()
+        asked: List[List[str]] = []
+        real = bed.systemd.n_restarts
+
+        async def n_restarts(names: Sequence[str]) -> Dict[str, int]:
+            asked.append(list(names))
+            return await real(names)
+
+        bed.systemd.n_restarts = n_restarts  # type: ignore[method-assign]
+        await bed.m.adopt()
+        assert len(asked) == 1 and sorted(asked[0]) == sorted(e.unit for e in eps[1:])
+        assert all(bed.m.endpoints[e.key].n_restarts == 3 for e in eps[1:])
+        assert bed.m.endpoints[gone.key].state is State.ACTIVE
+        bed.assert_holds(*[bed.m.endpoints[e.key] for e in eps])
     run(go)
 
 

@@ -6,12 +6,21 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any, List
 
 import pytest
 
 from scistreamd.errors import InvalidArgument
 from scistreamd.model import Endpoint, Role
-from scistreamd.store import CONF_FILE, PSK_FILE, KeyStore, StateStore, atomic_write, parse_name
+from scistreamd.store import (
+    CONF_FILE,
+    PSK_FILE,
+    KeyStore,
+    StateStore,
+    atomic_write,
+    atomic_write_files,
+    parse_name,
+)
 
 UID = "bd9f1a7e-04d7-11f0-b44c-946dae415862"
 # Any group other than the test's own primary group shows that the group is set.
@@ -95,3 +104,31 @@ def test_state_files_of_the_previous_version_load_with_their_unit_names(tmp_path
     assert by_role[Role.INBOUND].legacy_relay_id
     assert by_role[Role.OUTBOUND].unit == "scistream-outbound-fedcba9876543210.service"
     assert json.loads(store.path(UID, Role.OUTBOUND).read_text())["relay_id"] == new.relay_id
+
+
+def test_atomic_write_files_writes_all_with_their_mode_and_leaves_no_tmp(tmp_path: Path) -> None:
+    atomic_write_files(tmp_path, {"a": b"1", "b": b"2"}, 0o440)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "a").read_bytes() == b"1" and (tmp_path / "b").read_bytes() == b"2"
+    assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o440
+
+
+def test_atomic_write_files_failing_midway_keeps_the_old_files(tmp_path: Path,
+                                                              monkeypatch: Any) -> None:
+    atomic_write_files(tmp_path, {"a": b"old-a", "b": b"old-b"})
+    real_write = os.write
+    calls: List[int] = []
+
+    def failing_write(fd: int, data: bytes) -> int:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(OSError):
+        atomic_write_files(tmp_path, {"a": b"new-a", "b": b"new-b"})
+    # Neither file replaced, no tmp file left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "a").read_bytes() == b"old-a"
+    assert (tmp_path / "b").read_bytes() == b"old-b"
