@@ -95,15 +95,16 @@ class RelayUnitsMixin:
         props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.relay_id, ep.role))
         sock = self.cfg.relay_socket_activation
         aux = [(ep.socket_unit, relay_socket_properties(ep, self.cfg))] if sock else []
-        # A failed unit of the same name (an earlier crash) would block the start.
-        await self.systemd.reset_failed(ep.unit)
+        # A failed unit of the same name (an earlier crash) would block the start:
+        # reset first, in the start's round trip.
+        reset = [ep.unit, ep.socket_unit] if sock else [ep.unit]
         if sock:
-            await self.systemd.reset_failed(ep.socket_unit)
             self._sockets.add(ep.key)
         t0 = time.monotonic()
         try:
             result = await self.systemd.start_transient(ep.unit, props, aux=aux,
-                                                        timeout=self.cfg.relay_start_timeout)
+                                                        timeout=self.cfg.relay_start_timeout,
+                                                        reset_failed=reset)
         except SystemdError as e:
             raise RelayFailed(f"systemd refused to start {ep.unit}: {e.message}") from e
         except asyncio.TimeoutError as e:
