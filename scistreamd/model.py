@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -210,6 +209,8 @@ def parse_uid(value: object) -> str:
 
 def new_uid() -> str:
     """A fresh random tunnel uid (UUID4; unguessable, since a uid is a capability)."""
+    import uuid  # here: the CLI's remote mode parses uids but never makes one
+
     return str(uuid.uuid4())
 
 

@@ -150,3 +150,19 @@ def test_tunnel_whose_client_side_cannot_be_made_releases_the_inbound_half(
     assert [(m, p) for m, p, _, _ in canned.seen] == [
         ("POST", "/v1/tunnels/inbound"), ("DELETE", f"/v1/tunnels/{UID}")]
     assert made == ["--server-s2cs", "--client-s2cs"]
+
+
+def test_remote_mode_imports_no_daemon_to_daemon_documents() -> None:
+    """Start-up time of every remote verb: the peer port's documents (peerwire, relay)
+    and uuid stay out of the CLI's remote mode."""
+    import os
+    import subprocess
+
+    from .test_ctl_remote import REPO
+
+    code = ("import sys, scistreamd.ctl.cli, scistreamd.ctl.verbs, scistreamd.ctl.remote, "
+            "scistreamd.userclient, scistreamd.ctl.credentials; print(sorted(m for m in "
+            "('uuid', 'scistreamd.peerwire', 'scistreamd.relay') if m in sys.modules))")
+    res = subprocess.run(["/usr/bin/python3", "-c", code], env=dict(os.environ,
+                         PYTHONPATH=str(REPO)), capture_output=True, text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "[]"
