@@ -16,6 +16,9 @@ needs no daemon on the machine itself:
   server1 with a bearer token whose introspection is cached (tests/oauthbed.py);
 - ``library``: userclient.UserClient in one process (the daemons' share alone).
 
+``--cli-only``: the daemons stay the working tree's and only the CLI alternates,
+round by round (no restarts between): the client side's changes alone, finer.
+
 The CLI of each view is the block's tree too (byte code cached, as installed).
 Blocks alternate which tree goes first. Prints p50/p95/min per view and tree
 as JSON; ``--out FILE`` writes it with the samples and the load average.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -82,7 +86,8 @@ def _library(s2: Host, which: str, rounds: int) -> List[float]:
     return json.loads(out.stdout)["tunnel"][1:]
 
 
-def run(bed: Testbed, blocks: int, block: int, log: Any = print) -> Dict[str, Any]:
+def run(bed: Testbed, blocks: int, block: int, log: Any = print,
+        cli_only: bool = False) -> Dict[str, Any]:
     s1, s2 = bed["server1"], bed["server2"]
     for host in (s1, s2):
         H.prepare(host)
@@ -94,9 +99,13 @@ def run(bed: Testbed, blocks: int, block: int, log: Any = print) -> Dict[str, An
         H.write_file(s2, f"{T.DIR}/token", token, "0600")
         views = {"cli_remote": ["--remote", *T.IDENT],
                  "token_warm": ["--token-file", f"{T.DIR}/token", "--server_cert", T.PEER_CA]}
+        if cli_only:  # the working tree's daemons; both trees' byte code cached
+            _use(bed, "before")
+            _use(bed, "after")
         for b in range(blocks):
             for which in ("before", "after") if b % 2 == 0 else ("after", "before"):
-                _use(bed, which)
+                if not cli_only:
+                    _use(bed, which)
                 for extra in views.values():
                     _tunnel(s2, which, extra)  # warm-up: connections, caches, token
                 for i in range(block):
@@ -104,8 +113,9 @@ def run(bed: Testbed, blocks: int, block: int, log: Any = print) -> Dict[str, An
                     for name, extra in order[i % 2:] + order[:i % 2]:
                         samples.setdefault(name, {}).setdefault(which, []).append(
                             _tunnel(s2, which, extra))
-                samples.setdefault("library", {}).setdefault(which, []).extend(
-                    _library(s2, which, block))
+                if not cli_only:
+                    samples.setdefault("library", {}).setdefault(which, []).extend(
+                        _library(s2, which, block))
             log(f"  tunnelab: block {b + 1}/{blocks}")
     finally:
         for host in (s1, s2):
@@ -118,8 +128,20 @@ def run(bed: Testbed, blocks: int, block: int, log: Any = print) -> Dict[str, An
             H.unprepare(host)
     return {"tunnelab_ms": {name: {which: summary(v, digits=1) for which, v in per.items()}
                             for name, per in samples.items()},
+            "tunnelab_paired_ms": {name: paired(per["before"], per["after"], block)
+                                   for name, per in samples.items()},
             "tunnelab_config": {"blocks": blocks, "block": block,
                                 "loadavg": os.getloadavg()}}
+
+
+def paired(before: List[float], after: List[float], block: int) -> Dict[str, Any]:
+    """after - before, block by block (the two blocks of a pair ran back to back, so a
+    change of the machine's load between pairs cancels out): the median of the
+    per-pair differences of medians, and in how many pairs "after" was faster."""
+    diffs = [statistics.median(after[i:i + block]) - statistics.median(before[i:i + block])
+             for i in range(0, min(len(before), len(after)), block)]
+    return {"median_diff": round(statistics.median(diffs), 1) if diffs else None,
+            "after_faster": sum(d < 0 for d in diffs), "pairs": len(diffs)}
 
 
 def main() -> int:
@@ -128,6 +150,9 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--block", type=int, default=5, help="rounds per block")
     ap.add_argument("--out", help="write the result (with samples) to this JSON file")
+    ap.add_argument("--cli-only", action="store_true",
+                    help="both trees' CLIs against the working tree's daemons (no restarts: "
+                    "finer interleaving, the daemons' share left out)")
     opts = ap.parse_args()
     for tree in (BEFORE, AFTER):
         subprocess.run(["rm", "-rf", str(REPO / tree)], check=True)
@@ -142,12 +167,13 @@ def main() -> int:
     if not bed.load():
         bed.up()
     started = time.time()
-    result = run(bed, opts.blocks, opts.block)
+    result = run(bed, opts.blocks, opts.block, cli_only=opts.cli_only)
     result["tunnelab_config"].update(rev=opts.rev, seconds=round(time.time() - started))
     short = {name: {which: {k: s[k] for k in ("p50", "p95", "min", "n")}
                     for which, s in per.items()}
              for name, per in result["tunnelab_ms"].items()}
-    print(json.dumps({"ms": short, "config": result["tunnelab_config"]}, indent=1))
+    print(json.dumps({"ms": short, "paired": result["tunnelab_paired_ms"],
+                      "config": result["tunnelab_config"]}, indent=1))
     if opts.out:
         Path(opts.out).write_text(json.dumps(result, indent=1))
     return 0
