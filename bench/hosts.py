@@ -187,6 +187,9 @@ def prepare(host: Host) -> None:
     # -u: a PYTHONDONTWRITEBYTECODE inherited from the caller would leave the cache empty.
     warm = ["env", "-u", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH=/run/testbed/src",
             PYCACHE_ENV, PYTHON]
+    # Every module of the package, as installing it byte-compiles them all (the CLI's
+    # remote mode imports modules that neither the daemon nor 'list' does).
+    host.run([*warm, "-m", "compileall", "-q", "/run/testbed/src/scistreamd"])
     host.run([*warm, "-m", "scistreamd.ctl", "--help"], check=False)
     host.run([*warm, "-m", "scistreamd.ctl", "list"], check=False)
     host.run([*warm, "-c", "import ast, json, scistreamd.ctl, scistreamd.model, "

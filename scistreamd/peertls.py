@@ -104,7 +104,8 @@ def server_context(cert: Path, key: Path, client_ca: Optional[Path],
     # TLS 1.2 fallback: forward-secret AEAD suites only (TLS 1.3 suites are all fine).
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
     ctx.options |= ssl.OP_NO_COMPRESSION
-    # One request per connection: resumption buys nothing, tickets are extra writes.
+    # One request per connection: resumption buys nothing, tickets are extra writes
+    # (and would make a connection scistreamctl opened ahead look closed to urllib3).
     ctx.num_tickets = 0
     try:
         ctx.load_cert_chain(str(cert), str(key))

@@ -32,7 +32,6 @@ wire unchanged and alone decides the exception class on the other side
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from .model import (
     parse_uid,
 )
 from .relay import parse_ciphersuites, parse_psk
+from .wiretext import clean, dumps, loads  # noqa: F401  (the peer port's, too)
 
 API_PREFIX = "/v1"
 DEFAULT_PEER_PORT = 5000
@@ -107,12 +107,6 @@ REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized",
 def status_of(name: str) -> int:
     return ERRORS.get(name, (500, PeerRejected))[0]
 
-
-
-def clean(text: object, limit: int = 200) -> str:
-    """Untrusted text made safe for one log or message line: printable and short."""
-    s = "".join(c if c.isprintable() else "?" for c in str(text))
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 # -- paths --------------------------------------------------------------------
@@ -224,18 +218,6 @@ def response(status: int, doc: Dict[str, Any], headers: Tuple[Tuple[str, str], .
 
 
 # -- documents -----------------------------------------------------------------
-
-
-def dumps(doc: Dict[str, Any]) -> bytes:
-    return (json.dumps(doc, separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def loads(raw: bytes) -> Any:
-    """Parsed JSON; InvalidArgument for anything else (also absurd nesting)."""
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidArgument("not JSON") from None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
 
 from .config import Config
 from .errors import RelayFailed
@@ -103,21 +103,23 @@ class RelayUnitsMixin:
         units = [ep.unit, ep.socket_unit] if sock else [ep.unit]
         if sock:
             self._sockets.add(ep.key)
-        if not fresh:
-            await self._reset_failed(units)
+        # A failed unit of the same name (an earlier crash) would block the start:
+        # a re-start resets it in the start's own round trip; a new relay's name is
+        # new, so only a leftover unit (UnitExists) costs the reset and a retry.
         t0 = time.monotonic()
         try:
             try:
-                result = await self.systemd.start_transient(ep.unit, props, aux=aux,
-                                                            timeout=self.cfg.relay_start_timeout)
+                result = await self.systemd.start_transient(
+                    ep.unit, props, aux=aux, timeout=self.cfg.relay_start_timeout,
+                    reset_failed=() if fresh else units)
             except SystemdError as e:
                 if not fresh or e.name != UNIT_EXISTS:
                     raise
                 logger.warning("%s: a unit of that name was left over (%s): resetting it "
                                "and starting again", ep.unit, e.message)
-                await self._reset_failed(units)
-                result = await self.systemd.start_transient(ep.unit, props, aux=aux,
-                                                            timeout=self.cfg.relay_start_timeout)
+                result = await self.systemd.start_transient(
+                    ep.unit, props, aux=aux, timeout=self.cfg.relay_start_timeout,
+                    reset_failed=units)
         except SystemdError as e:
             raise RelayFailed(f"systemd refused to start {ep.unit}: {e.message}") from e
         except asyncio.TimeoutError as e:
@@ -133,11 +135,6 @@ class RelayUnitsMixin:
             await self._wait_listening(ep)
         logger.debug("%s: started in %.1f ms, listening %.1f ms later", ep.unit,
                      (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
-
-    async def _reset_failed(self, units: Sequence[str]) -> None:
-        """A failed unit of the same name (an earlier crash) would block the start:
-        reset them all at once (one round trip)."""
-        await asyncio.gather(*(self.systemd.reset_failed(u) for u in units))
 
     async def _raise_bind_failure(self, ep: Endpoint, result: str) -> None:
         """Name why the socket unit did not start: usually a listener port someone holds."""

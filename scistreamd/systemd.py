@@ -67,6 +67,14 @@ class UnitStatus:
 ABSENT = "absent"
 
 
+def _body(reply: Message) -> List[Any]:
+    """A reply's body; SystemdError for an error reply."""
+    if reply.message_type == MessageType.ERROR:
+        text = reply.body[0] if reply.body else ""
+        raise SystemdError(reply.error_name or "unknown", str(text))
+    return reply.body
+
+
 class Systemd:
     """systemd1 manager over an already connected (system) bus."""
 
@@ -76,6 +84,7 @@ class Systemd:
         self._finished_jobs: Dict[str, str] = {}
         self._unit_listeners: List[Callable[[str], None]] = []
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
+        self._pipelining = asyncio.Lock()
 
     async def setup(self) -> None:
         # Match rules before anything is started: JobRemoved can arrive
@@ -139,13 +148,34 @@ class Systemd:
                       signature=signature, body=list(body))
         async with self._inflight:
             reply = await self._bus.call(msg)
-        if reply.message_type == MessageType.ERROR:
-            text = reply.body[0] if reply.body else ""
-            raise SystemdError(reply.error_name or "unknown", str(text))
-        return reply.body
+        return _body(reply)
+
+    @staticmethod
+    def _manager_msg(member: str, signature: str, body: Sequence[Any]) -> Message:
+        return Message(destination=SYSTEMD, path=SYSTEMD_PATH, interface=MANAGER,
+                       member=member, signature=signature, body=list(body))
 
     async def _manager_call(self, member: str, signature: str, body: Sequence[Any]) -> List[Any]:
         return await self._call(SYSTEMD, SYSTEMD_PATH, MANAGER, member, signature, body)
+
+    async def _pipeline(self, msgs: Sequence[Message]) -> List[Message]:
+        """Send ``msgs`` back to back, in this order, and return their replies (error
+        replies too): one round trip for all of them instead of one each."""
+        held = 0
+        try:
+            # One pipeline takes its slots at a time: two taking them piecemeal
+            # could each hold some and wait for the rest forever.
+            async with self._pipelining:
+                for _ in msgs:
+                    await self._inflight.acquire()
+                    held += 1
+            # A task runs its first step in the order it was created, and
+            # bus.call writes its message to the connection in that first step.
+            calls = [asyncio.ensure_future(self._bus.call(m)) for m in msgs]
+            return list(await asyncio.gather(*calls))
+        finally:
+            for _ in range(held):
+                self._inflight.release()
 
     async def _wait_job(self, job: str, timeout: float) -> str:
         if job in self._finished_jobs:
@@ -159,15 +189,27 @@ class Systemd:
 
     async def start_transient(self, name: str, properties: List[List[Any]],
                               timeout: float = 30,
-                              aux: Sequence[Tuple[str, List[List[Any]]]] = ()) -> str:
+                              aux: Sequence[Tuple[str, List[List[Any]]]] = (),
+                              reset_failed: Sequence[str] = ()) -> str:
         """Start a transient unit, wait for its job; returns the job result ("done", ...).
 
         ``aux`` units (name, properties) are created along with it, loaded but not
-        started (as systemd-run does with a socket's service).
+        started (as systemd-run does with a socket's service). ``reset_failed``:
+        units whose failed state is reset first (see :meth:`reset_failed`), in
+        the same round trip: the calls go out back to back and systemd handles
+        one connection's calls in order, so each reset is done before the start.
         """
-        (job,) = await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))",
-                                          [name, "fail", properties,
-                                           [[n, p] for n, p in aux]])
+        resets = [self._manager_msg("ResetFailedUnit", "s", [u]) for u in reset_failed]
+        start = self._manager_msg("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                  [name, "fail", properties, [[n, p] for n, p in aux]])
+        replies = await self._pipeline([*resets, start])
+        for reply in replies[:-1]:
+            try:
+                _body(reply)
+            except SystemdError as e:
+                if e.name != NO_SUCH_UNIT:
+                    raise
+        (job,) = _body(replies[-1])
         return await self._wait_job(job, timeout)
 
     async def start(self, name: str, timeout: float = 30) -> str:

@@ -26,7 +26,9 @@ mode pays for it.
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type
 
@@ -36,12 +38,18 @@ from . import __version__, errors
 from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .model import HostPort, parse_hostport, parse_uid
 from .peertls import CLIENT_CERT_ALERTS, client_context, ssl_reason
-from .peerwire import clean, loads
 from .tlshttp import BodyTooLarge, BodyTooSlow, TrustOnlyAdapter, causes, read_bounded
+from .wiretext import clean, loads
+
+logger = logging.getLogger(__name__)
 
 TUNNELS_PATH = "/v1/tunnels"
 #: Largest answer read: a list of every tunnel of a busy identity fits.
 MAX_ANSWER = 8 * 1024 * 1024
+#: A connection opened ahead (:meth:`UserClient.warm`) that waited longer than this
+#: is not used: the daemon closes a connection that sends no request for
+#: peer_timeout (10 s by default; an administrator may set less).
+WARM_MAX_AGE = 1.0
 
 
 class DaemonUnreachable(ScistreamError):
@@ -105,6 +113,8 @@ class UserClient:
         self._context, self._trust = client_context(self.daemon.host, trust_file, trust_pem,
                                                     client_cert, client_key)
         self._session: Optional[requests.Session] = None
+        #: When warm() opened a connection that no call has used yet.
+        self._warm_at: Optional[float] = None
 
     def __repr__(self) -> str:  # never the token
         return f"UserClient({self.daemon}, token={'yes' if self._token else 'no'})"
@@ -161,6 +171,33 @@ class UserClient:
         if self._session is not None:
             self._session.close()
             self._session = None
+        self._warm_at = None
+
+    def warm(self) -> None:
+        """Open the connection of the next call now (TCP and the TLS handshake, the
+        daemon verified as for any call), e.g. in a thread while another daemon
+        works: the call then starts with its request. Best effort: a failure here is
+        left to the call, which opens its own connection and reports it. Safe beside
+        a call in another thread (the connection pool is).
+        """
+        session = self._ensure_session()
+        url = self._url("/")
+        try:
+            adapter = session.get_adapter(url)
+            pool = adapter.poolmanager.connection_from_url(url)
+            adapter.cert_verify(pool, url, True, None)  # what every request sets first
+            conn = pool._get_conn()
+            try:
+                conn.timeout = self.timeout
+                conn.connect()
+            except BaseException:
+                conn.close()
+                pool._put_conn(conn)  # a slot of the pool, as after a failed request
+                raise
+            self._warm_at = time.monotonic()
+            pool._put_conn(conn)
+        except Exception as e:  # the call will say what is wrong, by name
+            logger.debug("opening a connection to %s ahead failed: %s", self.daemon, e)
 
     # -- answers -------------------------------------------------------------------
 
@@ -219,14 +256,12 @@ class UserClient:
                    "Accept-Encoding": "identity"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.trust_env = False  # no proxy or .netrc sees the token
-            self._session.mount("https://", TrustOnlyAdapter(self._context))
-        host = self.daemon.host
-        netloc = f"[{host}]:{self.daemon.port}" if host.version == 6 else str(self.daemon)
+        if self._warm_at is not None and time.monotonic() - self._warm_at > WARM_MAX_AGE:
+            self.close()  # the daemon may be closing it: a fresh connection instead
+        self._warm_at = None
+        session = self._ensure_session()
         try:
-            resp = self._session.request(method, f"https://{netloc}{path}", json=body,
+            resp = session.request(method, self._url(path), json=body,
                                          headers=headers, timeout=(self.timeout, self.timeout),
                                          stream=True, allow_redirects=False)
             try:
@@ -245,6 +280,18 @@ class UserClient:
         if not 200 <= status < 300:
             raise error_from_answer(self.daemon, status, doc, what)
         return doc
+
+    def _ensure_session(self) -> requests.Session:
+        if self._session is None:
+            self._session = requests.Session()
+            self._session.trust_env = False  # no proxy or .netrc sees the token
+            self._session.mount("https://", TrustOnlyAdapter(self._context))
+        return self._session
+
+    def _url(self, path: str) -> str:
+        host = self.daemon.host
+        netloc = f"[{host}]:{self.daemon.port}" if host.version == 6 else str(self.daemon)
+        return f"https://{netloc}{path}"
 
     def _read(self, resp: requests.Response) -> bytes:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import threading
 from datetime import datetime
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -115,6 +116,9 @@ class LocalSide:
         self._run(lambda c: c.call("Release", [uid]))
         return 1
 
+    def warm(self) -> None:
+        """Nothing to open ahead: each D-Bus call makes its own local connection."""
+
 
 class RemoteSide:
     """Another daemon's user API."""
@@ -152,6 +156,10 @@ class RemoteSide:
     def release(self, uid: str) -> int:
         return self.client.release(uid)
 
+    def warm(self) -> None:
+        """Open the connection of the next call now (see UserClient.warm)."""
+        self.client.warm()
+
     def list(self) -> List[Dict[str, Any]]:
         return self.client.list()
 
@@ -172,6 +180,36 @@ def side(args: argparse.Namespace, option: str) -> Any:
     if daemon is None:
         return LocalSide(args, str(parse_hostport(value, option)))
     return RemoteSide(args, daemon)
+
+
+class Ahead:
+    """A side made in a daemon thread while the caller does something else (waits
+    for another daemon), and its connection opened (``warm``) once it is made.
+    :meth:`result` waits for the side only, never for the connection: the call
+    that needs it opens its own if the one ahead is not ready, and reports any
+    failure itself."""
+
+    def __init__(self, make: Any) -> None:
+        self._made = threading.Event()
+        self._side: Any = None
+        self._error: Optional[BaseException] = None
+        threading.Thread(target=self._run, args=(make,), name="ahead", daemon=True).start()
+
+    def _run(self, make: Any) -> None:
+        try:
+            self._side = make()
+        except BaseException as err:  # raised in the caller's thread by result()
+            self._error = err
+        finally:
+            self._made.set()
+        if self._side is not None:
+            self._side.warm()
+
+    def result(self) -> Any:
+        self._made.wait()
+        if self._error is not None:
+            raise self._error
+        return self._side
 
 
 # ---------------------------------------------------------------------------
@@ -311,16 +349,26 @@ def tunnel(args: argparse.Namespace) -> Output:
         if (args.allowed_peer or default) else ""
     peer_trust = read_trust_pem(args.peer_trust, "--peer-trust") if args.peer_trust else None
     server = side(args, "--server-s2cs")
-    client = side(args, "--client-s2cs")
-
+    # The client side is made ready while the server side's daemon creates its half
+    # (mostly its relay's start): which daemon it is (a D-Bus question when it names
+    # this host) and the TLS connection to it are then not on the way. Made here
+    # first when the server side is this host's: a remote side's construction reads
+    # the options (token, certificates) that only a remote server side has checked.
+    if isinstance(server, RemoteSide):
+        ahead = Ahead(lambda: side(args, "--client-s2cs"))
+    else:
+        first = side(args, "--client-s2cs")
+        ahead = Ahead(lambda: first)
     made = server.inbound(remote_ip, ports, num_conn, allowed)
     uid = made["uid"]
+    client: Any = None
     try:
+        client = ahead.result()
         # The client side claims from the server side's peer port: the address named.
         out = client.outbound(uid, made["listeners"], local_ports, num_conn, str(server_hp),
                               peer_trust)
     except BaseException as err:  # also Ctrl-C: nothing may stay behind
-        extra = _roll_back(uid, server, client)
+        extra = _roll_back(uid, server, client, str(client_hp))
         if not isinstance(err, ScistreamError):
             raise
         # Whole, not cut to one line's length: the end may say how to clean up.
@@ -336,11 +384,14 @@ def tunnel(args: argparse.Namespace) -> Output:
     return format_request_rows(uid, rows, out["listeners"]), data
 
 
-def _roll_back(uid: str, server: Any, client: Any) -> str:
+def _roll_back(uid: str, server: Any, client: Any, client_name: str) -> str:
     """Release ``uid`` on the client side (a request that timed out here may still have
-    been made there) and on the server side; what to add to the failure's message."""
+    been made there; None: never made, nothing asked there) and on the server side;
+    what to add to the failure's message."""
     left = []
     for where in (client, server):
+        if where is None:
+            continue
         try:
             where.release(uid)
         except (ScistreamError, OSError) as err:
@@ -352,7 +403,8 @@ def _roll_back(uid: str, server: Any, client: Any) -> str:
     if left:
         # The command comes last: it is what the user needs from this line.
         return (f" -- and releasing tunnel {uid} failed ({'; '.join(left)}): release it with "
-                f"'scistreamctl release {uid} --server-s2cs {server} --client-s2cs {client}'")
+                f"'scistreamctl release {uid} --server-s2cs {server} --client-s2cs "
+                f"{client_name}'")
     return (f" (the outbound half of tunnel {uid} failed; its inbound half at {server} "
             "was released: nothing is left)")
 

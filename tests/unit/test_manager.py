@@ -84,7 +84,10 @@ class FakeSystemd:
         return [n for m, n in self.calls if m == method]
 
     async def start_transient(self, name: str, properties: List[List[Any]], timeout: float = 30,
-                              aux: Sequence[Tuple[str, List[List[Any]]]] = ()) -> str:
+                              aux: Sequence[Tuple[str, List[List[Any]]]] = (),
+                              reset_failed: Sequence[str] = ()) -> str:
+        # The resets go out with the start, in order (one round trip).
+        self.calls.extend(("reset_failed", n) for n in reset_failed)
         self.calls.append(("start_transient", name))
         for n, _p in aux:
             self.units[n] = ("inactive", "dead")  # loaded, as systemd-run does
