@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import BUS_NAME, __version__
-from .config import DEFAULT_CONFIG_PATH, Config, load_config, plan_reload
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .dbus_compat import AnsweredDBusErrors, patch_dbus_next_writer
 from .errors import ConfigError, InvalidArgument, ScistreamError
+from .reloader import Reloader, peer_client_ca, resolve_config
+from .sdstatus import StatusKeeper, notify
 
 logger = logging.getLogger("scistreamd")
 
@@ -81,151 +83,6 @@ def token_verifier(cfg: Config) -> Any:
     from .tokens import TokenVerifier
 
     return TokenVerifier.from_config(cfg)
-
-
-def _client_ca(cfg: Config) -> Optional[Path]:
-    """The CA file for peer client certificates, or None when there is none yet.
-
-    An explicit peer_client_ca must load (else the start fails naming it). The
-    default, peer_trust_file, may be absent on a fresh install: the daemon
-    still starts, and with peer_require_client_cert every claim is refused by
-    name until the trust file is installed and scistreamd restarted.
-    """
-    path = cfg.peer_client_ca_file
-    if cfg.peer_client_ca is None and not path.exists():
-        logger.warning(
-            "peer_trust_file %s does not exist: no peer daemon can be authenticated, so %s; "
-            "install the peer's CA or certificate there and run 'systemctl reload "
-            "scistreamd'", path,
-            "every claim of a key is refused" if cfg.peer_require_client_cert else
-            "claims are accepted without client certificates only")
-        return None
-    return path
-
-
-async def _notify(*lines: str) -> None:
-    _notify_now(*lines)
-
-
-def _notify_now(*lines: str) -> None:
-    from systemd import daemon as sd
-
-    sd.notify("\n".join(lines))
-
-
-def status_text(endpoints: int, failed: int = 0) -> str:
-    """STATUS= of the daemon: the real endpoint count, and how many failed."""
-    text = f"serving {endpoints} endpoint{'' if endpoints == 1 else 's'}"
-    return f"{text} ({failed} failed)" if failed else text
-
-
-class StatusKeeper:
-    """An EndpointListener that keeps systemd's StatusText equal to the real count:
-    the daemon's listeners (D-Bus objects, this) all see every add/change/remove."""
-
-    def __init__(self, inner: Any, manager_endpoints: Dict[Any, Any],
-                 notify: Any = _notify_now) -> None:
-        self._inner = inner
-        self._endpoints = manager_endpoints
-        self._notify = notify
-        self._last = ""
-        #: No notification before READY=1 (which carries the first status).
-        self.live = False
-
-    def current(self) -> str:
-        failed = sum(1 for ep in self._endpoints.values() if ep.state.value == "failed")
-        return status_text(len(self._endpoints), failed)
-
-    def update(self, force: bool = False) -> None:
-        if not self.live:
-            # Before READY=1 nothing is sent, and counting every endpoint at each
-            # one adopted made a start with N endpoints cost N² steps.
-            return
-        text = self.current()
-        if force or text != self._last:
-            self._last = text
-            try:
-                self._notify(f"STATUS={text}")
-            except OSError as e:  # a status line is never worth a failed request
-                logger.debug("sd_notify STATUS failed: %s", e)
-
-    def endpoint_added(self, ep: Any) -> None:
-        self._inner.endpoint_added(ep)
-        self.update()
-
-    def endpoint_changed(self, ep: Any, changed: Any) -> None:
-        self._inner.endpoint_changed(ep, changed)
-        if "state" in changed:
-            self.update()
-
-    def endpoint_removed(self, ep: Any) -> None:
-        self._inner.endpoint_removed(ep)
-        self.update()
-
-
-def resolve_config(cfg: Config) -> Config:
-    """``cfg`` with the concrete relay address (hostaddrs.resolve_relay_address)."""
-    import dataclasses
-
-    from .hostaddrs import resolve_relay_address
-
-    relay = resolve_relay_address(cfg.listen_address, cfg.relay_address)
-    return dataclasses.replace(cfg, relay_address=relay)
-
-
-class Reloader:
-    """Re-reads the configuration and applies what may change without a restart."""
-
-    def __init__(self, config_path: Path, required: bool, cfg: Config, manager: Any,
-                 peers: Any, peer_server: Any, status: StatusKeeper) -> None:
-        self._path, self._required = config_path, required
-        self.cfg = cfg
-        self._manager, self._peers, self._server = manager, peers, peer_server
-        self._status = status
-        self._lock = asyncio.Lock()
-
-    async def reload(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-        """(applied keys, keys needing a restart); InvalidArgument, nothing changed,
-        when the new configuration is invalid."""
-        async with self._lock:
-            await _notify("RELOADING=1", "STATUS=reloading the configuration")
-            try:
-                return await self._reload()
-            except ScistreamError as e:
-                logger.error("configuration NOT reloaded, the running one stays: %s", e)
-                raise InvalidArgument(f"configuration not reloaded (the running one stays): "
-                                      f"{e}") from None
-            finally:
-                await _notify("READY=1", f"STATUS={self._status.current()}")
-
-    async def _reload(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-        new = await asyncio.to_thread(load_config, self._path, required=self._required)
-        new = await asyncio.to_thread(resolve_config, new)
-        plan = plan_reload(self.cfg, new)
-        cfg = plan.config
-        if "stunnel" in plan.applied:
-            from .configcheck import check_stunnel
-
-            problems = await asyncio.to_thread(check_stunnel, cfg)
-            if problems:
-                raise ConfigError(problems[0])
-        # The peer port's TLS: loaded (and checked) before anything changes. The
-        # files are read afresh even when their names did not change.
-        if self._server is not None:
-            self._server.reload_tls(cfg.peer_cert, cfg.peer_key, _client_ca(cfg),
-                                    cfg.peer_require_client_cert)
-        self._peers.trust_file = cfg.peer_trust_file
-        self._peers.client_cert, self._peers.client_key = cfg.peer_cert, cfg.peer_key
-        await self._manager.apply_config(cfg)
-        logging.getLogger().setLevel(cfg.log_level.upper())
-        self.cfg = cfg
-        logger.info("configuration reloaded from %s: %s", self._path,
-                    f"applied {', '.join(plan.applied)}" if plan.applied else "no change applied")
-        if plan.needs_restart:
-            logger.warning("configuration keys changed that take effect only on 'systemctl "
-                           "restart scistreamd' (tunnels keep running), kept at their running "
-                           "value until then: %s", ", ".join(plan.needs_restart))
-        return plan.applied, plan.needs_restart
 
 
 def _quiet_dbus_errors(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
@@ -317,7 +174,7 @@ async def run(cfg: Config, *, user_bus: bool = False,
 
     peer_server = None
     if cfg.peer_enabled:
-        client_ca, user_certs = _client_ca(cfg), None
+        client_ca, user_certs = peer_client_ca(cfg), None
         if cfg.user_client_ca is not None:
             from .usercert import UserCertMatcher
 
@@ -347,7 +204,7 @@ async def run(cfg: Config, *, user_bus: bool = False,
     api.reload = reloader.reload
 
     status.live = True
-    await _notify("READY=1", f"STATUS={status.current()}")
+    await notify("READY=1", f"STATUS={status.current()}")
     logger.info("scistreamd %s ready on %s (peer port %s, relays on %s ports %s), %d endpoints "
                 "adopted", __version__, cfg.listen_address,
                 cfg.peer_port if cfg.peer_enabled else "off", cfg.relay_listen_address,
@@ -361,7 +218,7 @@ async def run(cfg: Config, *, user_bus: bool = False,
         async def pet() -> None:
             # Proves the event loop still turns, not merely that the process lives.
             while True:
-                await _notify("WATCHDOG=1")
+                await notify("WATCHDOG=1")
                 await asyncio.sleep(usec / 2e6)
         watchdog = asyncio.ensure_future(pet())
 
@@ -374,7 +231,7 @@ async def run(cfg: Config, *, user_bus: bool = False,
     if disconnected.done():
         logger.error("lost the system bus")
         code = 1
-    await _notify("STOPPING=1")
+    await notify("STOPPING=1")
     logger.info("scistreamd stopping; %d relays keep running", len(manager.endpoints))
     for task in (watchdog, stopped, checks, counters):
         if task:

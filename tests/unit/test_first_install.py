@@ -22,8 +22,8 @@ from scistreamd.configcheck import (
     check_user_api,
     reachable_addresses,
 )
-from scistreamd.daemon import StatusKeeper, status_text
 from scistreamd.errors import ConfigError
+from scistreamd.sdstatus import StatusKeeper, status_text
 
 LO4, LO6 = ip_address("127.0.0.1"), ip_address("::1")
 A1, A2 = ip_address("192.168.150.1"), ip_address("10.0.0.5")

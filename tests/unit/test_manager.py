@@ -215,7 +215,7 @@ class Bed:
                  **cfg: Any) -> None:
         self.tmp = tmp
         # A concrete listen address: the daemon resolves the default wildcard before
-        # it builds the Manager (daemon.resolve_config).
+        # it builds the Manager (reloader.resolve_config).
         cfg.setdefault("listen_address", ipaddress.ip_address("127.0.0.1"))
         self.cfg = Config(state_dir=tmp / "state", key_dir=tmp / "keys", port_range=(LOW, HIGH),
                           relay_start_timeout=0.2, **cfg)

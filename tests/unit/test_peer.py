@@ -1005,18 +1005,18 @@ def test_unreadable_tls_material_is_config_error(
 
 def test_client_ca_defaults_to_trust_file_and_tolerates_its_absence(tmp_path: Path) -> None:
     from scistreamd.config import config_from_mapping
-    from scistreamd.daemon import _client_ca
+    from scistreamd.reloader import peer_client_ca
 
     trust = tmp_path / "peer-ca.crt"
     cfg = config_from_mapping({"peer_trust_file": str(trust)})
     # A fresh install has no trust file yet: the daemon starts, nobody is authenticated.
-    assert _client_ca(cfg) is None
+    assert peer_client_ca(cfg) is None
     trust.write_text("x")
-    assert _client_ca(cfg) == trust
+    assert peer_client_ca(cfg) == trust
     explicit = tmp_path / "clients.crt"
     cfg = config_from_mapping({"peer_trust_file": str(trust), "peer_client_ca": str(explicit)})
     # An explicit CA is used even when missing: loading it then fails the start by name.
-    assert _client_ca(cfg) == explicit
+    assert peer_client_ca(cfg) == explicit
 
 
 def test_self_signed_host_certificates_authenticate_each_other(
