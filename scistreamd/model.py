@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 from .errors import InvalidArgument
@@ -457,14 +457,6 @@ def socket_unit_name(service_unit: str) -> str:
     return service_unit[: -len(".service")] + ".socket"
 
 
-def parse_claimant_ip(claimant: object) -> IPAddress:
-    """The address of a claimant as the peer port describes it: ``"ip:port"`` or
-    ``"[v6]:port"``, optionally followed by a space and more (e.g. ``CN=name``)."""
-    if not isinstance(claimant, str) or not claimant.strip():
-        raise InvalidArgument(f"claimant {_show(claimant)} names no address")
-    return parse_hostport(claimant.split(" ", 1)[0], "claimant address").host
-
-
 def parse_network(value: object, what: str) -> IPNetwork:
     """A CIDR network such as ``10.1.0.0/16`` or ``2001:db8::/32``; a bare address
     is a single-host network. Host bits must be zero (``10.1.2.3/16`` is a typo
@@ -493,58 +485,3 @@ def _parse_stored_hostports(values: object, what: str) -> Tuple[HostPort, ...]:
     if not isinstance(values, list):
         raise InvalidArgument(f"{what} must be a list, not {_show(values)}")
     return parse_hostport_list(values, what)
-
-
-# ---------------------------------------------------------------------------
-# Peer identity: who may claim an inbound endpoint's key over the peer port
-
-
-
-
-@dataclass(frozen=True)
-class PeerIdentity:
-    """Who asks on the peer port: its address, and what its verified certificate names.
-
-    ``verified`` is True only for a client certificate that chained to the
-    trusted CA(s) in the TLS handshake; the names are its subjectAltNames.
-    """
-
-    address: str
-    verified: bool = False
-    ips: Tuple[IPAddress, ...] = field(default=())
-    dns_names: Tuple[str, ...] = field(default=())
-    common_name: str = ""
-
-    def names(self) -> str:
-        """The certificate's identity as text: IP:a,DNS:b (CN=c when it has no SAN)."""
-        parts = [f"IP:{ip}" for ip in self.ips] + [f"DNS:{d}" for d in self.dns_names]
-        if not parts and self.common_name:
-            parts = [f"CN={self.common_name}"]
-        return ",".join(parts)
-
-    def __str__(self) -> str:
-        """For ClaimedBy and the journal: "ip:port" plus " cert <names>" when verified."""
-        if not self.verified:
-            return self.address
-        return f"{self.address} cert {self.names() or '(no names)'}"
-
-
-
-
-def peer_matches(allowed: str, who: PeerIdentity) -> bool:
-    """Whether ``who`` is the peer ``allowed`` (canonical, see parse_allowed_peer) names.
-
-    "" allows anyone. Otherwise only a verified certificate counts: an IP is
-    matched against its IP SANs (IPv4 never equals an IPv4-mapped IPv6), a DNS
-    name case-insensitively against its DNS SANs, exactly (a wildcard SAN
-    names many hosts, so it never matches one name).
-    """
-    if not allowed:
-        return True
-    if not who.verified:
-        return False
-    try:
-        want_ip = ip_address(allowed)
-    except ValueError:
-        return any(_dns_key(d) == allowed for d in who.dns_names if "*" not in d)
-    return any(type(ip) is type(want_ip) and ip == want_ip for ip in who.ips)

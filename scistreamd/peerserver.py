@@ -39,7 +39,8 @@ from . import __version__, reqstats
 from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .identity import Identity
 from .listensock import ConnectionCaps, bind_listener
-from .model import HostPort, IPAddress, PeerIdentity, parse_uid
+from .model import HostPort, IPAddress, parse_uid
+from .peerident import PeerIdentity
 from .peertls import (
     ServerTls,
     cert_failure_text,

@@ -27,13 +27,11 @@ from .hostprobe import HostProbes
 from .model import (
     Endpoint,
     HostPort,
-    PeerIdentity,
     Role,
     State,
-    parse_claimant_ip,
     parse_uid,
-    peer_matches,
 )
+from .peerident import PeerIdentity, parse_claimant_ip, peer_matches
 from .peerwire import PeerEndpoint
 from .relay import STUNNEL_LOG_LEVELS
 from .store import KeyStore

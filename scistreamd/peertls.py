@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError, InvalidArgument
-from .model import IPAddress, PeerIdentity
+from .model import IPAddress
+from .peerident import PeerIdentity
 
 if TYPE_CHECKING:  # asyncio only where ServerTls runs (the daemon): CLI start-up
     import asyncio

@@ -17,12 +17,12 @@ from scistreamd.hostprobe import accepted_peer
 from scistreamd.model import (
     MAX_KEY_GENERATION,
     Endpoint,
-    PeerIdentity,
     Role,
     State,
     new_uid,
     next_key_generation,
 )
+from scistreamd.peerident import PeerIdentity
 from scistreamd.peerwire import EndpointState, PeerEndpoint
 from tests.unit.test_manager import PSK, S2, Bed, inbound, outbound, run, systemd_error
 

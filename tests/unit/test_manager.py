@@ -31,7 +31,8 @@ from scistreamd.errors import (
 )
 from scistreamd.hostprobe import HostProbes
 from scistreamd.manager import Manager
-from scistreamd.model import Endpoint, HostPort, PeerIdentity, Role, State, new_uid
+from scistreamd.model import Endpoint, HostPort, Role, State, new_uid
+from scistreamd.peerident import PeerIdentity
 from scistreamd.peerwire import EndpointState, PeerEndpoint
 from scistreamd.ports import PortAllocator
 from scistreamd.store import PSK_FILE

@@ -15,7 +15,6 @@ from scistreamd.errors import InvalidArgument
 from scistreamd.model import (
     Endpoint,
     HostPort,
-    PeerIdentity,
     Role,
     State,
     new_uid,
@@ -30,9 +29,9 @@ from scistreamd.model import (
     parse_role,
     parse_state,
     parse_uid,
-    peer_matches,
     split_list,
 )
+from scistreamd.peerident import PeerIdentity, peer_matches
 
 UID = "bd9f1a7e-04d7-11f0-b44c-946dae415862"  # the guide's (UUID1) uid
 

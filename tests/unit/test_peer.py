@@ -40,8 +40,9 @@ from scistreamd.errors import (
     PeerUnreachable,
     ScistreamError,
 )
-from scistreamd.model import HostPort, PeerIdentity
+from scistreamd.model import HostPort
 from scistreamd.peerclient import PeerClient, claim_endpoint, endpoint_state, health
+from scistreamd.peerident import PeerIdentity
 from scistreamd.peerserver import PeerServer
 from scistreamd.peerwire import MSG_PEER_REFUSED, EndpointState, PeerEndpoint
 

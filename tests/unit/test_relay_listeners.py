@@ -14,11 +14,11 @@ from scistreamd.errors import ConfigError, InvalidArgument
 from scistreamd.model import (
     Endpoint,
     Role,
-    parse_claimant_ip,
     parse_hostport,
     parse_network,
     socket_unit_name,
 )
+from scistreamd.peerident import parse_claimant_ip
 from scistreamd.relay import (
     STUNNEL_BASE_FDS,
     listener_allow_networks,
