@@ -22,13 +22,14 @@ Nothing here asserts a time; the goals are reported, met or missed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("dataplane", "latency", "controlplane", "scale", "relaymodes", "tokens",
@@ -152,80 +153,43 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for h in bed.hosts.values():
             hosts.prepare(h)
-        if "dataplane" in a.sections:
-            from . import dataplane
 
-            log(f"bench: data plane ({a.reps} × iperf3 -t {a.seconds:g}, P1 and P4) ...")
+        def section(name: str, module: str, message: str,
+                    measure: Callable[[Any], Dict[str, Any]]) -> None:
+            """Section ``name`` (bench/``module``.py) if asked for: imported only then;
+            a failure while measuring is recorded and the other sections still run."""
+            if name not in a.sections:
+                return
+            mod = importlib.import_module(f".{module}", __package__)
+            log(f"bench: {message} ...")
             try:
-                results.update(dataplane.run(bed, a.reps, a.seconds, log=log))
+                results.update(measure(mod))
             except Exception as e:
-                errors["dataplane"] = f"{type(e).__name__}: {e}"
+                errors[name] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-        if "latency" in a.sections:
-            from . import latency
 
-            log(f"bench: small-message latency ({a.reps} × {a.lat_rounds} round trips) ...")
-            try:
-                results.update(latency.run(bed, a.reps, a.lat_rounds, log=log))
-            except Exception as e:
-                errors["latency"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-        if "controlplane" in a.sections:
-            from . import controlplane
-
-            log(f"bench: control plane ({a.cp_runs} runs of CLI and D-Bus) ...")
-            try:
-                results.update(controlplane.run(bed, a.cp_runs, log=log))
-            except Exception as e:
-                errors["controlplane"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-        if "scale" in a.sections:
-            from . import scale
-
-            log(f"bench: scale (N = {', '.join(map(str, a.scale))}) ...")
-            try:
-                results.update(scale.run(bed, a.scale, log=log))
-            except Exception as e:
-                errors["scale"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-        if "relaymodes" in a.sections:
-            from . import relaymodes
-
-            log("bench: relay listeners, socket units vs stunnel binding (before/after) ...")
-            try:
-                results.update(relaymodes.run(bed, a.reps, a.seconds, a.cp_runs, log=log))
-            except Exception as e:
-                errors["relaymodes"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-        if "tokens" in a.sections:
-            from . import tokens
-
-            log("bench: bearer token checks (cached check, introspections per 100) ...")
-            try:
-                results.update(tokens.run(bed, 2 if a.quick else 5,
-                                          1000 if a.quick else 10000, log=log))
-            except Exception as e:
-                errors["tokens"] = f"{type(e).__name__}: {e}"
-        if "observe" in a.sections:
-            from . import observe
-
-            log(f"bench: observability (IP accounting on/off, {a.observe_n} endpoints: "
-                "metrics scrape, RSS, CPU while watched) ...")
-            try:
-                results.update(observe.run(bed, a.reps, a.seconds, a.observe_n,
-                                           a.observe_window, log=log))
-            except Exception as e:
-                errors["observe"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-        if "tunnel" in a.sections:
-            from . import tunnelcmd
-
-            log(f"bench: one-command tunnel ({a.cp_runs} runs, remote and mixed) ...")
-            try:
-                results.update(tunnelcmd.run(bed, a.cp_runs, log=log))
-            except Exception as e:
-                errors["tunnel"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
+        section("dataplane", "dataplane",
+                f"data plane ({a.reps} × iperf3 -t {a.seconds:g}, P1 and P4)",
+                lambda m: m.run(bed, a.reps, a.seconds, log=log))
+        section("latency", "latency",
+                f"small-message latency ({a.reps} × {a.lat_rounds} round trips)",
+                lambda m: m.run(bed, a.reps, a.lat_rounds, log=log))
+        section("controlplane", "controlplane",
+                f"control plane ({a.cp_runs} runs of CLI and D-Bus)",
+                lambda m: m.run(bed, a.cp_runs, log=log))
+        section("scale", "scale", f"scale (N = {', '.join(map(str, a.scale))})",
+                lambda m: m.run(bed, a.scale, log=log))
+        section("relaymodes", "relaymodes",
+                "relay listeners, socket units vs stunnel binding (before/after)",
+                lambda m: m.run(bed, a.reps, a.seconds, a.cp_runs, log=log))
+        section("tokens", "tokens", "bearer token checks (cached check, introspections per 100)",
+                lambda m: m.run(bed, 2 if a.quick else 5, 1000 if a.quick else 10000, log=log))
+        section("observe", "observe",
+                f"observability (IP accounting on/off, {a.observe_n} endpoints: "
+                "metrics scrape, RSS, CPU while watched)",
+                lambda m: m.run(bed, a.reps, a.seconds, a.observe_n, a.observe_window, log=log))
+        section("tunnel", "tunnelcmd", f"one-command tunnel ({a.cp_runs} runs, remote and mixed)",
+                lambda m: m.run(bed, a.cp_runs, log=log))
     finally:
         if not a.keep:
             bed.down()
