@@ -112,8 +112,8 @@ def systemd_floor(host: Host, runs: int = 10) -> Dict[str, Any]:
     import secrets
 
     port = 6900
-    H.write_file(host, f"{H.BENCH_DIR}/floor.psk", f"bench:{secrets.token_hex(32)}\n", "0600")
-    H.write_file(host, f"{H.BENCH_DIR}/floor.conf", "\n".join([
+    host.write_file(f"{H.BENCH_DIR}/floor.psk", f"bench:{secrets.token_hex(32)}\n", "0600")
+    host.write_file(f"{H.BENCH_DIR}/floor.conf", "\n".join([
         "foreground = yes", "pid =", "syslog = no", "", "[floor]",
         f"accept = {S1_IP}:{port}", f"connect = {S1_IP}:5300", "sslVersionMin = TLSv1.3",
         f"PSKsecrets = {H.BENCH_DIR}/floor.psk"]) + "\n")

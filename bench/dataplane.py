@@ -76,8 +76,8 @@ def _start_pair(bed: Testbed, name: str, server_conf: str, client_conf: str, psk
                                     (s2, client_conf, client_ports, "client")):
         # Readable by a DynamicUser= unit only when unit_props ask for one (experiments).
         mode = "0644" if any(p.startswith("DynamicUser") for p in unit_props) else "0600"
-        H.write_file(host, f"{H.BENCH_DIR}/{name}.psk", psk, mode)
-        H.write_file(host, f"{H.BENCH_DIR}/{name}-{role}.conf", conf)
+        host.write_file(f"{H.BENCH_DIR}/{name}.psk", psk, mode)
+        host.write_file(f"{H.BENCH_DIR}/{name}-{role}.conf", conf)
         unit = f"bench-{name}-{role}.service"
         H.run_unit(host, unit, [STUNNEL, f"{H.BENCH_DIR}/{name}-{role}.conf"], unit_props)
         H.wait_listening(host, ports)

@@ -56,11 +56,6 @@ def timeit(host: Host, cmd: Sequence[str], timeout: float = 120,
     return inhost(host, "timeit", *opts, "--", *cmd, timeout=timeout, as_unit=True)
 
 
-def write_file(host: Host, path: str, text: str, mode: str = "0644") -> None:
-    host.run(["/bin/sh", "-c", f'mkdir -p "$(dirname "{path}")" && umask 077 && '
-              f'cat > "{path}" && chmod {mode} "{path}"'], input=text)
-
-
 def main_pid(host: Host, unit: str) -> int:
     out = host.run(["systemctl", "show", "-p", "MainPID", "--value", unit]).stdout.strip()
     pid = int(out or 0)
@@ -175,10 +170,10 @@ def prepare(host: Host) -> None:
       the test bed runs the working tree from a read-only mount with
       PYTHONDONTWRITEBYTECODE=1, so every start would compile every module.
     """
-    write_file(host, CONF_DROPIN, "# written by bench/; removed when it ends\n"
+    host.write_file(CONF_DROPIN, "# written by bench/; removed when it ends\n"
                'relay_log_level = "info"\n')
     host.run(["mkdir", "-p", PYCACHE])
-    write_file(host, DAEMON_DROPIN, "[Service]\n"
+    host.write_file(DAEMON_DROPIN, "[Service]\n"
                f"Environment={PYCACHE_ENV} PYTHONDONTWRITEBYTECODE=\n"
                f"ReadWritePaths={PYCACHE}\n")
     host.run(["systemctl", "daemon-reload"])

@@ -198,7 +198,7 @@ def _restart_daemons(bed: Any, dropin: Optional[str]) -> None:
         if dropin is None:
             h.run(["rm", "-f", VARIANT_DROPIN], check=False)
         else:
-            H.write_file(h, VARIANT_DROPIN, "# written by bench/latency.py; removed when it "
+            h.write_file(VARIANT_DROPIN, "# written by bench/latency.py; removed when it "
                          "ends\n" + dropin)
         h.run(["systemctl", "restart", "scistreamd"], timeout=120)
         H.ensure_up(h)

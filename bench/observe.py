@@ -120,7 +120,7 @@ def accounting(bed: Testbed, reps: int, seconds: float,
 
 def configure(s1: Host, n: int) -> None:
     high = PORT_LOW + n + 100
-    H.write_file(s1, DROPIN, "# written by bench/observe.py; removed when it ends\n"
+    s1.write_file(DROPIN, "# written by bench/observe.py; removed when it ends\n"
                  f'port_range = "{PORT_LOW}-{high}"\nmax_endpoints = {n + 100}\n'
                  f'metrics_listen = "{METRICS}"\n')
     s1.run(["systemctl", "restart", "scistreamd"], timeout=300)

@@ -34,7 +34,7 @@ def set_mode(bed: Testbed, mode: str) -> None:
         if MODES[mode]:
             host.run(["rm", "-f", MODE_DROPIN])
         else:
-            H.write_file(host, MODE_DROPIN, "# written by bench/relaymodes.py\n"
+            host.write_file(MODE_DROPIN, "# written by bench/relaymodes.py\n"
                                             "relay_socket_activation = false\n")
         host.run(["systemctl", "restart", "scistreamd"], timeout=120)
         H.ensure_up(host)

@@ -56,7 +56,7 @@ def _cli(which: str) -> List[str]:
 def _use(bed: Testbed, which: str) -> None:
     """Both daemons run ``which``'s tree."""
     for host in (bed["server1"], bed["server2"]):
-        H.write_file(host, DROPIN, f"[Service]\nEnvironment=PYTHONPATH={SRC[which]}\n")
+        host.write_file(DROPIN, f"[Service]\nEnvironment=PYTHONPATH={SRC[which]}\n")
         host.run(["systemctl", "daemon-reload"])
         host.run(["systemctl", "restart", "scistreamd"], timeout=120)
         H.ensure_up(host)
@@ -96,7 +96,7 @@ def run(bed: Testbed, blocks: int, block: int, log: Any = print,
     samples: Dict[str, Dict[str, List[float]]] = {}
     try:
         token = oauth.issue()
-        H.write_file(s2, f"{T.DIR}/token", token, "0600")
+        s2.write_file(f"{T.DIR}/token", token, "0600")
         views = {"cli_remote": ["--remote", *T.IDENT],
                  "token_warm": ["--token-file", f"{T.DIR}/token", "--server_cert", T.PEER_CA]}
         if cli_only:  # the working tree's daemons; both trees' byte code cached

@@ -87,12 +87,12 @@ def _setup(s1: Host, s2: Host) -> None:
     robot = certs.make_host_cert(NAME, [], [NAME], issuer=ca)
     for host in (s1, s2):
         host.run(["mkdir", "-p", DIR])
-        H.write_file(host, f"{DIR}/user-ca.crt", ca.cert_pem().decode())
-        H.write_file(host, DROPIN, RULES)
+        host.write_file(f"{DIR}/user-ca.crt", ca.cert_pem().decode())
+        host.write_file(DROPIN, RULES)
         host.run(["systemctl", "restart", "scistreamd"], timeout=120)
         H.ensure_up(host)
-    H.write_file(s2, f"{DIR}/robot.crt", robot.cert_pem().decode())
-    H.write_file(s2, f"{DIR}/robot.key", robot.key_pem().decode(), "0600")
+    s2.write_file(f"{DIR}/robot.crt", robot.cert_pem().decode())
+    s2.write_file(f"{DIR}/robot.key", robot.key_pem().decode(), "0600")
 
 
 def _teardown(s1: Host, s2: Host) -> None:
@@ -145,14 +145,14 @@ def _token_setup(bed: Testbed) -> Any:
     keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in config().items())
     alice = (f'\n[[user_rules]]\nname = "alice"\nidentities = ["token:{oauth.alice["sub"]}"]\n'
              'inbound_targets = ["192.168.150.1 5300"]\nmax_endpoints = 64\n')
-    H.write_file(s1, DROPIN, keys + RULES + alice)  # one file: user_rules are not merged
+    s1.write_file(DROPIN, keys + RULES + alice)  # one file: user_rules are not merged
     s1.run(["systemctl", "restart", "scistreamd"], timeout=120)
     H.ensure_up(s1)
     return driver, oauth
 
 
 def _token_tunnel(s2: Host, token: str) -> Dict[str, float]:
-    H.write_file(s2, f"{DIR}/token", token, "0600")
+    s2.write_file(f"{DIR}/token", token, "0600")
     ident = ["--token-file", f"{DIR}/token", "--server_cert", PEER_CA]
     r = H.timeit(s2, ["scistreamctl", "tunnel", *BOTH, "--remote_ip", S1_IP,
                       "--receiver_ports", "5300", *ident])

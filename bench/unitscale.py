@@ -76,7 +76,7 @@ def main(argv: List[str] | None = None) -> int:
     s1 = bed["server1"]
     result: Dict[str, Any] = {"fillers": ks, "probes": a.probes, "variants": {}}
     try:
-        H.write_file(s1, CRED, "not a secret\n", "0600")
+        s1.write_file(CRED, "not a secret\n", "0600")
         s1.run(["sh", "-c", f"mkdir -p -m 0700 {KEYS} && mkdir -p -m 0750 {KEYS}/probe && "
                 f"echo 'not a secret' > {KEYS}/probe/psk && chmod 0440 {KEYS}/probe/psk && "
                 f"chgrp -R scistream-relay {KEYS}/probe"])

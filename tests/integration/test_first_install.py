@@ -48,12 +48,8 @@ EX_CONFIG = 78
 # --------------------------------------------------------------------------
 # helpers
 
-def write_file(host, path: str, text: str) -> None:
-    host.run(["sh", "-c", f"mkdir -p \"$(dirname '{path}')\" && cat > '{path}'"], input=text)
-
-
 def set_dropin(host, text: str) -> None:
-    write_file(host, DROPIN, text)
+    host.write_file(DROPIN, text)
 
 
 def restart(host) -> None:
@@ -88,7 +84,7 @@ def inbound(host, port: int) -> Tuple[int, str, str, List[str]]:
 
 def check_config(host, text: str) -> Tuple[int, str, str]:
     """scistreamd --check-config of a configuration file ``text`` inside ``host``."""
-    write_file(host, "/tmp/firstinst/check.toml", text)
+    host.write_file("/tmp/firstinst/check.toml", text)
     r = host.run([*DAEMON, "--check-config", "--config", "/tmp/firstinst/check.toml"],
                  check=False)
     return r.returncode, r.stdout, r.stderr
@@ -162,7 +158,7 @@ def test_generated_certificate_names_every_address_and_the_host_name(s1):
             'peer_key = "/tmp/firstinst/gen/server.key"\nlisten_address = "0.0.0.0"\n')
     s1.run(["rm", "-rf", "/tmp/firstinst/gen"])
     s1.run(["mkdir", "-p", "/tmp/firstinst/gen"])
-    write_file(s1, "/tmp/firstinst/gen.toml", conf)
+    s1.write_file("/tmp/firstinst/gen.toml", conf)
     gen = [*DAEMON, "--config", "/tmp/firstinst/gen.toml"]
 
     r = s1.run([*gen, "--generate-cert"])

@@ -65,11 +65,6 @@ max_endpoints = 8
 """
 
 
-def _write(host, path: str, data: bytes, mode: str = "0644", owner: str = "root") -> None:
-    host.run(["sh", "-c", f"mkdir -p $(dirname {path}) && cat > {path} && chmod {mode} {path}"
-                          f" && chown {owner} {path}"], input=data.decode())
-
-
 @pytest.fixture(scope="module")
 def users(bed):
     """Both gateways with user_client_ca and user_rules; identities on both hosts."""
@@ -77,17 +72,17 @@ def users(bed):
     user_ca = certs.make_ca("remotecli user CA")
     other_ca = certs.make_ca("an unrelated CA")
     for host in (s1, s2):
-        _write(host, USER_CA, user_ca.cert_pem())
-        _write(host, DROPIN, RULES.encode())
+        host.write_file(USER_CA, user_ca.cert_pem())
+        host.write_file(DROPIN, RULES.encode())
         host.ctl("release", "--all")
         restart_daemon(host)
         host.run(["mkdir", "-p", DIR])
         host.run(["chmod", "0755", DIR])
         for name in (A, C, D):
             pair = certs.make_host_cert(name, [], [name], issuer=user_ca)
-            _write(host, f"{DIR}/{name}.crt", pair.cert_pem(), owner=USER)
-            _write(host, f"{DIR}/{name}.key", pair.key_pem(), "0600", owner=USER)
-        _write(host, f"{DIR}/other-ca.crt", other_ca.cert_pem())
+            host.write_file(f"{DIR}/{name}.crt", pair.cert_pem(), owner=USER)
+            host.write_file(f"{DIR}/{name}.key", pair.key_pem(), "0600", owner=USER)
+        host.write_file(f"{DIR}/other-ca.crt", other_ca.cert_pem())
     try:
         yield s1, s2
     finally:
@@ -243,10 +238,10 @@ def test_token_is_sent_and_never_shown(clean_users):
     r = ctl(s2, *base, user=USER, env=f"SCISTREAM_TOKEN={TOKEN}")
     assert r.returncode == 9, r.stdout + r.stderr
     assert TOKEN not in r.stdout + r.stderr
-    _write(s2, f"{DIR}/token", TOKEN.encode(), "0600", owner=USER)
+    s2.write_file(f"{DIR}/token", TOKEN.encode(), "0600", owner=USER)
     r = ctl(s2, *base, "--token-file", f"{DIR}/token", user=USER)
     assert r.returncode == 9 and TOKEN not in r.stdout + r.stderr, r.stderr
-    _write(s2, f"{DIR}/token", TOKEN.encode(), "0644", owner=USER)
+    s2.write_file(f"{DIR}/token", TOKEN.encode(), "0644", owner=USER)
     r = ctl(s2, *base, "--token-file", f"{DIR}/token", user=USER)
     assert r.returncode == 2 and f"chmod 600 {DIR}/token" in r.stderr, r.stderr
     assert TOKEN not in r.stdout + r.stderr
@@ -415,12 +410,12 @@ def tokened(users, bed):
                      f'{oauth.alice["sub"]}"]\ninbound_targets = ["{S1} {ECHO_PORT}"]\n'
                      "max_endpoints = 4\n")
     # one drop-in: user_rules in a later file would replace these
-    _write(s1, DROPIN, (keys + rules).encode())
+    s1.write_file(DROPIN, (keys + rules).encode())
     restart_daemon(s1)
     try:
         yield oauth
     finally:
-        _write(s1, DROPIN, RULES.encode())
+        s1.write_file(DROPIN, RULES.encode())
         restart_daemon(s1)
         oauth.remove()
         driver.close()
@@ -435,7 +430,7 @@ def test_guide_command_with_a_token_file_works_remotely_and_shows_it_redacted(
 
     s1, s2 = clean_users
     token = tokened.issue()
-    _write(s2, f"{DIR}/alice.token", token.encode(), "0600", owner=USER)
+    s2.write_file(f"{DIR}/alice.token", token.encode(), "0600", owner=USER)
     r = ctl(s2, *shlex.split(GUIDE_IN.format(s2cs=f"{S1}:5000")), "--server_cert", PEER_CA,
             "--token-file", f"{DIR}/alice.token", user=USER)
     assert r.returncode == 0, r.stderr
@@ -454,7 +449,7 @@ def test_guide_command_with_a_token_file_works_remotely_and_shows_it_redacted(
     r = ctl(s2, "list", "--s2cs", f"{S1}:5000", "--server_cert", PEER_CA, user=USER,
             env=f"XDG_CONFIG_HOME={DIR}/xdg")
     assert r.returncode == 9, r.stdout + r.stderr  # no token, no certificate: refused
-    _write(s2, f"{DIR}/xdg/scistream/token", token.encode(), "0600", owner=USER)
+    s2.write_file(f"{DIR}/xdg/scistream/token", token.encode(), "0600", owner=USER)
     r = ctl(s2, "list", "--s2cs", f"{S1}:5000", "--server_cert", PEER_CA, "--json", user=USER,
             env=f"XDG_CONFIG_HOME={DIR}/xdg")
     assert r.returncode == 0, r.stderr
@@ -474,10 +469,10 @@ def test_token_refusals_and_oauth_server_down_through_the_cli(clean_users, token
     s1, s2 = clean_users
     base = [*shlex.split(GUIDE_IN.format(s2cs=f"{S1}:5000")), "--server_cert", PEER_CA,
             "--token-file", f"{DIR}/t.token", "--json"]
-    _write(s2, f"{DIR}/t.token", tokened.issue(scope="other").encode(), "0600", owner=USER)
+    s2.write_file(f"{DIR}/t.token", tokened.issue(scope="other").encode(), "0600", owner=USER)
     r = ctl(s2, *base, user=USER)
     assert (r.returncode, json.loads(r.stdout)["error"]) == (9, "AccessDenied"), r.stderr
-    _write(s2, f"{DIR}/t.token", tokened.issue().encode(), "0600", owner=USER)
+    s2.write_file(f"{DIR}/t.token", tokened.issue().encode(), "0600", owner=USER)
     tokened.stop()
     try:
         r = ctl(s2, *base, user=USER)

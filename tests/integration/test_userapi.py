@@ -81,11 +81,6 @@ except (ssl.SSLError, ConnectionError) as e:
 """
 
 
-def _write(host, path: str, data: bytes, mode: str = "0644") -> None:
-    host.run(["sh", "-c", f"mkdir -p $(dirname {path}) && cat > {path} && chmod {mode} {path}"],
-             input=data.decode())
-
-
 @pytest.fixture(scope="module")
 def users(bed):
     """Both gateways with user_client_ca and user_rules; client certificates on server2."""
@@ -93,14 +88,14 @@ def users(bed):
     user_ca = certs.make_ca("test user CA")
     other_ca = certs.make_ca("an unrelated CA")
     for host in (s1, s2):
-        _write(host, USER_CA, user_ca.cert_pem())
-        _write(host, DROPIN, RULES.encode())
+        host.write_file(USER_CA, user_ca.cert_pem())
+        host.write_file(DROPIN, RULES.encode())
         host.ctl("release", "--all")
         restart_daemon(host)
     for name, issuer in ((A, user_ca), (B, user_ca), (C, user_ca), ("stranger", other_ca)):
         pair = certs.make_host_cert(name, [], [name] if "." in name else [], issuer=issuer)
-        _write(s2, f"{CLIENT_DIR}/{name}.crt", pair.cert_pem())
-        _write(s2, f"{CLIENT_DIR}/{name}.key", pair.key_pem(), "0600")
+        s2.write_file(f"{CLIENT_DIR}/{name}.crt", pair.cert_pem())
+        s2.write_file(f"{CLIENT_DIR}/{name}.key", pair.key_pem(), "0600")
     try:
         yield s1, s2
     finally:

@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 SRC = Path(__file__).resolve().parents[2]
 BOOT_SH = Path(__file__).with_name("boot.sh")
@@ -328,6 +328,18 @@ class Host:
                 f"{self.name}: {' '.join(cmd)} exited {proc.returncode}\n"
                 f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
         return proc
+
+    def write_file(self, path: str, data: Union[str, bytes], mode: str = "0644",
+                   owner: Optional[str] = None) -> None:
+        """Write ``data`` to ``path`` inside the host (directories made as needed): created
+        private (umask 077), then given ``mode`` and, with ``owner``, that owner."""
+        text = data.decode() if isinstance(data, bytes) else data
+        script = 'mkdir -p "$(dirname "$1")" && umask 077 && cat > "$1" && chmod "$2" "$1"'
+        args = [path, mode]
+        if owner is not None:
+            script += ' && chown "$3" "$1"'
+            args.append(owner)
+        self.run(["/bin/sh", "-c", script, "sh", *args], input=text)
 
     def ctl(self, *args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
         return self.run(["scistreamctl", *args], check=check, **kw)
