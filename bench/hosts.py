@@ -171,11 +171,11 @@ def prepare(host: Host) -> None:
       PYTHONDONTWRITEBYTECODE=1, so every start would compile every module.
     """
     host.write_file(CONF_DROPIN, "# written by bench/; removed when it ends\n"
-               'relay_log_level = "info"\n')
+                    'relay_log_level = "info"\n')
     host.run(["mkdir", "-p", PYCACHE])
     host.write_file(DAEMON_DROPIN, "[Service]\n"
-               f"Environment={PYCACHE_ENV} PYTHONDONTWRITEBYTECODE=\n"
-               f"ReadWritePaths={PYCACHE}\n")
+                    f"Environment={PYCACHE_ENV} PYTHONDONTWRITEBYTECODE=\n"
+                    f"ReadWritePaths={PYCACHE}\n")
     host.run(["systemctl", "daemon-reload"])
     host.run(["systemctl", "restart", "scistreamd"], timeout=120)
     ensure_up(host)

@@ -121,8 +121,8 @@ def accounting(bed: Testbed, reps: int, seconds: float,
 def configure(s1: Host, n: int) -> None:
     high = PORT_LOW + n + 100
     s1.write_file(DROPIN, "# written by bench/observe.py; removed when it ends\n"
-                 f'port_range = "{PORT_LOW}-{high}"\nmax_endpoints = {n + 100}\n'
-                 f'metrics_listen = "{METRICS}"\n')
+                  f'port_range = "{PORT_LOW}-{high}"\nmax_endpoints = {n + 100}\n'
+                  f'metrics_listen = "{METRICS}"\n')
     s1.run(["systemctl", "restart", "scistreamd"], timeout=300)
     H.ensure_up(s1)
 

@@ -35,7 +35,7 @@ def set_mode(bed: Testbed, mode: str) -> None:
             host.run(["rm", "-f", MODE_DROPIN])
         else:
             host.write_file(MODE_DROPIN, "# written by bench/relaymodes.py\n"
-                                            "relay_socket_activation = false\n")
+                            "relay_socket_activation = false\n")
         host.run(["systemctl", "restart", "scistreamd"], timeout=120)
         H.ensure_up(host)
 

@@ -135,7 +135,7 @@ def _wait_active(host: Host, timeout: float) -> bool:
 def configure(s1: Host, max_n: int) -> None:
     high = PORT_LOW + max_n + 100
     s1.write_file(DROPIN, "# written by bench/scale.py; removed when it ends\n"
-                 f'port_range = "{PORT_LOW}-{high}"\nmax_endpoints = {max_n + 100}\n')
+                  f'port_range = "{PORT_LOW}-{high}"\nmax_endpoints = {max_n + 100}\n')
     s1.run(["systemctl", "restart", "scistreamd"], timeout=120)
     H.ensure_up(s1)
 
