@@ -168,9 +168,7 @@ class Authorizer:
         return (msg.interface, msg.member) == INTROSPECT and msg.path == MANAGER_PATH
 
     async def _answer_held(self, msg: Message, key: Key) -> None:
-        verdict = self._verdicts.get(key)
-        if verdict is None:
-            verdict = await asyncio.shield(self._lookup(key))
+        verdict = await self._verdict(key)
         try:
             if verdict:
                 answer = await self._ask_ourselves(msg)
@@ -220,11 +218,17 @@ class Authorizer:
         if sender is None:  # not dispatched from the bus: nobody to vouch for
             raise AccessDenied(denied_text())
         key = (sender, action)
+        verdict = await self._verdict(key)
+        if not verdict:
+            raise AccessDenied(denied_text())
+
+    async def _verdict(self, key: Key) -> bool:
+        """The cached verdict for ``key``, or the one lookup's (a cancelled waiter
+        leaves the lookup running for the others)."""
         verdict = self._verdicts.get(key)
         if verdict is None:
             verdict = await asyncio.shield(self._lookup(key))
-        if not verdict:
-            raise AccessDenied(denied_text())
+        return verdict
 
     def _lookup(self, key: Key) -> asyncio.Future[bool]:
         """The verdict for ``key``, one lookup however many calls wait for it."""
