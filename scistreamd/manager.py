@@ -24,6 +24,7 @@ from typing import (
     Dict,
     Iterable,
     List,
+    NoReturn,
     Optional,
     Protocol,
     Sequence,
@@ -33,6 +34,7 @@ from typing import (
 
 from .config import Config
 from .counting import MSG_TARGET_FAILED, CountersMixin
+from .earlystart import EarlyStartMixin
 from .errors import (
     AccessDenied,
     AlreadyExists,
@@ -101,7 +103,8 @@ class _NoListener:
         pass
 
 
-class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
+class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
+              EarlyStartMixin):
     def __init__(self, cfg: Config, systemd: Systemd, peers: PeerClient, *,
                  listener: Optional[EndpointListener] = None,
                  probes: Optional[HostProbes] = None) -> None:
@@ -121,6 +124,10 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
         self._refreshing: Dict[Tuple[str, Role], asyncio.Task] = {}
         #: Endpoints whose relay is being restarted on purpose (re-arm).
         self._restarting: Set[Tuple[str, Role]] = set()
+        #: Inbound uids whose early start is still going on (inbound_request(early=True)),
+        #: and those whose early start failed: (owner, error), oldest first.
+        self._early: Dict[str, Tuple[asyncio.Task[None], str]] = {}
+        self._start_failures: Dict[str, Tuple[str, ScistreamError]] = {}
         #: Inbound uids released here, oldest first (this run only): a late claim
         #: gets "released", not "unknown uid".
         self._released: Dict[str, None] = {}
@@ -206,8 +213,15 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
     # ------------------------------------------------------------- inbound
     async def inbound_request(self, remote_ip: object, receiver_ports: object,
                               num_conn: object, options: object, *,
-                              owner: str = LEGACY_OWNER) -> Endpoint:
-        """``owner``: the creator's Owner string (identity.py)."""
+                              owner: str = LEGACY_OWNER, early: bool = False) -> Endpoint:
+        """``owner``: the creator's Owner string (identity.py).
+
+        ``early``: return as soon as the endpoint exists (uid, listeners and key;
+        its units created and the relay's start queued), in state ``starting``;
+        its key may be claimed from then on, and the start goes on here
+        (:meth:`settled` waits for it and says how it ended). A client that needs
+        both halves of a tunnel makes the other half meanwhile.
+        """
         ip = parse_ip(remote_ip, "remote_ip")
         ports = parse_port_list(receiver_ports, "receiver_ports")
         n = parse_num_conn(num_conn, self.cfg.port_range[1] - self.cfg.port_range[0] + 1)
@@ -231,15 +245,17 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
             except BaseException:
                 self.ports.release(listen)
                 raise
+            psk = new_psk()
+            if early:
+                return await self._create_early(ep, psk)
             # The check runs beside the relay's start: it adds no wait of its own.
             probe = asyncio.ensure_future(self._probe_targets(ep.targets))
             try:
-                await self._create(ep, new_psk())
+                await self._create(ep, psk)
             except BaseException:
                 probe.cancel()
                 raise
-            refused = await probe
-            self._note_probe(ep, refused)
+            self._note_probe(ep, await probe)
             return ep
 
     async def _probe_targets(self, targets: Sequence[HostPort]) -> Optional[List[HostPort]]:
@@ -334,28 +350,60 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
 
     # ---------------------------------------------------------- create/teardown
 
-    async def _create(self, ep: Endpoint, psk: str) -> None:
-        """Start the relay of a new endpoint whose ports are held; roll back on failure."""
+    async def _create(self, ep: Endpoint, psk: str,
+                      queued: Optional[asyncio.Future] = None) -> None:
+        """Start the relay of a new endpoint whose ports are held; roll back on failure.
+
+        ``queued`` (early start): set once the units exist and the start is queued.
+        The caller holds the uid's lock until then only, so a claim or a release may
+        come before the start is over: its end takes the lock, and a release that
+        came first wins (NotFound, nothing rolled back twice).
+        """
         if any(e.relay_id == ep.relay_id for e in self.endpoints.values()):
             ep.relay_id = self._new_relay_id()
+
+        def on_queued() -> None:
+            if queued is not None and not queued.done():
+                queued.set_result(None)
+
+        def answered() -> bool:
+            return queued is not None and queued.done()
+
         try:
             self._write_keys(ep, psk)
             self.store.save(ep)
             self._track(ep)
-            await self._start_unit(ep, fresh=True)
-            self._set(ep, state=State.ACTIVE)
+            await self._start_unit(ep, fresh=True, queued=on_queued if queued else None)
+            if answered():
+                async with self._lock(ep.uid):
+                    self._check_not_released(ep)
+                    self._set(ep, state=State.ACTIVE)
+            else:
+                self._set(ep, state=State.ACTIVE)
             self.counters_due(ep)
         except BaseException as e:
-            reason = str(e) if isinstance(e, ScistreamError) else f"{type(e).__name__}: {e}"
-            _log(logging.ERROR, MSG_FAILURE, ep, "%s request for %s failed, rolled back: %s",
-                 ep.role.value, ep.uid, reason)
-            await asyncio.shield(self._teardown(ep))
-            if isinstance(e, (ScistreamError, asyncio.CancelledError)):
-                raise
-            raise RelayFailed(f"starting the relay of {ep.uid} failed: {reason}; "
-                              "see 'journalctl -u scistreamd'") from e
+            if not answered():
+                await self._roll_back(ep, e)
+            async with self._lock(ep.uid):  # (the block above released it)
+                self._check_not_released(ep)
+                await self._roll_back(ep, e)
         _log(logging.INFO, MSG_REQUEST, ep, "%s endpoint %s active: %s", ep.role.value, ep.uid,
              ", ".join(f"{a} -> {b}" for a, b in ep.mappings()))
+
+    def _check_not_released(self, ep: Endpoint) -> None:
+        if self.endpoints.get(ep.key) is not ep:
+            raise NotFound(f"endpoint {ep.uid} was released while its relay started")
+
+    async def _roll_back(self, ep: Endpoint, e: BaseException) -> NoReturn:
+        """Undo a failed _create and raise what the caller should see."""
+        reason = str(e) if isinstance(e, ScistreamError) else f"{type(e).__name__}: {e}"
+        _log(logging.ERROR, MSG_FAILURE, ep, "%s request for %s failed, rolled back: %s",
+             ep.role.value, ep.uid, reason)
+        await asyncio.shield(self._teardown(ep))
+        if isinstance(e, (ScistreamError, asyncio.CancelledError)):
+            raise e
+        raise RelayFailed(f"starting the relay of {ep.uid} failed: {reason}; "
+                          "see 'journalctl -u scistreamd'") from e
 
     async def _teardown(self, ep: Endpoint) -> None:
         """Stop the units, remove keys and state, free ports, drop the object. Idempotent."""
@@ -409,6 +457,7 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin):
     async def rearm(self, uid: object) -> Endpoint:
         """New key for an inbound endpoint and a fresh claim; the old key stops working."""
         (ep,) = self.get(uid, Role.INBOUND)
+        await self.wait_early(ep.uid)  # a relay still starting is re-keyed after its start
         async with self._lock(ep.uid):
             # A release that held the lock meanwhile removed it: re-arming now
             # would start a relay, keys and state nothing tracks.

@@ -58,6 +58,8 @@ class PeerSideMixin:
     endpoints: Dict[Tuple[str, Role], Endpoint]
     _restarting: Set[Tuple[str, Role]]
     _released: Dict[str, None]
+    _early: Dict[str, Tuple[asyncio.Task[None], str]]
+    _start_failures: Dict[str, Tuple[str, ScistreamError]]
 
     def _remember_released(self, uid: str) -> None:
         self._released.pop(uid, None)
@@ -67,6 +69,11 @@ class PeerSideMixin:
 
     def _no_inbound(self, uid: str) -> NotFound:
         """NotFound for a claim or state check of an inbound endpoint this host lacks."""
+        failed = self._start_failures.get(uid)
+        if failed is not None:
+            return NotFound(f"the relay of inbound endpoint {uid} failed to start, and the "
+                            "inbound side rolled it back: nothing is left there; request a new "
+                            "tunnel")
         if uid in self._released:
             return NotFound(f"tunnel {uid} was released by the inbound side: its key is gone; "
                             "ask the inbound side for a new inbound request and use the uid it "
@@ -111,7 +118,10 @@ class PeerSideMixin:
             if ep.claimed_by:
                 await self._check_reclaim(ep, claimant)
                 return await self._reclaim(ep, claimant)
-            if ep.state is not State.ACTIVE:
+            # A starting endpoint's key may go while its relay starts when it was
+            # created early (the requester makes the other half meanwhile).
+            if ep.state is not State.ACTIVE and not (ep.state is State.STARTING
+                                                     and uid in self._early):
                 raise PeerRejected(f"endpoint {uid} is {ep.state.value}, not active")
             psk = self.keys.read_psk(ep.relay_id, Role.INBOUND, uid)
             ip = parse_claimant_ip(claimant.address)

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
 
 from .config import Config
 from .errors import RelayFailed
@@ -83,7 +83,8 @@ class RelayUnitsMixin:
                                      log_level=self.cfg.relay_log_level)
         return self.keys.write(ep.relay_id, ep.role, render_psk_file(ep.uid, psk), conf)
 
-    async def _start_unit(self, ep: Endpoint, fresh: bool = False) -> None:
+    async def _start_unit(self, ep: Endpoint, fresh: bool = False,
+                          queued: Optional[Callable[[], None]] = None) -> None:
         """Create and start the relay (and its socket unit); raise RelayFailed if it did not.
 
         With socket activation one call creates both units and starts the
@@ -96,6 +97,9 @@ class RelayUnitsMixin:
         that name can be left over and the failed-state reset is skipped (two
         round trips to systemd a request); should one exist after all, systemd
         answers UnitExists and the start is retried after the reset.
+
+        ``queued()``: called once the units exist and the relay's start is queued
+        (systemd.start_transient).
         """
         props = relay_unit_properties(ep, self.cfg, self.keys.endpoint_dir(ep.relay_id, ep.role))
         sock = self.cfg.relay_socket_activation
@@ -111,7 +115,7 @@ class RelayUnitsMixin:
             try:
                 result = await self.systemd.start_transient(
                     ep.unit, props, aux=aux, timeout=self.cfg.relay_start_timeout,
-                    reset_failed=() if fresh else units)
+                    reset_failed=() if fresh else units, queued=queued)
             except SystemdError as e:
                 if not fresh or e.name != UNIT_EXISTS:
                     raise
@@ -119,7 +123,7 @@ class RelayUnitsMixin:
                                "and starting again", ep.unit, e.message)
                 result = await self.systemd.start_transient(
                     ep.unit, props, aux=aux, timeout=self.cfg.relay_start_timeout,
-                    reset_failed=units)
+                    reset_failed=units, queued=queued)
         except SystemdError as e:
             raise RelayFailed(f"systemd refused to start {ep.unit}: {e.message}") from e
         except asyncio.TimeoutError as e:
@@ -139,6 +143,10 @@ class RelayUnitsMixin:
     async def _raise_bind_failure(self, ep: Endpoint, result: str) -> None:
         """Name why the socket unit did not start: usually a listener port someone holds."""
         sock_result = await self.systemd.socket_result(ep.socket_unit)
+        if sock_result == "success":
+            # The listeners are bound, by our own socket unit (which a probe would
+            # call "in use"): the relay itself failed.
+            return
         taken = await asyncio.to_thread(self.probes.taken, ep.listeners)
         if taken:
             raise RelayFailed(

@@ -190,7 +190,8 @@ class Systemd:
     async def start_transient(self, name: str, properties: List[List[Any]],
                               timeout: float = 30,
                               aux: Sequence[Tuple[str, List[List[Any]]]] = (),
-                              reset_failed: Sequence[str] = ()) -> str:
+                              reset_failed: Sequence[str] = (),
+                              queued: Optional[Callable[[], None]] = None) -> str:
         """Start a transient unit, wait for its job; returns the job result ("done", ...).
 
         ``aux`` units (name, properties) are created along with it, loaded but not
@@ -198,6 +199,8 @@ class Systemd:
         units whose failed state is reset first (see :meth:`reset_failed`), in
         the same round trip: the calls go out back to back and systemd handles
         one connection's calls in order, so each reset is done before the start.
+        ``queued()`` is called once systemd has accepted the start: the units exist
+        and the job is queued (not called if it refused).
         """
         resets = [self._manager_msg("ResetFailedUnit", "s", [u]) for u in reset_failed]
         start = self._manager_msg("StartTransientUnit", "ssa(sv)a(sa(sv))",
@@ -210,6 +213,8 @@ class Systemd:
                 if e.name != NO_SUCH_UNIT:
                     raise
         (job,) = _body(replies[-1])
+        if queued is not None:
+            queued()
         return await self._wait_job(job, timeout)
 
     async def start(self, name: str, timeout: float = 30) -> str:

@@ -31,7 +31,7 @@ from .endpoint_json import endpoint_json, endpoint_properties
 from .errors import AccessDenied, InvalidArgument, NotFound, ScistreamError
 from .identity import Identity
 from .manager import Manager
-from .model import Endpoint, parse_uid
+from .model import Endpoint, State, parse_uid
 from .peerwire import (
     RequestHead,
     loads,
@@ -44,7 +44,7 @@ from .userrules import (
     outbound_refusal,
     rule_for,
 )
-from .userwire import InboundBody, OutboundBody, parse_bearer, user_route
+from .userwire import InboundBody, OutboundBody, parse_bearer, user_flags, user_route
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +140,15 @@ class UserApi:
     async def answer(self, req: RequestHead, body: Callable[[], Awaitable[bytes]],
                      cert: Optional[Identity], source: str) -> Tuple[int, Dict[str, Any]]:
         name, raw_uid = user_route(req.method, req.target)
+        flags = user_flags(name, req.method, req.target)
         ident = await self.authenticate(req, cert, source)  # before the body is read
         if rule_for(self._rules, ident) is None:  # the default: may do nothing at all
             self._deny(ident, source, no_rule_refusal(ident))
         if name == "list":
             return 200, {"tunnels": [self._json(ep) for ep in self._own(ident)]}
         if name == "tunnel":
+            if "wait" in flags:  # the early start's failure, if it failed (then no endpoint)
+                await self._m.settled(raw_uid, ident.owner)
             eps = self._owned(ident, raw_uid)
             if req.method == "GET":
                 return 200, {"tunnels": [self._json(ep) for ep in eps]}
@@ -164,8 +167,9 @@ class UserApi:
                 ep = await self._m.inbound_request(
                     inb.remote_ip, list(inb.receiver_ports), inb.num_conn,
                     {"allowed_peer": inb.allowed_peer} if inb.allowed_peer else {},
-                    owner=ident.owner)
-            self._log(ident, source, "created inbound endpoint %s", ep.uid)
+                    owner=ident.owner, early="early" in flags)
+            self._log(ident, source, "created inbound endpoint %s%s", ep.uid,
+                      " (its relay starting)" if ep.state is State.STARTING else "")
             return 201, {"uid": ep.uid, "listeners": [str(h) for h in ep.listeners],
                          "endpoint": self._json(ep)}
         out = OutboundBody.from_json(doc)

@@ -122,13 +122,19 @@ class UserClient:
     # -- the calls ---------------------------------------------------------------
 
     def create_inbound(self, remote_ip: str, receiver_ports: Sequence[int], num_conn: int,
-                       allowed_peer: str = "") -> Dict[str, Any]:
-        """{"uid", "listeners": [str], "endpoint": {...}} (validated uid and listeners)."""
+                       allowed_peer: str = "", early: bool = False) -> Dict[str, Any]:
+        """{"uid", "listeners": [str], "endpoint": {...}} (validated uid and listeners).
+
+        ``early``: answered as soon as the endpoint exists, its relay maybe still
+        starting (endpoint "state" "starting"; an older daemon ignores it and
+        answers when the relay runs): call :meth:`wait_started` before relying on it.
+        """
         body: Dict[str, Any] = {"remote_ip": remote_ip, "receiver_ports": list(receiver_ports),
                                 "num_conn": num_conn}
         if allowed_peer:
             body["allowed_peer"] = allowed_peer
-        doc = self._call("POST", f"{TUNNELS_PATH}/inbound", body, "the inbound request")
+        path = f"{TUNNELS_PATH}/inbound" + ("?early=1" if early else "")
+        doc = self._call("POST", path, body, "the inbound request")
         uid = self._field(doc, "uid", "the inbound request", parse_uid)
         return {"uid": uid, "listeners": self._listeners(doc, "the inbound request"),
                 "endpoint": self._endpoint(doc)}
@@ -157,6 +163,13 @@ class UserClient:
         want = parse_uid(uid)
         return self._tunnels(self._call("GET", f"{TUNNELS_PATH}/{want}", None,
                                         f"the status request of {want}"))
+
+    def wait_started(self, uid: str) -> List[Dict[str, Any]]:
+        """status() once the early start of inbound ``uid`` is over; its failure (e.g.
+        RelayFailed; the endpoint is then gone there) raised by name."""
+        want = parse_uid(uid)
+        return self._tunnels(self._call("GET", f"{TUNNELS_PATH}/{want}?wait=1", None,
+                                        f"the start of {want}"))
 
     def release(self, uid: str) -> int:
         """How many endpoints of ``uid`` were released there."""

@@ -6,16 +6,19 @@ one error-name table are in peerwire.py.
     GET    /v1/tunnels                   -> 200 {"tunnels": [endpoint json, ...]} (yours)
     POST   /v1/tunnels/inbound  {"remote_ip", "receiver_ports", "num_conn", "allowed_peer"?}
                                          -> 201 {"uid", "listeners", "endpoint"}
+           ?early=1: answered once the endpoint exists, its relay still starting
+           (endpoint "state": "starting"; its key may be claimed meanwhile)
     POST   /v1/tunnels/outbound {"uid", "remote_listeners", "local_ports"?, "num_conn",
                                  "peer"?, "trust_pem"?} -> 201 {"listeners", "endpoint"}
     GET    /v1/tunnels/<uid>             -> 200 {"tunnels": [...]}
+           ?wait=1: after an early start is over; its failure by name if it failed
     DELETE /v1/tunnels/<uid>             -> 200 {"released": n}
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, FrozenSet, List, Tuple
 
 from .errors import InvalidArgument
 from .model import (
@@ -59,6 +62,30 @@ def user_route(method: str, target: str) -> Tuple[str, str]:
         raise Refusal("MethodNotAllowed", f"method not allowed here; use {' or '.join(allowed)}",
                       (("Allow", ", ".join(allowed)),))
     return name, raw
+
+
+#: user route and method -> the query flags it takes (each "1" or "0"; others refused)
+USER_FLAGS = {("inbound", "POST"): ("early",), ("tunnel", "GET"): ("wait",)}
+
+
+def user_flags(name: str, method: str, target: str) -> FrozenSet[str]:
+    """The query flags set to 1 in a request to user route ``name``; InvalidArgument for
+    a parameter the route does not take, a repeated one or a value other than 0/1."""
+    query = target.partition("?")[2]
+    if not query:
+        return frozenset()
+    known = USER_FLAGS.get((name, method), ())
+    seen: Dict[str, bool] = {}
+    for item in query.split("&"):
+        key, eq, value = item.partition("=")
+        if key not in known:
+            raise InvalidArgument(f"unknown query parameter {clean(key[:40])!r} for {method} "
+                                  f"on this path (known: {', '.join(known) or 'none'})")
+        if key in seen or not eq or value not in ("0", "1"):
+            raise InvalidArgument(f"query parameter {key} must be given once, as {key}=1 or "
+                                  f"{key}=0")
+        seen[key] = value == "1"
+    return frozenset(k for k, on in seen.items() if on)
 
 
 def parse_bearer(values: List[str]) -> str:

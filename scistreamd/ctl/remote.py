@@ -95,7 +95,8 @@ class LocalSide:
         return run_bus(self.args, work)
 
     def inbound(self, remote_ip: str, ports: Sequence[int], num_conn: int,
-                allowed_peer: str) -> Dict[str, Any]:
+                allowed_peer: str, early: bool = False) -> Dict[str, Any]:
+        """``early`` is for the user API only: over D-Bus the answer waits for the relay."""
         options = {"allowed_peer": ("s", allowed_peer)} if allowed_peer else {}
         uid, endpoint, listeners = self._run(lambda c: c.call(
             "InboundRequest", [remote_ip, list(ports), num_conn, options]))
@@ -115,6 +116,10 @@ class LocalSide:
     def release(self, uid: str) -> int:
         self._run(lambda c: c.call("Release", [uid]))
         return 1
+
+    def wait_started(self, uid: str) -> Optional[Dict[str, Any]]:
+        """Nothing to wait for: inbound() answered once the relay ran."""
+        return None
 
     def warm(self) -> None:
         """Nothing to open ahead: each D-Bus call makes its own local connection."""
@@ -146,8 +151,10 @@ class RemoteSide:
         return self.s2cs
 
     def inbound(self, remote_ip: str, ports: Sequence[int], num_conn: int,
-                allowed_peer: str) -> Dict[str, Any]:
-        return self.client.create_inbound(remote_ip, ports, num_conn, allowed_peer)
+                allowed_peer: str, early: bool = False) -> Dict[str, Any]:
+        got = self.client.create_inbound(remote_ip, ports, num_conn, allowed_peer, early)
+        got["starting"] = got["endpoint"].get("state") == "starting"
+        return got
 
     def outbound(self, uid: str, listeners: Sequence[str], ports: Sequence[int], num_conn: int,
                  peer: Optional[str], trust_pem: Optional[str]) -> Dict[str, Any]:
@@ -155,6 +162,11 @@ class RemoteSide:
 
     def release(self, uid: str) -> int:
         return self.client.release(uid)
+
+    def wait_started(self, uid: str) -> Optional[Dict[str, Any]]:
+        """The inbound endpoint once its early start is over (its failure raised)."""
+        got = [e for e in self.client.wait_started(uid) if e.get("role") == "inbound"]
+        return got[0] if got else None
 
     def warm(self) -> None:
         """Open the connection of the next call now (see UserClient.warm)."""
@@ -359,16 +371,23 @@ def tunnel(args: argparse.Namespace) -> Output:
     else:
         first = side(args, "--client-s2cs")
         ahead = Ahead(lambda: first)
-    made = server.inbound(remote_ip, ports, num_conn, allowed)
+    # Early: the server side answers while its relay starts, and the client side
+    # claims the key and starts its own relay meanwhile; the server side's start is
+    # confirmed last (wait_started), and its failure rolls both halves back.
+    made = server.inbound(remote_ip, ports, num_conn, allowed, early=True)
     uid = made["uid"]
     client: Any = None
+    outbound_made = False
     try:
         client = ahead.result()
         # The client side claims from the server side's peer port: the address named.
         out = client.outbound(uid, made["listeners"], local_ports, num_conn, str(server_hp),
                               peer_trust)
+        outbound_made = True
+        if made.get("starting"):
+            made["endpoint"] = server.wait_started(uid) or made["endpoint"]
     except BaseException as err:  # also Ctrl-C: nothing may stay behind
-        extra = _roll_back(uid, server, client, str(client_hp))
+        extra = _roll_back(uid, server, client, str(client_hp), outbound_made)
         if not isinstance(err, ScistreamError):
             raise
         # Whole, not cut to one line's length: the end may say how to clean up.
@@ -384,10 +403,12 @@ def tunnel(args: argparse.Namespace) -> Output:
     return format_request_rows(uid, rows, out["listeners"]), data
 
 
-def _roll_back(uid: str, server: Any, client: Any, client_name: str) -> str:
+def _roll_back(uid: str, server: Any, client: Any, client_name: str,
+               outbound_made: bool = False) -> str:
     """Release ``uid`` on the client side (a request that timed out here may still have
     been made there; None: never made, nothing asked there) and on the server side;
-    what to add to the failure's message."""
+    what to add to the failure's message. ``outbound_made``: the client side's half was
+    made, and the server side's relay start is what failed."""
     left = []
     for where in (client, server):
         if where is None:
@@ -405,6 +426,9 @@ def _roll_back(uid: str, server: Any, client: Any, client_name: str) -> str:
         return (f" -- and releasing tunnel {uid} failed ({'; '.join(left)}): release it with "
                 f"'scistreamctl release {uid} --server-s2cs {server} --client-s2cs "
                 f"{client_name}'")
+    if outbound_made:
+        return (f" (the inbound half of tunnel {uid} at {server} did not start; its outbound "
+                f"half at {client} was released: nothing is left)")
     return (f" (the outbound half of tunnel {uid} failed; its inbound half at {server} "
             "was released: nothing is left)")
 

@@ -129,7 +129,7 @@ def test_result_does_not_wait_for_the_connection() -> None:
 
 def test_tunnel_whose_client_side_cannot_be_made_releases_the_inbound_half(
         canned: Canned, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/inbound?early=1"] = INBOUND_OK
     canned.answers[f"DELETE /v1/tunnels/{UID}"] = (200, {"released": 1})
     made: List[str] = []
     real_side = remote.side
@@ -148,7 +148,7 @@ def test_tunnel_whose_client_side_cannot_be_made_releases_the_inbound_half(
     assert (code, out) == (2, "") and "cannot load the client certificate" in err
     assert f"inbound half at {canned.addr} was released: nothing is left" in err
     assert [(m, p) for m, p, _, _ in canned.seen] == [
-        ("POST", "/v1/tunnels/inbound"), ("DELETE", f"/v1/tunnels/{UID}")]
+        ("POST", "/v1/tunnels/inbound?early=1"), ("DELETE", f"/v1/tunnels/{UID}")]
     assert made == ["--server-s2cs", "--client-s2cs"]
 
 

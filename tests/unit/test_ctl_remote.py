@@ -317,7 +317,7 @@ def test_remote_transport_failures(canned: Canned, capsys, tmp_path: Path) -> No
 
 
 def test_tunnel_rolls_back_the_inbound_half(canned: Canned, capsys) -> None:
-    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/inbound?early=1"] = INBOUND_OK
     canned.answers["POST /v1/tunnels/outbound"] = (409, {"error": "PeerRejected",
                                                          "message": "claimed"})
     canned.answers[f"DELETE /v1/tunnels/{UID}"] = (200, {"released": 1})
@@ -328,7 +328,7 @@ def test_tunnel_rolls_back_the_inbound_half(canned: Canned, capsys) -> None:
     assert (code, out) == (7, "") and "claimed" in err
     assert f"inbound half at {canned.addr} was released: nothing is left" in err
     assert [(m, p) for m, p, _, _ in canned.seen] == [
-        ("POST", "/v1/tunnels/inbound"), ("POST", "/v1/tunnels/outbound"),
+        ("POST", "/v1/tunnels/inbound?early=1"), ("POST", "/v1/tunnels/outbound"),
         ("DELETE", f"/v1/tunnels/{UID}"), ("DELETE", f"/v1/tunnels/{UID}")]
     # the key may only go to the client side's daemon; the client side claims from
     # the server side's address
@@ -337,7 +337,7 @@ def test_tunnel_rolls_back_the_inbound_half(canned: Canned, capsys) -> None:
 
 
 def test_tunnel_rollback_that_fails_says_how_to_release(canned: Canned, capsys) -> None:
-    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/inbound?early=1"] = INBOUND_OK
     canned.answers["POST /v1/tunnels/outbound"] = (403, {"error": "AccessDenied",
                                                          "message": "no"})
     canned.answers[f"DELETE /v1/tunnels/{UID}"] = (500, {"error": "Failed", "message": "x"})
@@ -353,7 +353,7 @@ def test_tunnel_interrupted_in_its_outbound_half_releases_the_inbound_half(
         canned: Canned, tmp_path: Path) -> None:
     import signal
 
-    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/inbound?early=1"] = INBOUND_OK
     canned.answers["POST /v1/tunnels/outbound"] = (201, {"listeners": ["192.0.2.2:5100"]})
     canned.delays["POST /v1/tunnels/outbound"] = 3.0
     canned.answers[f"DELETE /v1/tunnels/{UID}"] = (200, {"released": 1})
@@ -382,7 +382,7 @@ def test_tunnel_loopback_addresses(canned: Canned, capsys) -> None:
                          "192.0.2.2:5000"], capsys)
     assert code == 2 and "loopback" in err and canned.seen == []
     # a loopback name of the client side says nothing of its certificate: no allowed_peer
-    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/inbound?early=1"] = INBOUND_OK
     canned.answers["POST /v1/tunnels/outbound"] = (201, {"listeners": ["192.0.2.2:5100"]})
     code, _, err = _run([*base, "--server-s2cs", canned.addr, "--client-s2cs", canned.addr],
                         capsys)
@@ -391,7 +391,7 @@ def test_tunnel_loopback_addresses(canned: Canned, capsys) -> None:
 
 
 def test_tunnel_prints_both_sides(canned: Canned, capsys) -> None:
-    canned.answers["POST /v1/tunnels/inbound"] = INBOUND_OK
+    canned.answers["POST /v1/tunnels/inbound?early=1"] = INBOUND_OK
     canned.answers["POST /v1/tunnels/outbound"] = (201, {"listeners": ["192.0.2.2:5100"],
                                                          "endpoint": {}})
     code, out, err = _run(["tunnel", "--remote", "--server-s2cs", canned.addr,
@@ -403,6 +403,46 @@ def test_tunnel_prints_both_sides(canned: Canned, capsys) -> None:
                    f"{UID} {canned.addr} INVALID_TOKEN PROD\n"
                    f"{UID} {canned.addr} INVALID_TOKEN CONS\n"
                    "Listeners: ['192.0.2.2:5100']\n")
+
+
+STARTING = (201, {"uid": UID, "listeners": ["192.0.2.1:5100"],
+                  "endpoint": {"uid": UID, "role": "inbound", "state": "starting"}})
+TUNNEL_ARGS = ["--remote_ip", "192.0.2.1", "--receiver_ports", "5300"]
+
+
+def test_tunnel_confirms_an_early_server_side_last(canned: Canned, capsys) -> None:
+    canned.answers["POST /v1/tunnels/inbound?early=1"] = STARTING
+    canned.answers["POST /v1/tunnels/outbound"] = (201, {"listeners": ["192.0.2.2:5100"],
+                                                         "endpoint": {}})
+    canned.answers[f"GET /v1/tunnels/{UID}?wait=1"] = (200, {"tunnels": [
+        {"uid": UID, "role": "inbound", "state": "active"}]})
+    code, out, err = _run(["--json", "tunnel", "--remote", "--server-s2cs", canned.addr,
+                           "--client-s2cs", canned.addr, *TUNNEL_ARGS,
+                           "--server_cert", str(canned.ca)], capsys)
+    assert (code, err) == (0, "")
+    assert json.loads(out)["server"]["endpoint"]["state"] == "active"
+    assert [(m, p) for m, p, _, _ in canned.seen] == [
+        ("POST", "/v1/tunnels/inbound?early=1"), ("POST", "/v1/tunnels/outbound"),
+        ("GET", f"/v1/tunnels/{UID}?wait=1")]
+
+
+def test_tunnel_whose_server_side_does_not_start_releases_the_client_side(
+        canned: Canned, capsys) -> None:
+    canned.answers["POST /v1/tunnels/inbound?early=1"] = STARTING
+    canned.answers["POST /v1/tunnels/outbound"] = (201, {"listeners": ["192.0.2.2:5100"],
+                                                         "endpoint": {}})
+    canned.answers[f"GET /v1/tunnels/{UID}?wait=1"] = (502, {
+        "error": "RelayFailed", "message": "listener 192.0.2.1:5100 of tunnel x is in use"})
+    canned.answers[f"DELETE /v1/tunnels/{UID}"] = (200, {"released": 1})
+    code, out, err = _run(["tunnel", "--remote", "--server-s2cs", canned.addr,
+                           "--client-s2cs", canned.addr, *TUNNEL_ARGS,
+                           "--server_cert", str(canned.ca)], capsys)
+    assert (code, out) == (8, "") and "is in use" in err
+    assert (f"the inbound half of tunnel {UID} at {canned.addr} did not start; its outbound "
+            f"half at {canned.addr} was released: nothing is left") in err
+    assert [(m, p) for m, p, _, _ in canned.seen][2:] == [
+        ("GET", f"/v1/tunnels/{UID}?wait=1"), ("DELETE", f"/v1/tunnels/{UID}"),
+        ("DELETE", f"/v1/tunnels/{UID}")]
 
 
 def test_version_and_list_do_not_import_remote_mode() -> None:

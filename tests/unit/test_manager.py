@@ -56,6 +56,10 @@ class Script:
     def add(self, method: str, *outcomes: Any) -> None:
         self._queues.setdefault(method, []).extend(outcomes)
 
+    def raises_next(self, method: str) -> bool:
+        queue = self._queues.get(method)
+        return bool(queue) and isinstance(queue[0], BaseException)
+
     async def next(self, method: str, default: Callable[[], Any]) -> Any:
         queue = self._queues.get(method)
         if not queue:
@@ -86,12 +90,17 @@ class FakeSystemd:
 
     async def start_transient(self, name: str, properties: List[List[Any]], timeout: float = 30,
                               aux: Sequence[Tuple[str, List[List[Any]]]] = (),
-                              reset_failed: Sequence[str] = ()) -> str:
+                              reset_failed: Sequence[str] = (),
+                              queued: Optional[Callable[[], None]] = None) -> str:
         # The resets go out with the start, in order (one round trip).
         self.calls.extend(("reset_failed", n) for n in reset_failed)
         self.calls.append(("start_transient", name))
         for n, _p in aux:
             self.units[n] = ("inactive", "dead")  # loaded, as systemd-run does
+        # A scripted exception is systemd refusing the start: nothing was queued.
+        if queued is not None and not self.script.raises_next("start_transient"):
+            self.units[name] = ("activating", "start")
+            queued()
 
         def done() -> str:
             return "done"
@@ -404,6 +413,8 @@ def test_inbound_failed_job_of_the_relay_itself(tmp_path: Path) -> None:
         bed = Bed(tmp_path)
         bed.systemd.script.add("start_transient", "failed")
         bed.systemd.script.add("socket_result", "success")
+        # The listeners are bound by the relay's own socket unit: not "in use by another".
+        bed.probes.taken = [HostPort(bed.cfg.listen_address, LOW)]
         with pytest.raises(RelayFailed, match=r"failed to start \(job failed\)"):
             await inbound(bed)
         bed.assert_clean()

@@ -18,6 +18,7 @@ from scistreamd.errors import (
     ConfigError,
     InvalidArgument,
     NotFound,
+    RelayFailed,
     ScistreamError,
 )
 from scistreamd.identity import LEGACY_OWNER, Identity, local_identity, parse_owner
@@ -37,7 +38,13 @@ from scistreamd.userrules import (
     parse_user_rules,
     rule_for,
 )
-from scistreamd.userwire import InboundBody, OutboundBody, parse_bearer, user_route
+from scistreamd.userwire import (
+    InboundBody,
+    OutboundBody,
+    parse_bearer,
+    user_flags,
+    user_route,
+)
 
 IP = ipaddress.ip_address
 UID = "bd9f1a7e-04d7-41f0-b44c-946dae415862"
@@ -232,6 +239,23 @@ def test_user_routes() -> None:
     assert e.value.name == "UnknownPath"
 
 
+def test_user_flags() -> None:
+    assert user_flags("inbound", "POST", "/v1/tunnels/inbound") == frozenset()
+    assert user_flags("inbound", "POST", "/v1/tunnels/inbound?early=1") == {"early"}
+    assert user_flags("inbound", "POST", "/v1/tunnels/inbound?early=0") == frozenset()
+    assert user_flags("tunnel", "GET", f"/v1/tunnels/{UID}?wait=1") == {"wait"}
+    for name, method, target, text in [
+            ("inbound", "POST", "/v1/tunnels/inbound?wait=1", "unknown query parameter 'wait'"),
+            ("tunnel", "DELETE", f"/v1/tunnels/{UID}?wait=1", "known: none"),
+            ("list", "GET", "/v1/tunnels?early=1", "unknown query parameter"),
+            ("inbound", "POST", "/v1/tunnels/inbound?early=yes", "early=1 or early=0"),
+            ("inbound", "POST", "/v1/tunnels/inbound?early", "early=1 or early=0"),
+            ("inbound", "POST", "/v1/tunnels/inbound?early=1&early=1", "given once"),
+            ("inbound", "POST", "/v1/tunnels/inbound?early=1&", "unknown query parameter ''")]:
+        with pytest.raises(InvalidArgument, match=text):
+            user_flags(name, method, target)
+
+
 # -- owners in state, endpoint JSON ---------------------------------------------------
 
 
@@ -309,12 +333,19 @@ class FakeManager:
         return Traffic(bytes_in=1234)
 
     async def inbound_request(self, ip: Any, ports: Any, n: Any, opts: Any, *,
-                              owner: str) -> Endpoint:
-        self.calls.append(f"inbound {ip} {ports} {owner}")
+                              owner: str, early: bool = False) -> Endpoint:
+        self.calls.append(f"inbound {ip} {ports} {owner}" + (" early" if early else ""))
         ep = _endpoint(owner, f"{len(self.endpoints):08d}-04d7-41f0-b44c-946dae415862")
-        ep.state = State.ACTIVE
+        ep.state = State.STARTING if early else State.ACTIVE
         self.endpoints[ep.key] = ep
         return ep
+
+    async def settled(self, uid: str, owner: str) -> None:
+        self.calls.append(f"settled {uid} {owner}")
+        ep = self.endpoints.get((uid, Role.INBOUND))
+        if ep is not None and ep.owner == owner:
+            del self.endpoints[ep.key]  # as a start that failed: rolled back
+            raise RelayFailed(f"the relay of {uid} failed to start")
 
     async def outbound_request(self, *a: Any, owner: str) -> Endpoint:
         raise AssertionError("not in these tests")
@@ -380,6 +411,25 @@ def test_user_api_with_tokens_and_rules() -> None:
     assert _ask(api, "DELETE", f"/v1/tunnels/{uid}", token="alice-token") == \
         (200, {"released": 1})
     assert m.calls[-1] == f"release {uid}"
+
+
+def test_user_api_early_inbound_and_the_wait_for_its_start() -> None:
+    m = FakeManager()
+    api = UserApi(m, parse_user_rules(RULES), FakeVerifier())  # type: ignore[arg-type]
+    body = {"remote_ip": "10.7.0.5", "receiver_ports": [5000], "num_conn": 1}
+    status, doc = _ask(api, "POST", "/v1/tunnels/inbound?early=1", body, "alice-token")
+    assert status == 201 and doc["endpoint"]["state"] == "starting"
+    uid = doc["uid"]
+    assert m.calls == [f"inbound 10.7.0.5 [5000] {ALICE.owner} early"]
+    with pytest.raises(InvalidArgument, match="unknown query parameter 'wait'"):
+        _ask(api, "POST", "/v1/tunnels/inbound?wait=1", body, "alice-token")
+    assert len(m.calls) == 1
+    # The wait is asked for the caller's own endpoints only; the failure comes by name.
+    with pytest.raises(NotFound, match="of yours"):
+        _ask(api, "GET", f"/v1/tunnels/{uid}?wait=1", token="bob-token")
+    with pytest.raises(RelayFailed, match="failed to start"):
+        _ask(api, "GET", f"/v1/tunnels/{uid}?wait=1", token="alice-token")
+    assert m.calls[1:] == [f"settled {uid} {BOB.owner}", f"settled {uid} {ALICE.owner}"]
 
 
 def test_user_api_refuses_without_credentials() -> None:
