@@ -91,3 +91,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             ),
             as_json,
         )
+
+
+def run() -> None:
+    """main() as the command: exit with its code, skipping the interpreter's teardown.
+
+    Tearing down the modules of remote mode (requests, urllib3, ssl, ...) takes
+    longer than some verbs (~40 ms of a ~300 ms ``tunnel``), and nothing is left
+    to do at exit: output is flushed here, sockets and files close with the
+    process, and scistreamctl registers no exit handlers (argcomplete exits the
+    same way).
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # e.g. the reader went away (| head)
+            code = code or EXIT_FAILED
+    os._exit(code)
+
