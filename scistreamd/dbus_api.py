@@ -281,6 +281,10 @@ class ManagerObject(ServiceInterface):
         await self._m.release(uid)
 
     @_method(MANAGER)
+    async def WaitStarted(self, uid):
+        await self._m.settled(uid)
+
+    @_method(MANAGER)
     async def ReleaseAll(self):
         return await self._m.release_all()
 

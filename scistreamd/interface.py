@@ -77,7 +77,8 @@ MANAGER = Interface(
                (("remote_ip", "s"), ("receiver_ports", "aq"), ("num_conn", "u"),
                 ("options", "a{sv}")),
                (("uid", "s"), ("endpoint", "o"), ("listeners", "as")),
-               "Create the inbound (PROD) relay; options: allowed_peer (s)."),
+               "Create the inbound (PROD) relay; options: allowed_peer (s), early (b: "
+               "answer once the endpoint exists, its relay still starting; see WaitStarted)."),
         Method("OutboundRequest",
                (("uid", "s"), ("remote_listeners", "as"), ("local_ports", "aq"),
                 ("num_conn", "u"), ("options", "a{sv}")),
@@ -88,6 +89,10 @@ MANAGER = Interface(
         Method("ReleaseAll", (), (("count", "u"),), "Release every endpoint on this host."),
         Method("RearmEndpoint", (("uid", "s"),), (),
                "New key and claim for inbound endpoint uid."),
+        Method("WaitStarted", (("uid", "s"),), (),
+               "Return once the start of inbound endpoint uid (InboundRequest with early) is "
+               "over, or with its failure (e.g. RelayFailed: the endpoint was rolled back); "
+               "at once if none is going on."),
         Method("ListEndpoints", (), (("endpoints", "a(sssas)"),),
                "Every endpoint: (uid, role, state, listeners)."),
         Method("Reload", (), (("applied", "as"), ("needs_restart", "as")),

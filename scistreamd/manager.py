@@ -86,6 +86,12 @@ _PROBE_TARGETS = 8
 _PROBE_TIMEOUT = 1.0
 
 
+def _parse_early(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument("option early must be a boolean (D-Bus type b)")
+    return value
+
+
 class EndpointListener(Protocol):
     def endpoint_added(self, ep: Endpoint) -> None: ...
     def endpoint_changed(self, ep: Endpoint, changed: Iterable[str]) -> None: ...
@@ -213,10 +219,10 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
     # ------------------------------------------------------------- inbound
     async def inbound_request(self, remote_ip: object, receiver_ports: object,
                               num_conn: object, options: object, *,
-                              owner: str = LEGACY_OWNER, early: bool = False) -> Endpoint:
+                              owner: str = LEGACY_OWNER) -> Endpoint:
         """``owner``: the creator's Owner string (identity.py).
 
-        ``early``: return as soon as the endpoint exists (uid, listeners and key;
+        Option ``early`` (a boolean): return as soon as the endpoint exists (uid, listeners and key;
         its units created and the relay's start queued), in state ``starting``;
         its key may be claimed from then on, and the start goes on here
         (:meth:`settled` waits for it and says how it ended). A client that needs
@@ -225,7 +231,8 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
         ip = parse_ip(remote_ip, "remote_ip")
         ports = parse_port_list(receiver_ports, "receiver_ports")
         n = parse_num_conn(num_conn, self.cfg.port_range[1] - self.cfg.port_range[0] + 1)
-        opts = parse_options(options, {"allowed_peer": parse_allowed_peer})
+        opts = parse_options(options, {"allowed_peer": parse_allowed_peer,
+                                       "early": _parse_early})
         for port in ports:  # before anything is allocated
             refusal = target_refusal(self.cfg.allowed_targets, ip, port)
             if refusal:
@@ -246,7 +253,7 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
                 self.ports.release(listen)
                 raise
             psk = new_psk()
-            if early:
+            if opts.get("early"):
                 return await self._create_early(ep, psk)
             # The check runs beside the relay's start: it adds no wait of its own.
             probe = asyncio.ensure_future(self._probe_targets(ep.targets))

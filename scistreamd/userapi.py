@@ -166,8 +166,9 @@ class UserApi:
                 self._check_limit(ident, source)
                 ep = await self._m.inbound_request(
                     inb.remote_ip, list(inb.receiver_ports), inb.num_conn,
-                    {"allowed_peer": inb.allowed_peer} if inb.allowed_peer else {},
-                    owner=ident.owner, early="early" in flags)
+                    {**({"allowed_peer": inb.allowed_peer} if inb.allowed_peer else {}),
+                     **({"early": True} if "early" in flags else {})},
+                    owner=ident.owner)
             self._log(ident, source, "created inbound endpoint %s%s", ep.uid,
                       " (its relay starting)" if ep.state is State.STARTING else "")
             return 201, {"uid": ep.uid, "listeners": [str(h) for h in ep.listeners],

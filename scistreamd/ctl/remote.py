@@ -96,11 +96,15 @@ class LocalSide:
 
     def inbound(self, remote_ip: str, ports: Sequence[int], num_conn: int,
                 allowed_peer: str, early: bool = False) -> Dict[str, Any]:
-        """``early`` is for the user API only: over D-Bus the answer waits for the relay."""
-        options = {"allowed_peer": ("s", allowed_peer)} if allowed_peer else {}
+        options: Dict[str, Any] = {"allowed_peer": ("s", allowed_peer)} if allowed_peer else {}
+        if early:
+            options["early"] = ("b", True)
         uid, endpoint, listeners = self._run(lambda c: c.call(
             "InboundRequest", [remote_ip, list(ports), num_conn, options]))
-        return {"uid": uid, "listeners": list(listeners), "endpoint": endpoint}
+        # Early: maybe still starting (the reply does not say; WaitStarted answers at once
+        # when the start is over).
+        return {"uid": uid, "listeners": list(listeners), "endpoint": endpoint,
+                "starting": early}
 
     def outbound(self, uid: str, listeners: Sequence[str], ports: Sequence[int], num_conn: int,
                  peer: Optional[str], trust_pem: Optional[str]) -> Dict[str, Any]:
@@ -118,7 +122,8 @@ class LocalSide:
         return 1
 
     def wait_started(self, uid: str) -> Optional[Dict[str, Any]]:
-        """Nothing to wait for: inbound() answered once the relay ran."""
+        """Once the early start of inbound ``uid`` is over (its failure raised)."""
+        self._run(lambda c: c.call("WaitStarted", [uid]))
         return None
 
     def warm(self) -> None:

@@ -120,6 +120,8 @@ def test_unprivileged_dbus_inspection_is_refused(s1, root_endpoint):
         assert reply.get("error") in DENIED, (method, reply)
     reply = dbus(s1, "ListEndpoints", "", [], user=USER)
     assert reply.get("error") in DENIED, reply
+    reply = dbus(s1, "WaitStarted", "s", [uid], user=USER)  # would tell a uid exists
+    assert reply.get("error") in DENIED, reply
     for p in (ENDPOINT_PREFIX, path):
         reply = dbus(s1, "Introspect", "", [], user=USER, path=p, iface=INTROSPECTABLE)
         assert reply.get("error") in DENIED, (p, reply)
@@ -131,6 +133,7 @@ def test_unprivileged_dbus_inspection_is_refused(s1, root_endpoint):
     reply = dbus(s1, "Get", "ss", ["org.scistream.Tunnel1.Endpoint", "Uid"], path=path,
                  iface=PROPERTIES)
     assert reply == {"reply": [uid]}
+    assert dbus(s1, "WaitStarted", "s", [uid]) == {"reply": []}  # no start going on
 
 
 def test_member_of_group_scistream_manages_tunnels(s1, root_endpoint):

@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable, Tuple
 
 import pytest
 
-from scistreamd.errors import NotFound, RelayFailed
+from scistreamd.errors import InvalidArgument, NotFound, RelayFailed
 from scistreamd.model import Endpoint, Role, State
 from scistreamd.peerident import PeerIdentity
 
@@ -32,8 +32,8 @@ def gate(result: str = "done") -> Tuple[asyncio.Event, Callable[[], Awaitable[An
 
 
 async def early(bed: Bed) -> Endpoint:
-    return await bed.m.inbound_request("192.168.150.1", [7000], 2, {}, owner=OWNER,
-                                       early=True)
+    return await bed.m.inbound_request("192.168.150.1", [7000], 2, {"early": True},
+                                       owner=OWNER)
 
 
 async def settle(bed: Bed) -> None:
@@ -87,6 +87,17 @@ def test_start_failing_after_the_answer_rolls_back_and_is_told(tmp_path: Path) -
         # The ports are free again.
         again = await bed.m.inbound_request("192.168.150.1", [7000], 2, {})
         assert again.listeners == ep.listeners
+    run(go)
+
+
+def test_early_must_be_a_boolean(tmp_path: Path) -> None:
+    async def go() -> None:
+        bed = Bed(tmp_path)
+        with pytest.raises(InvalidArgument, match="early must be a boolean"):
+            await bed.m.inbound_request("192.168.150.1", [7000], 1, {"early": "yes"})
+        bed.assert_clean()
+        ep = await bed.m.inbound_request("192.168.150.1", [7000], 1, {"early": False})
+        assert ep.state is State.ACTIVE and bed.m._early == {}
     run(go)
 
 

@@ -333,7 +333,8 @@ class FakeManager:
         return Traffic(bytes_in=1234)
 
     async def inbound_request(self, ip: Any, ports: Any, n: Any, opts: Any, *,
-                              owner: str, early: bool = False) -> Endpoint:
+                              owner: str) -> Endpoint:
+        early = opts.get("early", False)
         self.calls.append(f"inbound {ip} {ports} {owner}" + (" early" if early else ""))
         ep = _endpoint(owner, f"{len(self.endpoints):08d}-04d7-41f0-b44c-946dae415862")
         ep.state = State.STARTING if early else State.ACTIVE
