@@ -1,6 +1,6 @@
 """Early creation of an inbound endpoint: answered while its relay starts.
 
-``Manager.inbound_request(early=True)`` returns once the endpoint exists (uid,
+``Manager.inbound_request`` with option ``early`` returns once the endpoint exists (uid,
 listeners, key; its units created and the relay's start queued), in state
 ``starting``; the start goes on in a task, and its key may be claimed
 meanwhile. Whoever needs both halves of a tunnel (``scistreamctl tunnel``)
@@ -31,8 +31,8 @@ class EarlyStartMixin:
     _start_failures: Dict[str, Tuple[str, ScistreamError]]
 
     async def _create_early(self, ep: Endpoint, psk: str) -> Endpoint:
-        """inbound_request(early=True) once ``ep`` is made; the caller holds its uid's lock
-        (a new uid: nobody else knows it until this returns)."""
+        """inbound_request with option early, once ``ep`` is made; the caller holds its
+        uid's lock (a new uid: nobody else knows it until this returns)."""
         queued: asyncio.Future = asyncio.get_running_loop().create_future()
 
         async def start() -> None:
@@ -74,7 +74,7 @@ class EarlyStartMixin:
             await asyncio.wait([early[0]], timeout=self.cfg.relay_start_timeout + 5)
 
     async def settled(self, uid: object, owner: Optional[str] = None) -> None:
-        """Wait until an early start of inbound ``uid`` (inbound_request(early=True)) is
+        """Wait until an early start of inbound ``uid`` (inbound_request, option early) is
         over (at most relay_start_timeout and a little more); raise its failure if it
         failed, when the endpoint is gone. ``owner``: only that owner's endpoint counts
         (another owner's start is neither waited for nor reported)."""

@@ -130,8 +130,8 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
         self._refreshing: Dict[Tuple[str, Role], asyncio.Task] = {}
         #: Endpoints whose relay is being restarted on purpose (re-arm).
         self._restarting: Set[Tuple[str, Role]] = set()
-        #: Inbound uids whose early start is still going on (inbound_request(early=True)),
-        #: and those whose early start failed: (owner, error), oldest first.
+        #: Inbound uids whose early start is still going on (option early of
+        #: inbound_request), and those whose early start failed: (owner, error), oldest first.
         self._early: Dict[str, Tuple[asyncio.Task[None], str]] = {}
         self._start_failures: Dict[str, Tuple[str, ScistreamError]] = {}
         #: Inbound uids released here, oldest first (this run only): a late claim
@@ -222,11 +222,11 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
                               owner: str = LEGACY_OWNER) -> Endpoint:
         """``owner``: the creator's Owner string (identity.py).
 
-        Option ``early`` (a boolean): return as soon as the endpoint exists (uid, listeners and key;
-        its units created and the relay's start queued), in state ``starting``;
-        its key may be claimed from then on, and the start goes on here
-        (:meth:`settled` waits for it and says how it ended). A client that needs
-        both halves of a tunnel makes the other half meanwhile.
+        Option ``early`` (a boolean): return as soon as the endpoint exists (uid,
+        listeners and key; its units created and the relay's start queued), in state
+        ``starting``; its key may be claimed from then on, and the start goes on here
+        (:meth:`settled` waits for it and says how it ended; earlystart.py). A client
+        that needs both halves of a tunnel makes the other half meanwhile.
         """
         ip = parse_ip(remote_ip, "remote_ip")
         ports = parse_port_list(receiver_ports, "receiver_ports")

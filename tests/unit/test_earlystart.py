@@ -1,4 +1,4 @@
-"""Manager.inbound_request(early=True) (earlystart.py) with the fakes of test_manager:
+"""Manager.inbound_request with option early (earlystart.py), with the fakes of test_manager:
 answered while the relay starts, its key claimable meanwhile, and every way the
 start can end afterwards (done, failed, released first, re-armed meanwhile)
 returning everything and telling settled() how it ended."""
