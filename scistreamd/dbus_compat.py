@@ -151,6 +151,10 @@ def patch_dbus_next_writer() -> None:
             return  # the socket is full: the writer stays registered, retried when writable
         except Exception as e:
             mb._future_set_exception(self.fut, e)
+            # Most sends (signals, replies) are not awaited; the bus's end is what
+            # _finalize reports, not "Future exception was never retrieved" at exit.
+            if self.fut is not None and self.fut.done() and not self.fut.cancelled():
+                self.fut.exception()
             self.bus._finalize(e)
 
     writer.write_callback = write_callback

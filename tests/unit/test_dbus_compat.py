@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, List
 
+import pytest
 from dbus_next import Message, MessageFlag, MessageType
 
 from scistreamd.dbus_compat import PeerAnswers, read_machine_id
@@ -135,3 +137,40 @@ def test_tunnel_api_announces_endpoints_only_once_it_asks_for_its_name() -> None
     new = ep("6aadb09f-9322-4064-b9fa-fd96ecd2e7ea")
     api.endpoint_added(new)
     assert len(bus.exported) == 1 and bus.exported[0] not in bus._path_exports
+
+
+def test_patched_writer_marks_a_failed_send_retrieved_and_ends_the_bus() -> None:
+    """A send that fails (the bus went away: EPIPE) ends the bus through _finalize; the
+    message's future, which nobody may await (a signal), logs no "Future exception was
+    never retrieved" (its exception is still raised to an awaiter)."""
+    import asyncio
+    import queue
+    import types
+
+    from dbus_next.aio import message_bus as mb
+
+    from scistreamd.dbus_compat import patch_dbus_next_writer
+
+    patch_dbus_next_writer()
+    if not getattr(mb._MessageWriter, "_eagain_safe", False):
+        pytest.skip("this dbus-next release is not patched")
+    loop = asyncio.new_event_loop()
+    try:
+        fut = loop.create_future()
+        ended: List[BaseException] = []
+
+        class Sock:
+            def send(self, data: Any) -> int:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        messages: queue.Queue = queue.Queue()
+        messages.put((b"message", None, fut))
+        writer = types.SimpleNamespace(
+            buf=None, messages=messages, sock=Sock(), unix_fds=None, negotiate_unix_fd=False,
+            loop=loop, fd=-1, bus=types.SimpleNamespace(_finalize=ended.append))
+        mb._MessageWriter.write_callback(writer)
+        assert isinstance(ended[0], BrokenPipeError)
+        assert fut.done() and fut._log_traceback is False  # nothing logged when collected
+        assert isinstance(fut.exception(), BrokenPipeError)  # an awaiter still gets it
+    finally:
+        loop.close()
