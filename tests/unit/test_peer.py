@@ -13,6 +13,7 @@ import datetime
 import http.client
 import ipaddress
 import json
+import shutil
 import socket
 import ssl
 import threading
@@ -41,7 +42,13 @@ from scistreamd.errors import (
     ScistreamError,
 )
 from scistreamd.model import HostPort
-from scistreamd.peerclient import PeerClient, claim_endpoint, endpoint_state, health
+from scistreamd.peerclient import (
+    _CONTEXTS_KEPT,
+    PeerClient,
+    claim_endpoint,
+    endpoint_state,
+    health,
+)
 from scistreamd.peerident import PeerIdentity
 from scistreamd.peerserver import PeerServer
 from scistreamd.peerwire import MSG_PEER_REFUSED, EndpointState, PeerEndpoint
@@ -1185,3 +1192,43 @@ def test_concurrent_claims_do_not_wait_for_each_other(pki: PKI) -> None:
     finally:
         client.close()
         dead.close()
+
+
+# ---------------------------------------------------------------------------
+# client contexts kept between claims
+
+
+def test_client_context_is_kept_per_peer_and_trust(server: PeerServer, pki: PKI,
+                                                   gateway: Gateway, tmp_path: Path) -> None:
+    trust = tmp_path / "trust.pem"
+    shutil.copy(pki.ca, trust)
+    client = PeerClient(trust_file=trust, timeout=GUARD)
+    client.health(server.address)
+    client.health(server.address)
+    assert len(client._contexts) == 1  # the second exchange built none
+    client.health(server.address)
+    client.claim(server.address, UID, trust_pem=pki.ca.read_text())
+    assert len(client._contexts) == 2  # another trust: another context
+    # The trust file now names another CA: the next exchange must use it, not a
+    # context built from the old content.
+    trust.write_text(pki.other_server.pem)
+    with pytest.raises(PeerRejected, match="not trusted by"):
+        client.health(server.address)
+    # A reload pointing at other files (reloader.py sets them) is seen at once too.
+    client.trust_file = pki.ca
+    assert client.health(server.address)["status"] == "ok"
+
+
+def test_client_context_cache_is_bounded(pki: PKI) -> None:
+    client = PeerClient(trust_file=pki.ca, timeout=GUARD)
+    for i in range(_CONTEXTS_KEPT + 5):
+        client._context(HostPort(ipaddress.ip_address(f"127.0.0.{i + 1}"), 5000), None)
+    assert len(client._contexts) == _CONTEXTS_KEPT
+
+
+def test_unloadable_trust_is_not_kept(pki: PKI, tmp_path: Path) -> None:
+    client = PeerClient(trust_file=tmp_path / "missing.pem", timeout=GUARD)
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="missing.pem"):
+            client._context(HostPort(LOCAL, 5000), None)
+    assert not client._contexts
