@@ -57,7 +57,12 @@ class StatusKeeper:
 
     def endpoint_added(self, ep: Any) -> None:
         self._inner.endpoint_added(ep)
-        self.update()
+        # A new endpoint whose relay is starting is counted when it settles (its
+        # state changes) or is removed: systemd handles a notification (and the
+        # PropertiesChanged of scistreamd.service it causes) ahead of the
+        # StartTransientUnit call that follows at once, delaying the relay.
+        if ep.state.value != "starting":
+            self.update()
 
     def endpoint_changed(self, ep: Any, changed: Any) -> None:
         self._inner.endpoint_changed(ep, changed)

@@ -261,6 +261,24 @@ def test_status_keeper_follows_every_add_and_remove() -> None:
     assert inner.seen == ["added", "added", "changed", "changed", "removed", "removed"]
 
 
+def test_status_keeper_counts_a_starting_endpoint_when_it_settles() -> None:
+    eps: dict = {}
+    sent: List[str] = []
+    keeper = StatusKeeper(_Inner(), eps, notify=sent.append)
+    keeper.live = True
+    eps["a"] = _Ep("starting")
+    keeper.endpoint_added(eps["a"])
+    assert sent == []  # not ahead of its relay's start
+    eps["a"].state.value = "active"
+    keeper.endpoint_changed(eps["a"], ["state"])
+    assert sent == ["STATUS=serving 1 endpoint"]
+    eps["b"] = _Ep("starting")
+    keeper.endpoint_added(eps["b"])
+    del eps["b"]  # its start failed: rolled back
+    keeper.endpoint_removed(_Ep("starting"))
+    assert sent == ["STATUS=serving 1 endpoint"]  # the same text: nothing sent
+
+
 class _CountingDict(dict):
     def __init__(self) -> None:
         super().__init__()
