@@ -15,9 +15,10 @@ A workflow robot's certificate should carry one DNS name that says what it is
 
 from __future__ import annotations
 
+import collections
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -28,6 +29,12 @@ from .errors import ConfigError, InvalidArgument
 from .identity import Identity
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Certificates whose verdicts a matcher keeps (the most recently seen).
+_KEPT = 256
+#: The verdict on a user CA's certificate that names no usable identity.
+_UNUSABLE: Any = object()
 
 
 def load_certs(path: Path, what: str) -> List[x509.Certificate]:
@@ -115,17 +122,45 @@ class UserCertMatcher:
             except ConfigError as e:  # the peer port's own loading names it too
                 logger.warning("%s", e)
 
+        #: Verdicts per certificate (its exact DER): a user or gateway presents the
+        #: same certificate on every connection, and parsing it and checking its
+        #: signature cost each connection some 1-2 ms. They depend on nothing
+        #: else: the CAs are this matcher's own (a new configuration makes a new
+        #: matcher), and the handshake checked validity and the chain.
+        self._identities: Dict[bytes, Any] = collections.OrderedDict()
+        self._peer_issued: Dict[bytes, bool] = collections.OrderedDict()
+
+    @staticmethod
+    def _kept(cache: Dict[bytes, T], der: bytes, judge: Callable[[bytes], T]) -> T:
+        if der in cache:
+            cache.move_to_end(der)  # type: ignore[attr-defined]
+            return cache[der]
+        verdict = cache[der] = judge(der)
+        while len(cache) > _KEPT:
+            del cache[next(iter(cache))]
+        return verdict
+
     def identity_of(self, der: bytes) -> Optional[Identity]:
         """The "cert" identity of a (handshake-verified) certificate from a user CA."""
-        if not der or not issued_by(der, self._cas):
+        if not der:
+            return None
+        found = self._kept(self._identities, der, self._identity_of)
+        if found is _UNUSABLE:
+            # Said on every connection, as before the verdicts were kept.
+            logger.warning("a client certificate from user_client_ca names no usable "
+                           "identity (no DNS/IP subjectAltName, no plain commonName)")
+            return None
+        return found
+
+    def _identity_of(self, der: bytes) -> Any:
+        if not issued_by(der, self._cas):
             return None
         subject = cert_subject(x509.load_der_x509_certificate(der))
         try:
             return Identity("cert", subject)
         except InvalidArgument:
-            logger.warning("a client certificate from user_client_ca names no usable "
-                           "identity (no DNS/IP subjectAltName, no plain commonName)")
-            return None
+            return _UNUSABLE
 
     def peer_ca_issued(self, der: bytes) -> bool:
-        return bool(self._peer_cas) and issued_by(der, self._peer_cas)
+        return bool(self._peer_cas) and self._kept(
+            self._peer_issued, der, lambda d: issued_by(d, self._peer_cas))
