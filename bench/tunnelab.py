@@ -45,7 +45,10 @@ from .stats import summary
 REPO = Path(__file__).resolve().parents[1]
 BEFORE, AFTER = "build/tunnelab-before", "build/tunnelab-after"
 SRC = {"before": f"/run/testbed/src/{BEFORE}", "after": f"/run/testbed/src/{AFTER}"}
-DROPIN = "/run/systemd/system/scistreamd.service.d/95-tunnelab.conf"
+#: Drop-ins apply in the order of their file names, whatever their directory: this
+#: one must sort after the test bed's own "testbed.conf", whose Environment=PYTHONPATH
+#: (the working tree) otherwise wins and both "trees" run the working tree's daemons.
+DROPIN = "/run/systemd/system/scistreamd.service.d/zz-tunnelab.conf"
 
 
 def _cli(which: str) -> List[str]:
