@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError, InvalidArgument
-from .model import IPAddress
-from .peerident import PeerIdentity
 
 if TYPE_CHECKING:  # asyncio only where ServerTls runs (the daemon): CLI start-up
     import asyncio
+
+    # Not on the CLI's remote path at run time (their dataclasses: ~4 ms).
+    from .model import IPAddress
+    from .peerident import PeerIdentity
 
 #: Largest trust PEM accepted (CLI --server_cert, D-Bus option trust_pem).
 MAX_TRUST_PEM = 1024 * 1024
@@ -155,6 +157,8 @@ def format_client(addr: Any) -> str:
 
 def identity_of(who: str, cert: Dict[str, Any]) -> PeerIdentity:
     """A PeerIdentity from ssl's dict form of a verified certificate."""
+    from .peerident import PeerIdentity  # the server's side only
+
     ips: List[IPAddress] = []
     dns: List[str] = []
     for kind, value in cert.get("subjectAltName", ()):

@@ -36,9 +36,9 @@ import requests
 
 from . import __version__, errors
 from .errors import AccessDenied, InvalidArgument, ScistreamError
-from .model import HostPort, parse_hostport, parse_uid
 from .peertls import CLIENT_CERT_ALERTS, client_context, ssl_reason
 from .tlshttp import BodyTooLarge, BodyTooSlow, TrustOnlyAdapter, causes, read_bounded
+from .values import HostPort, parse_hostport, parse_uid
 from .wiretext import clean, loads
 
 logger = logging.getLogger(__name__)

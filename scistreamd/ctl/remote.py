@@ -18,13 +18,16 @@ import argparse
 import socket
 import threading
 from datetime import datetime
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import MANAGER_IFACE
 from ..errors import NotFound, ScistreamError
-from ..model import HostPort, IPAddress, parse_hostport
+from ..values import HostPort, parse_hostport
 from .errors import CtlError, _one_line, usage_error
 from .output import format_request_rows
+
+if TYPE_CHECKING:
+    from ..values import IPAddress
 
 Output = Tuple[str, Any]
 
@@ -336,14 +339,14 @@ def status(remote: RemoteSide, args: argparse.Namespace) -> Output:
 
 
 def _ports(values: Optional[Sequence[str]], option: str) -> List[int]:
-    from ..model import parse_port_list
+    from ..values import parse_port_list
     from .plans import _items
 
     return list(parse_port_list(_items(values), option, min_len=0))
 
 
 def tunnel(args: argparse.Namespace) -> Output:
-    from ..model import parse_allowed_peer, parse_ip, parse_port_list
+    from ..values import parse_allowed_peer, parse_ip, parse_port_list
     from .plans import _count, _items, read_trust_pem
 
     remote_ip = str(parse_ip(args.remote_ip, "--remote_ip"))

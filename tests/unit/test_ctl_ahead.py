@@ -153,8 +153,9 @@ def test_tunnel_whose_client_side_cannot_be_made_releases_the_inbound_half(
 
 
 def test_remote_mode_imports_no_daemon_to_daemon_documents() -> None:
-    """Start-up time of every remote verb: the peer port's documents (peerwire, relay)
-    and uuid stay out of the CLI's remote mode."""
+    """Start-up time of every remote verb: the peer port's documents (peerwire, relay),
+    uuid, and the daemon's model and peer identities (with their dataclasses) stay out
+    of the CLI's remote mode."""
     import os
     import subprocess
 
@@ -162,7 +163,8 @@ def test_remote_mode_imports_no_daemon_to_daemon_documents() -> None:
 
     code = ("import sys, scistreamd.ctl.cli, scistreamd.ctl.verbs, scistreamd.ctl.remote, "
             "scistreamd.userclient, scistreamd.ctl.credentials; print(sorted(m for m in "
-            "('uuid', 'scistreamd.peerwire', 'scistreamd.relay') if m in sys.modules))")
+            "('uuid', 'scistreamd.peerwire', 'scistreamd.relay', 'scistreamd.model', "
+            "'scistreamd.peerident', 'dataclasses') if m in sys.modules))")
     res = subprocess.run(["/usr/bin/python3", "-c", code], env=dict(os.environ,
                          PYTHONPATH=str(REPO)), capture_output=True, text=True, check=True)
     assert res.stdout.strip().splitlines()[-1] == "[]"
