@@ -207,22 +207,23 @@ class Ahead:
     for another daemon), and its connection opened (``warm``) once it is made.
     :meth:`result` waits for the side only, never for the connection: the call
     that needs it opens its own if the one ahead is not ready, and reports any
-    failure itself."""
+    failure itself. ``warm=False``: any call's result, nothing opened after it."""
 
-    def __init__(self, make: Any) -> None:
+    def __init__(self, make: Any, warm: bool = True) -> None:
         self._made = threading.Event()
         self._side: Any = None
         self._error: Optional[BaseException] = None
-        threading.Thread(target=self._run, args=(make,), name="ahead", daemon=True).start()
+        threading.Thread(target=self._run, args=(make, warm), name="ahead",
+                         daemon=True).start()
 
-    def _run(self, make: Any) -> None:
+    def _run(self, make: Any, warm: bool) -> None:
         try:
             self._side = make()
         except BaseException as err:  # raised in the caller's thread by result()
             self._error = err
         finally:
             self._made.set()
-        if self._side is not None:
+        if warm and self._side is not None:
             self._side.warm()
 
     def result(self) -> Any:
@@ -380,20 +381,24 @@ def tunnel(args: argparse.Namespace) -> Output:
         first = side(args, "--client-s2cs")
         ahead = Ahead(lambda: first)
     # Early: the server side answers while its relay starts, and the client side
-    # claims the key and starts its own relay meanwhile; the server side's start is
-    # confirmed last (wait_started), and its failure rolls both halves back.
+    # claims the key and starts its own relay meanwhile; the end of the server side's
+    # start is awaited beside it (wait_started), and its failure rolls both halves back.
     made = server.inbound(remote_ip, ports, num_conn, allowed, early=True)
     uid = made["uid"]
     client: Any = None
     outbound_made = False
+    # Asked at once, in a thread: the server relay's start is mostly over before the
+    # client side's half is, and its answer is then waiting (one round trip less).
+    started = Ahead(lambda: server.wait_started(uid), warm=False) \
+        if made.get("starting") else None
     try:
         client = ahead.result()
         # The client side claims from the server side's peer port: the address named.
         out = client.outbound(uid, made["listeners"], local_ports, num_conn, str(server_hp),
                               peer_trust)
         outbound_made = True
-        if made.get("starting"):
-            made["endpoint"] = server.wait_started(uid) or made["endpoint"]
+        if started is not None:
+            made["endpoint"] = started.result() or made["endpoint"]
     except BaseException as err:  # also Ctrl-C: nothing may stay behind
         extra = _roll_back(uid, server, client, str(client_hp), outbound_made)
         if not isinstance(err, ScistreamError):

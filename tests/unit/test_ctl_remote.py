@@ -410,7 +410,7 @@ STARTING = (201, {"uid": UID, "listeners": ["192.0.2.1:5100"],
 TUNNEL_ARGS = ["--remote_ip", "192.0.2.1", "--receiver_ports", "5300"]
 
 
-def test_tunnel_confirms_an_early_server_side_last(canned: Canned, capsys) -> None:
+def test_tunnel_confirms_an_early_server_sides_start(canned: Canned, capsys) -> None:
     canned.answers["POST /v1/tunnels/inbound?early=1"] = STARTING
     canned.answers["POST /v1/tunnels/outbound"] = (201, {"listeners": ["192.0.2.2:5100"],
                                                          "endpoint": {}})
@@ -421,9 +421,11 @@ def test_tunnel_confirms_an_early_server_side_last(canned: Canned, capsys) -> No
                            "--server_cert", str(canned.ca)], capsys)
     assert (code, err) == (0, "")
     assert json.loads(out)["server"]["endpoint"]["state"] == "active"
-    assert [(m, p) for m, p, _, _ in canned.seen] == [
-        ("POST", "/v1/tunnels/inbound?early=1"), ("POST", "/v1/tunnels/outbound"),
-        ("GET", f"/v1/tunnels/{UID}?wait=1")]
+    seen = [(m, p) for m, p, _, _ in canned.seen]
+    # The wait is asked beside the client side's half (in either order), after the answer.
+    assert seen[0] == ("POST", "/v1/tunnels/inbound?early=1")
+    assert sorted(seen[1:]) == [("GET", f"/v1/tunnels/{UID}?wait=1"),
+                                ("POST", "/v1/tunnels/outbound")]
 
 
 def test_tunnel_whose_server_side_does_not_start_releases_the_client_side(
@@ -440,9 +442,10 @@ def test_tunnel_whose_server_side_does_not_start_releases_the_client_side(
     assert (code, out) == (8, "") and "is in use" in err
     assert (f"the inbound half of tunnel {UID} at {canned.addr} did not start; its outbound "
             f"half at {canned.addr} was released: nothing is left") in err
-    assert [(m, p) for m, p, _, _ in canned.seen][2:] == [
-        ("GET", f"/v1/tunnels/{UID}?wait=1"), ("DELETE", f"/v1/tunnels/{UID}"),
-        ("DELETE", f"/v1/tunnels/{UID}")]
+    seen = [(m, p) for m, p, _, _ in canned.seen]
+    assert sorted(seen[1:3]) == [("GET", f"/v1/tunnels/{UID}?wait=1"),
+                                 ("POST", "/v1/tunnels/outbound")]
+    assert seen[3:] == [("DELETE", f"/v1/tunnels/{UID}")] * 2  # client side, server side
 
 
 def test_version_and_list_do_not_import_remote_mode() -> None:
