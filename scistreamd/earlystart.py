@@ -17,9 +17,7 @@ from typing import Dict, Optional, Tuple
 from .config import Config
 from .errors import RelayFailed, ScistreamError
 from .model import Endpoint, parse_uid
-
-#: How many failed early starts are remembered for settled() (this run only).
-_START_FAILURE_MEMORY = 1024
+from .recent import Recent
 
 
 class EarlyStartMixin:
@@ -28,7 +26,7 @@ class EarlyStartMixin:
     cfg: Config
     #: uid -> (the start's task, the endpoint's owner)
     _early: Dict[str, Tuple[asyncio.Task[None], str]]
-    _start_failures: Dict[str, Tuple[str, ScistreamError]]
+    _start_failures: Recent[str, Tuple[str, ScistreamError]]
 
     async def _create_early(self, ep: Endpoint, psk: str) -> Endpoint:
         """inbound_request with option early, once ``ep`` is made; the caller holds its
@@ -93,7 +91,5 @@ class EarlyStartMixin:
         elif not isinstance(err, ScistreamError):
             err = RelayFailed(f"starting the relay of {ep.uid} failed: see 'journalctl -u "
                               "scistreamd'")
-        self._start_failures[ep.uid] = (ep.owner, err)
-        while len(self._start_failures) > _START_FAILURE_MEMORY:
-            del self._start_failures[next(iter(self._start_failures))]
+        self._start_failures.put(ep.uid, (ep.owner, err))
 

@@ -68,6 +68,7 @@ from .peerclient import PeerClient
 from .peerside import PeerSideMixin
 from .peertls import check_trust_pem
 from .ports import PortAllocator
+from .recent import Recent
 from .reconcile import ReconcileMixin
 from .relay import (
     new_psk,
@@ -84,6 +85,10 @@ logger = logging.getLogger(__name__)
 #: Inbound requests check at most this many targets, each for at most this long.
 _PROBE_TARGETS = 8
 _PROBE_TIMEOUT = 1.0
+#: How many released inbound uids a claim can still tell apart from unknown ones.
+_RELEASED_MEMORY = 4096
+#: How many failed early starts are remembered for settled() (this run only).
+_START_FAILURE_MEMORY = 1024
 
 
 def _parse_early(value: object) -> bool:
@@ -133,10 +138,11 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
         #: Inbound uids whose early start is still going on (option early of
         #: inbound_request), and those whose early start failed: (owner, error), oldest first.
         self._early: Dict[str, Tuple[asyncio.Task[None], str]] = {}
-        self._start_failures: Dict[str, Tuple[str, ScistreamError]] = {}
+        self._start_failures: Recent[str, Tuple[str, ScistreamError]] = Recent(
+            _START_FAILURE_MEMORY)
         #: Inbound uids released here, oldest first (this run only): a late claim
         #: gets "released", not "unknown uid".
-        self._released: Dict[str, None] = {}
+        self._released: Recent[str, None] = Recent(_RELEASED_MEMORY)
         #: Endpoints whose listeners a .socket unit holds (the others: relays
         #: adopted from a version without socket units, or relay_socket_activation off).
         self._sockets: Set[Tuple[str, Role]] = set()
@@ -431,7 +437,7 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
                 _log(logging.INFO, MSG_RELEASE, ep, "%s endpoint %s released",
                      ep.role.value, ep.uid)
                 if ep.role is Role.INBOUND:
-                    self._remember_released(ep.uid)
+                    self._released.put(ep.uid, None)
         if not eps:
             raise NotFound(f"endpoint {uid} was released meanwhile")
         return eps

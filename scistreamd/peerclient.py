@@ -16,7 +16,6 @@ class follows the error name the peer sent (peerwire.ERRORS).
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import errno
 import functools
@@ -26,7 +25,6 @@ import os
 import re
 import socket
 import ssl
-import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -50,6 +48,7 @@ from .peerwire import (
     loads,
     state_path,
 )
+from .recent import Recent
 from .tlshttp import BodyTooLarge, BodyTooSlow, read_bounded
 from .tlshttp import TrustOnlyAdapter as _PeerAdapter
 from .tlshttp import causes as _causes
@@ -92,9 +91,8 @@ class PeerClient:
         self.timeout = float(timeout)
         self._max_parallel = max_parallel
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._contexts: collections.OrderedDict[Tuple[Any, ...], Tuple[ssl.SSLContext, str]] = (
-            collections.OrderedDict())
-        self._contexts_lock = threading.Lock()
+        self._contexts: Recent[Tuple[Any, ...], Tuple[ssl.SSLContext, str]] = Recent(
+            _CONTEXTS_KEPT)
 
     # -- blocking API -----------------------------------------------------------
 
@@ -253,18 +251,8 @@ class PeerClient:
             # Unreadable: client_context names the problem; nothing to keep.
             return client_context(peer.host, self.trust_file, trust_pem, self.client_cert,
                                   self.client_key)
-        with self._contexts_lock:
-            kept = self._contexts.get(key)
-            if kept is not None:
-                self._contexts.move_to_end(key)
-                return kept
-        built = client_context(peer.host, self.trust_file, trust_pem, self.client_cert,
-                               self.client_key)
-        with self._contexts_lock:
-            self._contexts[key] = built
-            while len(self._contexts) > _CONTEXTS_KEPT:
-                self._contexts.popitem(last=False)
-        return built
+        return self._contexts.get_or_make(key, lambda: client_context(
+            peer.host, self.trust_file, trust_pem, self.client_cert, self.client_key))
 
     def _read_body(self, resp: requests.Response, peer: HostPort) -> bytes:
         try:

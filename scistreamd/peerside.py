@@ -33,6 +33,7 @@ from .model import (
 )
 from .peerident import PeerIdentity, parse_claimant_ip, peer_matches
 from .peerwire import PeerEndpoint
+from .recent import Recent
 from .relay import STUNNEL_LOG_LEVELS
 from .store import KeyStore
 from .systemd import SystemdError, unit_object_path
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("scistreamd.manager")
 
-#: How many released inbound uids a claim can still tell apart from unknown ones.
-_RELEASED_MEMORY = 4096
 
 
 class PeerSideMixin:
@@ -57,15 +56,9 @@ class PeerSideMixin:
     keys: KeyStore
     endpoints: Dict[Tuple[str, Role], Endpoint]
     _restarting: Set[Tuple[str, Role]]
-    _released: Dict[str, None]
+    _released: Recent[str, None]
     _early: Dict[str, Tuple[asyncio.Task[None], str]]
-    _start_failures: Dict[str, Tuple[str, ScistreamError]]
-
-    def _remember_released(self, uid: str) -> None:
-        self._released.pop(uid, None)
-        self._released[uid] = None
-        while len(self._released) > _RELEASED_MEMORY:
-            del self._released[next(iter(self._released))]
+    _start_failures: Recent[str, Tuple[str, ScistreamError]]
 
     def _no_inbound(self, uid: str) -> NotFound:
         """NotFound for a claim or state check of an inbound endpoint this host lacks."""

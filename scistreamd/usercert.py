@@ -15,10 +15,9 @@ A workflow robot's certificate should carry one DNS name that says what it is
 
 from __future__ import annotations
 
-import collections
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, List, Optional, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -27,10 +26,10 @@ from cryptography.x509.oid import NameOID
 
 from .errors import ConfigError, InvalidArgument
 from .identity import Identity
+from .recent import Recent
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 #: Certificates whose verdicts a matcher keeps (the most recently seen).
 _KEPT = 256
 #: The verdict on a user CA's certificate that names no usable identity.
@@ -127,24 +126,14 @@ class UserCertMatcher:
         #: signature cost each connection some 1-2 ms. They depend on nothing
         #: else: the CAs are this matcher's own (a new configuration makes a new
         #: matcher), and the handshake checked validity and the chain.
-        self._identities: Dict[bytes, Any] = collections.OrderedDict()
-        self._peer_issued: Dict[bytes, bool] = collections.OrderedDict()
-
-    @staticmethod
-    def _kept(cache: Dict[bytes, T], der: bytes, judge: Callable[[bytes], T]) -> T:
-        if der in cache:
-            cache.move_to_end(der)  # type: ignore[attr-defined]
-            return cache[der]
-        verdict = cache[der] = judge(der)
-        while len(cache) > _KEPT:
-            del cache[next(iter(cache))]
-        return verdict
+        self._identities: Recent[bytes, Any] = Recent(_KEPT)
+        self._peer_issued: Recent[bytes, bool] = Recent(_KEPT)
 
     def identity_of(self, der: bytes) -> Optional[Identity]:
         """The "cert" identity of a (handshake-verified) certificate from a user CA."""
         if not der:
             return None
-        found = self._kept(self._identities, der, self._identity_of)
+        found = self._identities.get_or_make(der, lambda: self._identity_of(der))
         if found is _UNUSABLE:
             # Said on every connection, as before the verdicts were kept.
             logger.warning("a client certificate from user_client_ca names no usable "
@@ -162,5 +151,5 @@ class UserCertMatcher:
             return _UNUSABLE
 
     def peer_ca_issued(self, der: bytes) -> bool:
-        return bool(self._peer_cas) and self._kept(
-            self._peer_issued, der, lambda d: issued_by(d, self._peer_cas))
+        return bool(self._peer_cas) and self._peer_issued.get_or_make(
+            der, lambda: issued_by(der, self._peer_cas))

@@ -55,6 +55,7 @@ def test_verdicts_are_kept_per_certificate(setup: Any) -> None:
 def test_kept_verdicts_are_bounded(setup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     m, user_ca, _peer_ca, _checks = setup
     monkeypatch.setattr(usercert, "_KEPT", 3)
+    m = UserCertMatcher(m.ca_file, None)  # its memory's size is set when it is made
     ders = [_der(certs.make_host_cert("cn", [], [f"r{i}.example.org"], issuer=user_ca))
             for i in range(5)]
     for d in ders:
