@@ -21,7 +21,7 @@ from .recent import Recent
 
 
 class EarlyStartMixin:
-    """Uses the Manager's _create, _note_probe, _probe_targets, cfg."""
+    """Uses the Manager's _create_probed, cfg."""
 
     cfg: Config
     #: uid -> (the start's task, the endpoint's owner)
@@ -34,15 +34,12 @@ class EarlyStartMixin:
         queued: asyncio.Future = asyncio.get_running_loop().create_future()
 
         async def start() -> None:
-            probe = asyncio.ensure_future(self._probe_targets(ep.targets))
             try:
-                await self._create(ep, psk, queued=queued)
+                await self._create_probed(ep, psk, queued)
             except BaseException as e:
-                probe.cancel()
                 if queued.done():  # else the caller raises it
                     self._remember_start_failure(ep, e)
                 raise
-            self._note_probe(ep, await probe)
 
         task = asyncio.ensure_future(start())
         try:

@@ -261,15 +261,20 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
             psk = new_psk()
             if opts.get("early"):
                 return await self._create_early(ep, psk)
-            # The check runs beside the relay's start: it adds no wait of its own.
-            probe = asyncio.ensure_future(self._probe_targets(ep.targets))
-            try:
-                await self._create(ep, psk)
-            except BaseException:
-                probe.cancel()
-                raise
-            self._note_probe(ep, await probe)
+            await self._create_probed(ep, psk)
             return ep
+
+    async def _create_probed(self, ep: Endpoint, psk: str,
+                             queued: Optional[asyncio.Future] = None) -> None:
+        """_create of an inbound endpoint, its targets checked beside the relay's start
+        (the check adds no wait of its own)."""
+        probe = asyncio.ensure_future(self._probe_targets(ep.targets))
+        try:
+            await self._create(ep, psk, queued)
+        except BaseException:
+            probe.cancel()
+            raise
+        self._note_probe(ep, await probe)
 
     async def _probe_targets(self, targets: Sequence[HostPort]) -> Optional[List[HostPort]]:
         """The targets where nothing accepts a connection now; None if none was checked.
