@@ -162,12 +162,13 @@ class UserApi:
             inb = InboundBody.from_json(doc)
             self._deny(ident, source, inbound_refusal(
                 self._rules, ident, [(inb.remote_ip, p) for p in inb.receiver_ports]))
+            options = inb.options()
+            if "early" in flags:
+                options["early"] = True
             async with self._owner_lock(ident):
                 self._check_limit(ident, source)
                 ep = await self._m.inbound_request(
-                    inb.remote_ip, list(inb.receiver_ports), inb.num_conn,
-                    {**({"allowed_peer": inb.allowed_peer} if inb.allowed_peer else {}),
-                     **({"early": True} if "early" in flags else {})},
+                    inb.remote_ip, list(inb.receiver_ports), inb.num_conn, options,
                     owner=ident.owner)
             self._log(ident, source, "created inbound endpoint %s%s", ep.uid,
                       " (its relay starting)" if ep.state is State.STARTING else "")

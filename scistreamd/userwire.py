@@ -150,7 +150,11 @@ class InboundBody:
     def to_json(self) -> Dict[str, Any]:
         doc = {"remote_ip": str(self.remote_ip), "receiver_ports": list(self.receiver_ports),
                "num_conn": self.num_conn}
-        return {**doc, **({"allowed_peer": self.allowed_peer} if self.allowed_peer else {})}
+        return {**doc, **self.options()}
+
+    def options(self) -> Dict[str, Any]:
+        """The D-Bus options dict of the same request."""
+        return {"allowed_peer": self.allowed_peer} if self.allowed_peer else {}
 
     @classmethod
     def from_json(cls, doc: Any) -> InboundBody:
