@@ -273,6 +273,35 @@ def test_an_identity_sees_and_releases_only_its_own(users, clean):
     assert residue(s1) == []
 
 
+def test_early_answer_and_its_wait_are_the_owners_only(users, clean):
+    """?early=1 answers while the relay starts; ?wait=1 then answers its owner once the
+    start is over, and another identity as for a uid that does not exist (it is not
+    even made to wait). Other query parameters are refused by name."""
+    s1, s2 = users
+    a = api(s2, s1.ip, "POST", "/v1/tunnels/inbound?early=1",
+            {"remote_ip": s1.ip, "receiver_ports": [SINK_PORT], "num_conn": 1}, cert=A)
+    assert a["status"] == 201 and a["body"]["endpoint"]["state"] == "starting", a
+    uid = a["body"]["uid"]
+    nobody = str(uuid.uuid4())
+    unknown = refused(api(s2, s1.ip, "GET", f"/v1/tunnels/{nobody}?wait=1", cert=B), 404,
+                      "NotFound")
+    others = refused(api(s2, s1.ip, "GET", f"/v1/tunnels/{uid}?wait=1", cert=B), 404,
+                     "NotFound")
+    assert others == unknown.replace(nobody, uid), (others, unknown)
+    mine = api(s2, s1.ip, "GET", f"/v1/tunnels/{uid}?wait=1", cert=A)
+    assert mine["status"] == 200, mine
+    assert [e["state"] for e in mine["body"]["tunnels"]] == ["active"]
+    assert endpoint_properties(s1, uid, "inbound")["State"] == "active"
+    msg = refused(api(s2, s1.ip, "GET", f"/v1/tunnels/{uid}?wait=yes", cert=A), 400,
+                  "InvalidArgument")
+    assert "wait=1 or wait=0" in msg, msg
+    refused(api(s2, s1.ip, "POST", "/v1/tunnels/inbound?now=1",
+                {"remote_ip": s1.ip, "receiver_ports": [SINK_PORT], "num_conn": 1}, cert=A),
+            400, "InvalidArgument")
+    assert api(s2, s1.ip, "DELETE", f"/v1/tunnels/{uid}", cert=A)["body"] == {"released": 1}
+    assert residue(s1) == []
+
+
 def test_per_identity_limit(users, clean):
     s1, s2 = users
     made = [inbound(s1, s2, A) for _ in range(LIMIT_A)]
