@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import requests
+from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from . import __version__
@@ -50,10 +51,29 @@ from .peerwire import (
 )
 from .recent import Recent
 from .tlshttp import BodyTooLarge, BodyTooSlow, read_bounded
-from .tlshttp import TrustOnlyAdapter as _PeerAdapter
 from .tlshttp import causes as _causes
 
 logger = logging.getLogger(__name__)
+
+
+class _PeerAdapter(HTTPAdapter):
+    """requests adapter whose only trust is our SSLContext."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
+                         **pool_kwargs: Any) -> None:
+        pool_kwargs["ssl_context"] = self._context
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        # requests would load its CA bundle into our context here, trusting every
+        # public CA for the peer; we trust exactly what the caller gave.
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
 T = TypeVar("T")
 _DIGITS = re.compile(r"[0-9]{1,12}")
@@ -256,7 +276,8 @@ class PeerClient:
 
     def _read_body(self, resp: requests.Response, peer: HostPort) -> bytes:
         try:
-            return read_bounded(resp, MAX_RESPONSE, 3 * self.timeout)
+            return read_bounded(resp.headers.get("Content-Length"), resp.iter_content(16384),
+                                MAX_RESPONSE, 3 * self.timeout)
         except BodyTooLarge as e:
             raise PeerRejected(f"peer scistreamd at {peer} answered garbage: {e} (at most "
                                f"{MAX_RESPONSE} expected); is {peer} a scistreamd peer "

@@ -20,36 +20,33 @@ Failures are the daemon's named errors, as D-Bus gives them: the error name
 in the answer alone picks the class (scistreamd/errors.py), so scistreamctl
 exits with the same code either way. Not reaching the daemon at all is
 :class:`DaemonUnreachable` (the CLI's exit 10, as for a daemon that is not
-running locally). ``requests`` is imported with this module: only remote
-mode pays for it.
+running locally). The exchanges are tlshttp.Connections (http.client), not
+``requests``: see there why.
 """
 
 from __future__ import annotations
 
-import logging
+import http.client
+import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type
-
-import requests
 
 from . import __version__, errors
 from .errors import AccessDenied, InvalidArgument, ScistreamError
 from .peertls import CLIENT_CERT_ALERTS, client_context, ssl_reason
-from .tlshttp import BodyTooLarge, BodyTooSlow, TrustOnlyAdapter, causes, read_bounded
+from .tlshttp import BodyTooLarge, BodyTooSlow, Connections, causes
 from .values import HostPort, parse_hostport, parse_uid
-from .wiretext import clean, loads
-
-logger = logging.getLogger(__name__)
+from .wiretext import clean, dumps, loads
 
 TUNNELS_PATH = "/v1/tunnels"
 #: Largest answer read: a list of every tunnel of a busy identity fits.
 MAX_ANSWER = 8 * 1024 * 1024
-#: A connection opened ahead (:meth:`UserClient.warm`) that waited longer than this
-#: is not used: the daemon closes a connection that sends no request for
-#: peer_timeout (10 s by default; an administrator may set less).
-WARM_MAX_AGE = 1.0
+#: A connection (opened ahead by :meth:`UserClient.warm`, or kept alive after a
+#: call) that idled longer than this is not used: the daemon closes a connection
+#: that sends no request for peer_timeout (10 s by default; an administrator may
+#: set less).
+IDLE_MAX = 1.0
 
 
 class DaemonUnreachable(ScistreamError):
@@ -112,9 +109,8 @@ class UserClient:
         self.timeout = float(timeout)
         self._context, self._trust = client_context(self.daemon.host, trust_file, trust_pem,
                                                     client_cert, client_key)
-        self._session: Optional[requests.Session] = None
-        #: When warm() opened a connection that no call has used yet.
-        self._warm_at: Optional[float] = None
+        self._conns = Connections(str(self.daemon.host), self.daemon.port, self._context,
+                                  self.timeout, IDLE_MAX)
 
     def __repr__(self) -> str:  # never the token
         return f"UserClient({self.daemon}, token={'yes' if self._token else 'no'})"
@@ -181,36 +177,22 @@ class UserClient:
         return n
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-        self._warm_at = None
+        self._conns.close()
 
     def warm(self) -> None:
         """Open the connection of the next call now (TCP and the TLS handshake, the
         daemon verified as for any call), e.g. in a thread while another daemon
         works: the call then starts with its request. Best effort: a failure here is
         left to the call, which opens its own connection and reports it. Safe beside
-        a call in another thread (the connection pool is).
+        a call in another thread (each exchange has a connection of its own).
         """
-        session = self._ensure_session()
-        url = self._url("/")
         try:
-            adapter = session.get_adapter(url)
-            pool = adapter.poolmanager.connection_from_url(url)
-            adapter.cert_verify(pool, url, True, None)  # what every request sets first
-            conn = pool._get_conn()
-            try:
-                conn.timeout = self.timeout
-                conn.connect()
-            except BaseException:
-                conn.close()
-                pool._put_conn(conn)  # a slot of the pool, as after a failed request
-                raise
-            self._warm_at = time.monotonic()
-            pool._put_conn(conn)
+            self._conns.open()
         except Exception as e:  # the call will say what is wrong, by name
-            logger.debug("opening a connection to %s ahead failed: %s", self.daemon, e)
+            import logging  # here: ~6 ms that no successful command needs
+
+            logging.getLogger(__name__).debug("opening a connection to %s ahead failed: %s",
+                                              self.daemon, e)
 
     # -- answers -------------------------------------------------------------------
 
@@ -269,20 +251,20 @@ class UserClient:
                    "Accept-Encoding": "identity"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        if self._warm_at is not None and time.monotonic() - self._warm_at > WARM_MAX_AGE:
-            self.close()  # the daemon may be closing it: a fresh connection instead
-        self._warm_at = None
-        session = self._ensure_session()
+        data = None
+        if body is not None:
+            data = dumps(body)
+            headers["Content-Type"] = "application/json"
         try:
-            resp = session.request(method, self._url(path), json=body,
-                                         headers=headers, timeout=(self.timeout, self.timeout),
-                                         stream=True, allow_redirects=False)
-            try:
-                status = resp.status_code
-                raw = self._read(resp)
-            finally:
-                resp.close()
-        except requests.RequestException as e:
+            status, raw = self._conns.exchange(method, path, data, headers, MAX_ANSWER,
+                                               3 * self.timeout)
+        except BodyTooLarge:
+            raise ScistreamError(f"scistreamd at {self.daemon} answered more than "
+                                 f"{MAX_ANSWER} bytes; is it a scistreamd peer port?") from None
+        except BodyTooSlow:
+            raise DaemonUnreachable(f"scistreamd at {self.daemon} is too slow: no whole "
+                                    f"answer within {3 * self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as e:
             raise self._transport_error(e) from None
         try:
             doc = loads(raw)
@@ -293,28 +275,6 @@ class UserClient:
         if not 200 <= status < 300:
             raise error_from_answer(self.daemon, status, doc, what)
         return doc
-
-    def _ensure_session(self) -> requests.Session:
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.trust_env = False  # no proxy or .netrc sees the token
-            self._session.mount("https://", TrustOnlyAdapter(self._context))
-        return self._session
-
-    def _url(self, path: str) -> str:
-        host = self.daemon.host
-        netloc = f"[{host}]:{self.daemon.port}" if host.version == 6 else str(self.daemon)
-        return f"https://{netloc}{path}"
-
-    def _read(self, resp: requests.Response) -> bytes:
-        try:
-            return read_bounded(resp, MAX_ANSWER, 3 * self.timeout, chunk=65536)
-        except BodyTooLarge:
-            raise ScistreamError(f"scistreamd at {self.daemon} answered more than "
-                                 f"{MAX_ANSWER} bytes; is it a scistreamd peer port?") from None
-        except BodyTooSlow:
-            raise DaemonUnreachable(f"scistreamd at {self.daemon} is too slow: no whole "
-                                    f"answer within {3 * self.timeout:g} s") from None
 
     def _transport_error(self, exc: BaseException) -> ScistreamError:
         d = self.daemon
@@ -336,7 +296,7 @@ class UserClient:
                     "accept the client certificate (or wants one); give a certificate from a "
                     "CA it accepts for users with --client-cert/--client-key, or a token")
         for c in found:
-            if isinstance(c, (requests.Timeout, TimeoutError)):
+            if isinstance(c, (socket.timeout, TimeoutError)):  # apart until 3.10
                 return DaemonUnreachable(f"scistreamd at {d} did not answer within "
                                          f"{self.timeout:g} s: check the host, or give a "
                                          "larger --timeout")

@@ -73,7 +73,8 @@ def test_a_connection_warmed_long_ago_is_not_used(counted: Counted) -> None:
     client = _client(counted)
     client.warm()
     _wait(lambda: counted.accepted == 1)
-    client._warm_at -= userclient.WARM_MAX_AGE + 1  # the daemon may be closing it
+    for conn in client._conns._idle:
+        conn.idle_since -= userclient.IDLE_MAX + 1  # the daemon may be closing it
     assert client.list() == []
     assert counted.accepted == 2
 
@@ -168,3 +169,25 @@ def test_remote_mode_imports_no_daemon_to_daemon_documents() -> None:
     res = subprocess.run(["/usr/bin/python3", "-c", code], env=dict(os.environ,
                          PYTHONPATH=str(REPO)), capture_output=True, text=True, check=True)
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_remote_call_imports_neither_requests_nor_logging(counted: Counted) -> None:
+    """The user API's exchanges are http.client's (tlshttp.Connections): requests and
+    urllib3 (~55 ms of every remote command's start) stay the daemon's, and logging
+    is imported only for a debug line. Checked after a whole call, token and TLS."""
+    import os
+    import subprocess
+
+    from .test_ctl_remote import REPO
+
+    counted.answers["GET /v1/tunnels"] = (200, {"tunnels": []})
+    code = ("import sys, scistreamd.ctl as c; rc = c.main(['list', '--remote', '--s2cs', "
+            f"'{counted.addr}', '--server_cert', '{counted.ca}']); print(rc, sorted(m for m in "
+            "('requests', 'urllib3', 'logging', 'charset_normalizer', 'chardet') "
+            "if m in sys.modules))")
+    res = subprocess.run(["/usr/bin/python3", "-c", code], env=dict(
+        os.environ, PYTHONPATH=str(REPO), SCISTREAM_TOKEN="t" * 40), capture_output=True,
+        text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "0 []", res.stderr
+    assert [(m, p, a) for m, p, a, _ in counted.seen] == [
+        ("GET", "/v1/tunnels", "Bearer " + "t" * 40)]
