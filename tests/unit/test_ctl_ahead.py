@@ -23,8 +23,8 @@ from .test_ctl_remote import canned as canned  # noqa: F401  (the fixture)
 class Counted(Canned):
     """Canned, counting the connections it accepted."""
 
-    def __init__(self, tmp: Path) -> None:
-        super().__init__(tmp)
+    def __init__(self, tmp: Path, host: str = "127.0.0.1") -> None:
+        super().__init__(tmp, host)
         # As the daemon's peer port (peertls): no TLS 1.3 session tickets, which would
         # make an idle connection look readable, i.e. closed, to urllib3.
         self.httpd.socket.context.num_tickets = 0

@@ -13,6 +13,7 @@ import http.server
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -214,15 +215,16 @@ def test_http_layer_answers() -> None:
 class Canned:
     """Answers (status, doc) per "METHOD path" key; records every request."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, host: str = "127.0.0.1") -> None:
         ca = make_ca("canned CA")
-        pair = make_host_cert("canned", [ipaddress.ip_address("127.0.0.1")], issuer=ca)
+        pair = make_host_cert("canned", [ipaddress.ip_address(host)], issuer=ca)
         write_pair(pair, tmp / "srv.crt", tmp / "srv.key")
         self.ca = tmp / "ca.crt"
         self.ca.write_bytes(ca.cert_pem())
         self.answers: Dict[str, Tuple[int, Any]] = {}
         self.delays: Dict[str, float] = {}
         self.seen: List[Tuple[str, str, str, Any]] = []
+        self.hosts: List[str] = []  # each request's Host header
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -232,6 +234,7 @@ class Canned:
                 key = f"{self.command} {self.path}"
                 owner.seen.append((self.command, self.path,
                                    self.headers.get("Authorization", ""), body))
+                owner.hosts.append(self.headers.get("Host", ""))
                 status, doc = owner.answers.get(key, (404, {"error": "UnknownPath"}))
                 time.sleep(owner.delays.get(key, 0))
                 raw = json.dumps(doc).encode()
@@ -246,6 +249,8 @@ class Canned:
                 pass
 
         class Server(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
             def handle_error(self, request: Any, client_address: Any) -> None:
                 # A client that went away before its answer (a test interrupts or
                 # times it out) is not the server's error: nothing on stderr, where
@@ -253,11 +258,12 @@ class Canned:
                 if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
                     super().handle_error(request, client_address)
 
-        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd = Server((host, 0), Handler)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(tmp / "srv.crt", tmp / "srv.key")
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.addr = f"127.0.0.1:{self.httpd.server_address[1]}"
+        port = self.httpd.server_address[1]
+        self.addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from scistreamd.peertls import client_context
 from scistreamd.tlshttp import BodyTooLarge, Connections, read_bounded
+from scistreamd.userclient import UserClient
 from scistreamd.values import parse_hostport
 
 from .test_ctl_ahead import Counted
@@ -82,3 +83,16 @@ def test_read_bounded() -> None:
         read_bounded("4", [b"x"], 3, 5)  # declared: nothing read
     with pytest.raises(BodyTooLarge):
         read_bounded(None, [b"ab", b"cd"], 3, 5)  # undeclared, found while reading
+
+
+def test_an_ipv6_daemon(tmp_path: Path) -> None:
+    """A daemon named [addr]:port: reached, verified by its IP subjectAltName, and
+    named in the Host header as RFC 9110 wants (brackets)."""
+    c = Counted(tmp_path, "::1")
+    try:
+        c.answers["GET /v1/tunnels"] = (200, {"tunnels": []})
+        client = UserClient(c.addr, trust_file=c.ca, timeout=5)
+        assert client.list() == []
+        assert c.hosts == [c.addr]
+    finally:
+        c.close()
