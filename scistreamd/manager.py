@@ -374,8 +374,7 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
 
         ``queued`` (early start): set once the units exist and the start is queued.
         The caller holds the uid's lock until then only, so a claim or a release may
-        come before the start is over: its end takes the lock, and a release that
-        came first wins (NotFound, nothing rolled back twice).
+        come before the start is over (see :meth:`_settling`).
         """
         if any(e.relay_id == ep.relay_id for e in self.endpoints.values()):
             ep.relay_id = self._new_relay_id()
@@ -392,25 +391,29 @@ class Manager(CountersMixin, RelayUnitsMixin, PeerSideMixin, ReconcileMixin,
             self.store.save(ep)
             self._track(ep)
             await self._start_unit(ep, fresh=True, queued=on_queued if queued else None)
-            if answered():
-                async with self._lock(ep.uid):
-                    self._check_not_released(ep)
-                    self._set(ep, state=State.ACTIVE)
-            else:
+            async with self._settling(ep, answered()):
                 self._set(ep, state=State.ACTIVE)
             self.counters_due(ep)
         except BaseException as e:
-            if not answered():
-                await self._roll_back(ep, e)
-            async with self._lock(ep.uid):  # (the block above released it)
-                self._check_not_released(ep)
+            # (Also the NotFound of a release that came first: raised again below.)
+            async with self._settling(ep, answered()):
                 await self._roll_back(ep, e)
         _log(logging.INFO, MSG_REQUEST, ep, "%s endpoint %s active: %s", ep.role.value, ep.uid,
              ", ".join(f"{a} -> {b}" for a, b in ep.mappings()))
 
-    def _check_not_released(self, ep: Endpoint) -> None:
-        if self.endpoints.get(ep.key) is not ep:
-            raise NotFound(f"endpoint {ep.uid} was released while its relay started")
+    @contextlib.asynccontextmanager
+    async def _settling(self, ep: Endpoint, answered: bool) -> AsyncIterator[None]:
+        """Where a create ends (its endpoint made active, or rolled back). Once the
+        request was answered early, its caller no longer holds the uid's lock: the end
+        takes it, and a release that came first wins (NotFound; nothing is rolled back
+        twice)."""
+        if not answered:
+            yield
+            return
+        async with self._lock(ep.uid):
+            if self.endpoints.get(ep.key) is not ep:
+                raise NotFound(f"endpoint {ep.uid} was released while its relay started")
+            yield
 
     async def _roll_back(self, ep: Endpoint, e: BaseException) -> NoReturn:
         """Undo a failed _create and raise what the caller should see."""

@@ -108,4 +108,3 @@ def run() -> None:
         except (OSError, ValueError):  # e.g. the reader went away (| head)
             code = code or EXIT_FAILED
     os._exit(code)
-
