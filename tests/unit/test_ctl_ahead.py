@@ -191,3 +191,39 @@ def test_a_remote_call_imports_neither_requests_nor_logging(counted: Counted) ->
     assert res.stdout.strip().splitlines()[-1] == "0 []", res.stderr
     assert [(m, p, a) for m, p, a, _ in counted.seen] == [
         ("GET", "/v1/tunnels", "Bearer " + "t" * 40)]
+
+
+def test_proxy_settings_never_see_the_token(counted: Counted) -> None:
+    """https_proxy/HTTPS_PROXY/ALL_PROXY and a .netrc are not followed: the request and
+    its bearer token go to the named daemon only, never to a proxy that the
+    environment of a user's session names."""
+    import os
+    import socket
+    import subprocess
+
+    from .test_ctl_remote import REPO
+
+    counted.answers["GET /v1/tunnels"] = (200, {"tunnels": []})
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen(8)
+    trap.settimeout(0.5)
+    proxy = f"http://127.0.0.1:{trap.getsockname()[1]}"
+    home = counted.ca.parent
+    (home / ".netrc").write_text("machine 127.0.0.1 login x password y\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), SCISTREAM_TOKEN="t" * 40, HOME=str(home),
+               https_proxy=proxy, HTTPS_PROXY=proxy, ALL_PROXY=proxy, all_proxy=proxy)
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
+    res = subprocess.run(["/usr/bin/python3", "-m", "scistreamd.ctl", "list", "--remote",
+                          "--timeout", "3", "--s2cs", counted.addr,
+                          "--server_cert", str(counted.ca)],
+                         env=env, capture_output=True, text=True)
+    try:
+        assert res.returncode == 0, res.stderr
+        with pytest.raises(socket.timeout):
+            trap.accept()[0].close()  # nobody came to the proxy
+    finally:
+        trap.close()
+    assert [(m, p, a) for m, p, a, _ in counted.seen] == [
+        ("GET", "/v1/tunnels", "Bearer " + "t" * 40)]
